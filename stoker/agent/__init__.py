@@ -1,0 +1,1 @@
+"""The asyncio runtime: schedules collectors, supervises them, serves, shuts down."""

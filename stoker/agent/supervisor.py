@@ -1,0 +1,140 @@
+"""Runs each collector on its own drift-free schedule and keeps the agent alive.
+
+An exception in a collector is logged (once, then as periodic reminders),
+counted in ``stoker_collector_errors_total`` and retried on the next tick;
+it never stops the agent. After every cycle the collector's chunk of the
+exposition and the agent's own metrics are re-rendered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import generate_latest
+
+from stoker import logs
+from stoker.agent.collector import Collector
+from stoker.agent.worker import CollectorError
+from stoker.exporters.exposition import Exposition, render
+
+log = logs.get("supervisor")
+
+# `_created` samples double the agent's own series and no dashboard uses them.
+disable_created_metrics()
+
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STALE_AFTER_INTERVALS = 3
+
+
+class Supervisor:
+    def __init__(
+        self,
+        collectors: list[Collector],
+        exposition: Exposition,
+        build_labels: Callable[[], dict[str, str]],
+        clock: Callable[[], float] = time.time,
+    ):
+        self.collectors = collectors
+        self.exposition = exposition
+        self._build_labels = build_labels
+        self._clock = clock
+        self._gate = logs.RepeatGate()
+        self._tasks: list[asyncio.Task] = []
+        self._started_at = clock()
+        self._last_success: dict[str, float] = {}
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._up = Gauge("stoker_collector_up", "1 when the last cycle of that collector succeeded.",
+                         ["collector"], registry=self.registry)
+        self._duration = Histogram("stoker_collector_duration_seconds", "Time one collector cycle took.",
+                                   ["collector"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self._errors = Counter("stoker_collector_errors", "Collector failures, by class.",
+                               ["collector", "reason"], registry=self.registry)
+        self._success_ts = Gauge("stoker_collector_last_success_timestamp_seconds",
+                                 "When that collector last completed a cycle.", ["collector"],
+                                 registry=self.registry)
+        self._build = Gauge("stoker_build_info", "Stoker build and the NVML it talks to.",
+                            ["version", "nvml_version", "driver_version"], registry=self.registry)
+        for c in collectors:
+            self._up.labels(c.name).set(0)
+            self._duration.labels(c.name)
+
+    async def start(self) -> None:
+        for c in self.collectors:
+            try:
+                await c.start()
+            except Exception as exc:  # a collector that cannot start still gets cycles (and retries)
+                self._record_failure(c, _reason(exc), exc)
+            self._tasks.append(asyncio.create_task(self._run(c), name=f"collector-{c.name}"))
+        self._render_self()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self.collectors), return_exceptions=True)
+
+    async def run_cycle(self, c: Collector) -> None:
+        """One supervised cycle: time it, classify its failure, re-render its chunk."""
+        started = time.perf_counter()
+        try:
+            partial = await c.cycle()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._record_failure(c, _reason(exc), exc)
+        else:
+            self._up.labels(c.name).set(1)
+            now = self._clock()
+            self._last_success[c.name] = now
+            self._success_ts.labels(c.name).set(now)
+            for reason in partial:
+                self._errors.labels(c.name, reason).inc()
+            if self._gate.clear((c.name,)):
+                log.info("collector recovered", collector=c.name)
+        self._duration.labels(c.name).observe(time.perf_counter() - started)
+        try:
+            self.exposition.set_chunk(c.name, render(c.families()))
+        except Exception as exc:  # a bug in one family must not take the endpoint down
+            self._record_failure(c, "render", exc)
+        self._render_self()
+
+    async def _run(self, c: Collector) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            await self.run_cycle(c)
+            due += c.interval
+            now = loop.time()
+            if due <= now:  # overran: skip the missed ticks, stay on the original grid
+                due += math.ceil((now - due) / c.interval + 1e-9) * c.interval
+            await asyncio.sleep(due - now)
+
+    def _record_failure(self, c: Collector, reason: str, exc: BaseException) -> None:
+        self._up.labels(c.name).set(0)
+        self._errors.labels(c.name, reason).inc()
+        suppressed = self._gate.admit((c.name,), f"{reason}: {exc}")
+        if suppressed is not None:
+            log.warning("collector cycle failed", collector=c.name, reason=reason, error=str(exc),
+                        repeated=suppressed, exc_info=not isinstance(exc, CollectorError))
+
+    def _render_self(self) -> None:
+        self._build.clear()
+        self._build.labels(**self._build_labels()).set(1)
+        self.exposition.set_chunk("_agent", generate_latest(self.registry))
+
+    def stale(self) -> list[str]:
+        """Collectors that have not completed a cycle within 3 of their intervals."""
+        now = self._clock()
+        return [
+            c.name for c in self.collectors
+            if now - self._last_success.get(c.name, self._started_at) > STALE_AFTER_INTERVALS * c.interval
+        ]
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.reason if isinstance(exc, CollectorError) else type(exc).__name__

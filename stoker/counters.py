@@ -1,0 +1,57 @@
+"""Counters stay counters: hardware counters wrap and reset; what we export never goes back.
+
+`Monotonic` turns a raw reading into a running total. A drop is a 32-bit wrap
+when the counter is known to be 32 bits wide and the wrapped step is
+plausible (less than half the range); any other drop is a reset of that counter
+alone (driver reload, hot plug): the new raw value counts as the increase
+since the reset, so no negative step and no double count reaches Prometheus.
+"""
+
+from __future__ import annotations
+
+WRAP_32 = 1 << 32
+
+
+class Monotonic:
+    __slots__ = ("_last", "total", "width", "resets", "wraps")
+
+    def __init__(self, width: int | None = None):
+        self.width = width
+        self._last: float | None = None
+        self.total = 0.0
+        self.resets = 0
+        self.wraps = 0
+
+    def update(self, raw: float) -> float:
+        last = self._last
+        self._last = raw
+        if last is None:
+            self.total = float(raw)
+        elif raw >= last:
+            self.total += raw - last
+        elif self.width is not None and (step := raw + (1 << self.width) - last) < (1 << (self.width - 1)):
+            self.wraps += 1
+            self.total += step
+        else:
+            self.resets += 1
+            self.total += raw
+        return self.total
+
+
+class CounterSet:
+    """`Monotonic` counters keyed by name, created on first sight."""
+
+    def __init__(self, width: int | None = None):
+        self._width = width
+        self._counters: dict = {}
+
+    def update(self, key, raw: float) -> float:
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = Monotonic(self._width)
+        return counter.update(raw)
+
+    def forget(self, keep) -> None:
+        """Drop counters whose key is not in ``keep`` (hardware gone for good)."""
+        for key in [k for k in self._counters if k not in keep]:
+            del self._counters[key]

@@ -1,0 +1,1 @@
+"""Verdicts over windows of samples: starvation and checkpoints."""

@@ -1,0 +1,1 @@
+"""Samples and verdicts turned into Prometheus metric families, and the HTTP server."""

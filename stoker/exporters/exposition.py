@@ -1,0 +1,66 @@
+"""The Prometheus text exposition, rendered once per cycle and served from memory.
+
+Each source renders its own chunk after its cycle; a scrape joins the chunks
+(cached until one changes) and never touches hardware. The gzip form is
+compressed at most once per change, however many scrapers ask.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from typing import Iterable
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _Families:
+    """The registry interface `generate_latest` expects, over a ready list of families."""
+
+    def __init__(self, families: Iterable[Metric]):
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def render(families: Iterable[Metric]) -> bytes:
+    return generate_latest(_Families(families))
+
+
+class Exposition:
+    def __init__(self) -> None:
+        self._chunks: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._body: bytes | None = None
+        self._gzipped: bytes | None = None
+
+    def set_chunk(self, source: str, text: bytes) -> None:
+        with self._lock:
+            if self._chunks.get(source) == text:
+                return
+            self._chunks[source] = text
+            self._body = self._gzipped = None
+
+    def drop_chunk(self, source: str) -> None:
+        with self._lock:
+            if self._chunks.pop(source, None) is not None:
+                self._body = self._gzipped = None
+
+    def _joined(self) -> bytes:
+        if self._body is None:
+            self._body = b"".join(self._chunks[k] for k in sorted(self._chunks))
+        return self._body
+
+    def body(self) -> bytes:
+        with self._lock:
+            return self._joined()
+
+    def gzipped(self) -> bytes:
+        with self._lock:
+            if self._gzipped is None:
+                self._gzipped = gzip.compress(self._joined(), compresslevel=5, mtime=0)
+            return self._gzipped

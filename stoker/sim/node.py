@@ -1,0 +1,31 @@
+"""The simulated XE9680: 8 GPUs in one job, walking through a scenario."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from stoker.sim import scenarios, trace
+
+GPU_COUNT = 8
+ROW_STAGGER = 7  # rows between neighbouring GPUs, so they move alike but not in lockstep
+
+
+class SimNode:
+    def __init__(self, scenario: str = scenarios.DEFAULT, gpu_count: int = GPU_COUNT,
+                 clock: Callable[[], float] = time.monotonic):
+        self.scenario = scenarios.get(scenario)
+        self.gpu_count = gpu_count
+        self.clock = clock
+        self.started = clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def gpu_phase(self, t: float | None = None) -> str:
+        step, _ = self.scenario.at(self.elapsed() if t is None else t)
+        return step.gpu_phase
+
+    def gpu_row(self, gpu: int, t: float) -> dict[str, float]:
+        step, into = self.scenario.at(t)
+        return trace.row_at(trace.phases()[step.gpu_phase], into, gpu * ROW_STAGGER)

@@ -1,0 +1,1 @@
+"""One module per signal source, each producing typed samples; no Prometheus code here."""
