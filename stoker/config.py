@@ -68,8 +68,8 @@ class Config:
 
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key}: expected HOST:PORT with a port in 1-65535, got {value!r}")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT with a port in 0-65535 (0: any free port), got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

@@ -44,7 +44,10 @@ class Worker:
             else:
                 outcome = (future.set_result, result)
             self._busy.clear()
-            loop.call_soon_threadsafe(_settle, future, *outcome)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the loop closed while the call hung: nobody is waiting
+                pass
 
     async def call(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
         if self._busy.is_set():

@@ -1,0 +1,84 @@
+"""Shared fixtures: a manual clock, the fake NVML over a simulated node, a running agent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+import pytest
+
+from stoker.sim.fake_nvml import FakeNVML
+from stoker.sim.node import SimNode
+
+
+class ManualClock:
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def fake(clock) -> FakeNVML:
+    return FakeNVML(SimNode("healthy", clock=clock))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; the test command must install it")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+async def fetch(url: str, **kwargs) -> tuple[int, bytes, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, **kwargs) as resp:
+            return resp.status, await resp.read(), dict(resp.headers)
+
+
+def start_agent_process(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """The agent as its own process; its log goes to a file (`proc.log()` reads it),
+    never to an unread pipe that would fill up and block it."""
+    log = tempfile.NamedTemporaryFile(prefix="stoker-agent-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "stoker", "run", *args],
+                            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
+    log.close()
+    proc.log = lambda: open(log.name).read()  # type: ignore[attr-defined]
+    return proc
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status < 500:
+                    return
+        except Exception:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")

@@ -1,0 +1,84 @@
+"""The exposition parsed back: names, types, labels and units as the contract says."""
+
+from __future__ import annotations
+
+import gzip
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from stoker.agent.gpu import GpuCollector
+from stoker.agent.supervisor import Supervisor
+from stoker.exporters.exposition import Exposition
+from tests.contract import contract
+
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+
+
+async def _exposition_after(fake, cycles: int = 3) -> Exposition:
+    exposition = Exposition()
+    collector = GpuCollector(fake, interval=1.0, slow_interval=10.0, call_timeout=2.0)
+    supervisor = Supervisor([collector], exposition, lambda: {"version": "t", "nvml_version": "n", "driver_version": "d"})
+    try:
+        await supervisor.run_cycle(collector)
+        fake.inject_xid(1, 79)
+        for _ in range(cycles):
+            fake.node.clock.advance(1.0)
+            await supervisor.run_cycle(collector)
+            time.sleep(0.05)  # let the XID thread deliver
+        await supervisor.run_cycle(collector)
+    finally:
+        await supervisor.stop()
+    return exposition
+
+
+def _families(body: bytes):
+    return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+
+async def test_every_gpu_metric_of_the_contract_is_exported_with_its_type_and_labels(fake):
+    body = (await _exposition_after(fake)).body()
+    families = _families(body)
+    expected = contract()
+    seen = set()
+    for name, fam in families.items():
+        sample_names = {s.name for s in fam.samples}
+        full = name + "_total" if fam.type == "counter" else name
+        assert full in expected, f"{full} is exported but not documented in docs/METRICS.md"
+        kind, labels = expected[full]
+        assert fam.type == kind, f"{full}: exported as {fam.type}, documented as {kind}"
+        for s in fam.samples:
+            got = set(s.labels) - {"le"}
+            assert got == labels, f"{s.name}: labels {sorted(got)} != documented {sorted(labels)}"
+        if sample_names:
+            seen.add(full)
+    gpu_contract = {n for n in expected if n.startswith("stoker_gpu_") and n != "stoker_gpu_busy_ratio"}
+    assert gpu_contract - seen == set(), "documented GPU metrics without samples in the exposition"
+    for agent_metric in ("stoker_build_info", "stoker_collector_up", "stoker_collector_duration_seconds",
+                         "stoker_collector_last_success_timestamp_seconds"):
+        assert agent_metric in seen
+
+
+async def test_units_and_ranges_are_base_units(fake):
+    families = _families((await _exposition_after(fake)).body())
+    for s in families["stoker_gpu_sm_active_ratio"].samples:
+        assert 0.0 <= s.value <= 1.0
+    for s in families["stoker_gpu_sm_clock_hertz"].samples:
+        assert 1e8 < s.value < 3e9  # Hz, not MHz
+    for s in families["stoker_gpu_power_watts"].samples:
+        assert 50 < s.value < 800  # W, not mW
+    assert len(families["stoker_gpu_up"].samples) == 8
+    xid = [s for s in families["stoker_gpu_xid_errors"].samples if s.name.endswith("_total")]
+    assert [(s.labels["gpu"], s.labels["xid"], s.value) for s in xid] == [("1", "79", 1.0)]
+
+
+async def test_gzip_body_is_the_same_exposition(fake):
+    exposition = await _exposition_after(fake, cycles=1)
+    assert gzip.decompress(exposition.gzipped()) == exposition.body()
+
+
+async def test_gpm_unsupported_means_absent_series_not_zero(fake):
+    fake.gpm_supported = False
+    families = _families((await _exposition_after(fake)).body())
+    assert families.get("stoker_gpu_sm_active_ratio") is None or not families["stoker_gpu_sm_active_ratio"].samples
+    assert len(families["stoker_gpu_utilization_ratio"].samples) == 8
