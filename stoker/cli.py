@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import sys
+import tempfile
 
 from stoker import __version__, config as config_mod, logs
 
@@ -40,27 +43,41 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return {"agent": agent} if agent else {}
 
 
-def nvml_backend(simulate: str | None):
-    if simulate is None:
-        import pynvml
-        return pynvml
-    from stoker.sim.fake_nvml import FakeNVML
-    from stoker.sim.node import SimNode
-    return FakeNVML(SimNode(simulate))
+def simulated(cfg: config_mod.Config, scenario: str, sysfs_root_given: bool, stack: contextlib.ExitStack):
+    """The simulated node's platform, its kernel tree written under a fresh temporary
+    directory unless --sysfs-root names one; returns the platform and the config to use."""
+    from stoker.sim.scenarios import get as get_scenario
+    from stoker.sim.simulation import Simulation
+
+    get_scenario(scenario)  # an unknown name is a configuration error, before anything is written
+    if not sysfs_root_given:
+        root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
+        cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, sysfs_root=root))
+    sim = Simulation(scenario, cfg.agent.sysfs_root, cfg.sim.rdma_ports)
+    return sim.platform(), cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_mod.load(args.config, overrides_from(args))
-        nvml = nvml_backend(args.simulate)
-    except (config_mod.ConfigError, ValueError) as exc:
-        print(f"stoker: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    from stoker.agent import platform as platforms
+    with contextlib.ExitStack() as stack:
+        try:
+            cfg = config_mod.load(args.config, overrides_from(args))
+            if args.simulate is not None:
+                platform, cfg = simulated(cfg, args.simulate, args.sysfs_root is not None, stack)
+            else:
+                platform = platforms.real()
+        except (config_mod.ConfigError, ValueError) as exc:
+            print(f"stoker: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        return serve(cfg, platform)
+
+
+def serve(cfg: config_mod.Config, platform) -> int:
     logs.configure(cfg.agent.log_format)
     from stoker.agent.runtime import Agent
 
     async def main() -> None:
-        agent = Agent(cfg, nvml)
+        agent = Agent(cfg, platform)
         await agent.run()
 
     try:

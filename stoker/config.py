@@ -57,9 +57,49 @@ class GpuConfig:
 
 
 @dataclass(frozen=True)
+class RdmaConfig:
+    enabled: bool = True
+    call_timeout: float = 2.0
+    """Deadline for one pass over class/infiniband; a hung firmware query fails the cycle, not the agent."""
+
+    def validate(self) -> None:
+        _positive(self.call_timeout, "rdma.call_timeout")
+
+
+@dataclass(frozen=True)
+class NetdevConfig:
+    enabled: bool = True
+    include: tuple[str, ...] = ()
+    """Interfaces watched in addition to the netdevs behind the RDMA ports."""
+    exclude: tuple[str, ...] = ()
+    """Interfaces never watched, even when an RDMA port maps to them."""
+    call_timeout: float = 2.0
+
+    def validate(self) -> None:
+        _positive(self.call_timeout, "netdev.call_timeout")
+        for key, names in (("netdev.include", self.include), ("netdev.exclude", self.exclude)):
+            for name in names:
+                if not name or len(name) > 15 or "/" in name or " " in name:
+                    raise ConfigError(f"{key}: {name!r} is not an interface name")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    rdma_ports: int = 8
+    """ConnectX-7 ports of the simulated node: 8 (one per GPU, rail design) or 4."""
+
+    def validate(self) -> None:
+        if self.rdma_ports not in (4, 8):
+            raise ConfigError(f"sim.rdma_ports: must be 4 or 8, got {self.rdma_ports!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
+    rdma: RdmaConfig = field(default_factory=RdmaConfig)
+    netdev: NetdevConfig = field(default_factory=NetdevConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -1,8 +1,8 @@
 """Counters stay counters: hardware counters wrap and reset; what we export never goes back.
 
 `Monotonic` turns a raw reading into a running total. A drop is a 32-bit wrap
-when the counter is known to be 32 bits wide and the wrapped step is
-plausible (less than half the range); any other drop is a reset of that counter
+when the counter is known to be 32 bits wide, its last value fits in 32 bits,
+and the wrapped step is plausible (less than half the range); any other drop is a reset of that counter
 alone (driver reload, hot plug): the new raw value counts as the increase
 since the reset, so no negative step and no double count reaches Prometheus.
 """
@@ -29,7 +29,8 @@ class Monotonic:
             self.total = float(raw)
         elif raw >= last:
             self.total += raw - last
-        elif self.width is not None and (step := raw + (1 << self.width) - last) < (1 << (self.width - 1)):
+        elif (self.width is not None and last < (1 << self.width)
+              and (step := raw + (1 << self.width) - last) < (1 << (self.width - 1))):
             self.wraps += 1
             self.total += step
         else:

@@ -7,7 +7,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stoker.agent.gpu import GpuCollector
+from stoker.agent.gpu import gpu_collector
 from stoker.agent.supervisor import Supervisor
 from stoker.exporters.exposition import Exposition
 from tests.contract import contract
@@ -17,7 +17,7 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
 
 async def _exposition_after(fake, cycles: int = 3) -> Exposition:
     exposition = Exposition()
-    collector = GpuCollector(fake, interval=1.0, slow_interval=10.0, call_timeout=2.0)
+    collector = gpu_collector(fake, interval=1.0, slow_interval=10.0, call_timeout=2.0)
     supervisor = Supervisor([collector], exposition, lambda: {"version": "t", "nvml_version": "n", "driver_version": "d"})
     try:
         await supervisor.run_cycle(collector)

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stoker import config
 from stoker.agent.collector import Collector
+from stoker.agent.platform import Platform
 from stoker.agent.runtime import Agent
 from stoker.agent.supervisor import Supervisor
 from stoker.agent.worker import CollectorError, Worker
@@ -90,8 +91,9 @@ async def test_worker_deadline_and_hung_call():
 
 def _agent(fake, **agent) -> Agent:
     cfg = config.load(overrides={"agent": {"listen": "127.0.0.1:0", "interval": 0.1, **agent},
-                                 "gpu": {"call_timeout": 0.3}})
-    return Agent(cfg, fake)
+                                 "gpu": {"call_timeout": 0.3}, "rdma": {"enabled": False},
+                                 "netdev": {"enabled": False}})
+    return Agent(cfg, Platform(nvml=fake, links=None, open_ethtool=None))
 
 
 async def test_hung_driver_fails_the_cycle_but_not_the_endpoint():

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
 
 from stoker import __version__, logs
 from stoker.agent.collector import Collector
-from stoker.agent.gpu import GpuCollector
+from stoker.agent.gpu import gpu_collector
+from stoker.agent.netdev import NetdevCollector, watched_interfaces
+from stoker.agent.platform import Platform
+from stoker.agent.sourced import SourceCollector
 from stoker.agent.supervisor import Supervisor
 from stoker.config import Config, parse_listen
+from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
 from stoker.exporters.http import bound_port, make_app, serve
+from stoker.sources.netdev import EthtoolReader
+from stoker.sources.rdma import RdmaSource
 
 log = logs.get("agent")
 
@@ -24,18 +29,35 @@ SHUTDOWN_GRACE = 3.0
 
 
 class Agent:
-    def __init__(self, config: Config, nvml: Any):
+    def __init__(self, config: Config, platform: Platform):
         self.config = config
+        self.platform = platform
         self.exposition = Exposition()
         self.collectors: list[Collector] = []
-        self.gpu: GpuCollector | None = None
+        interval = config.agent.interval
+        self.gpu: SourceCollector | None = None
         if config.gpu.enabled:
-            self.gpu = GpuCollector(nvml, config.agent.interval, config.gpu.slow_interval, config.gpu.call_timeout)
+            self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout)
             self.collectors.append(self.gpu)
+        self.rdma: SourceCollector | None = None
+        if config.rdma.enabled:
+            source = RdmaSource(config.agent.sysfs_root)
+            self.rdma = SourceCollector("rdma", interval, source.sample, rdma_families.families,
+                                        config.rdma.call_timeout)
+            self.collectors.append(self.rdma)
+        if config.netdev.enabled:
+            wanted = watched_interfaces(self._rdma_interfaces, config.netdev.include, config.netdev.exclude)
+            self.collectors.append(NetdevCollector(interval, wanted, platform.links,
+                                                   EthtoolReader(platform.open_ethtool), config.netdev.call_timeout))
         self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels)
         self.stop_event = asyncio.Event()
         self.port: int | None = None
         self._runner = None
+        self._background: list[asyncio.Task] = []
+
+    def _rdma_interfaces(self) -> list[str]:
+        snapshot = self.rdma.snapshot if self.rdma else None
+        return [p.interface for p in snapshot.ports] if snapshot else []
 
     def _build_labels(self) -> dict[str, str]:
         source = self.gpu.source if self.gpu else None
@@ -45,6 +67,7 @@ class Agent:
 
     async def start(self) -> None:
         host, port = parse_listen(self.config.agent.listen)
+        self._background = [asyncio.create_task(job()) for job in self.platform.background]
         app = make_app(self.exposition, self.supervisor.stale)
         self._runner = await serve(app, host, port)
         self.port = bound_port(self._runner)
@@ -53,6 +76,8 @@ class Agent:
                  collectors=[c.name for c in self.collectors], interval=self.config.agent.interval)
 
     async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
         try:
             await asyncio.wait_for(self.supervisor.stop(), SHUTDOWN_GRACE)
         except asyncio.TimeoutError:

@@ -54,9 +54,7 @@ def _family(name: str, help_text: str, labels: list[str], counter: bool) -> Metr
     return cls(name, help_text, labels=labels)
 
 
-def families(snapshot: GpuSnapshot | None) -> Iterable[Metric]:
-    if snapshot is None:
-        return []
+def families(snapshot: GpuSnapshot) -> Iterable[Metric]:
     gpus = snapshot.gpus
     info = GaugeMetricFamily("stoker_gpu_info", "GPU identity.",
                              labels=["gpu", "uuid", "model", "pci_bus_id", "driver_version"])

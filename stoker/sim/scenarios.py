@@ -1,7 +1,8 @@
 """Scenarios of the simulated node: which recorded GPU phase plays when.
 
 A scenario is a loop of steps; each step names the recorded GPU phase the
-eight simulated GPUs replay and how long it lasts.
+eight simulated GPUs replay, the condition of the network, and how long it
+lasts. A starved step replays `input_starved`: the GPUs wait, whatever for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from stoker.sim import trace
 class Step:
     gpu_phase: str
     duration: float
+    network: str = "normal"  # normal | congested | lossy | port-down
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,26 @@ def _recorded() -> tuple[Step, ...]:
     return tuple(Step(p.name, p.duration) for p in trace.phases().values())
 
 
+def _after_warmup(*steps: Step) -> tuple[Step, ...]:
+    return (Step("saturated", 10.0),) + steps
+
+
 SCENARIOS = {
-    "cycle": lambda: Scenario("cycle", _recorded(), "walks through every recorded phase in turn"),
+    "cycle": lambda: Scenario("cycle", _recorded() + (
+        Step("input_starved", 15.0, network="congested"),
+        Step("input_starved", 15.0, network="lossy"),
+        Step("input_starved", 15.0, network="port-down")),
+        "walks through every recorded phase, then the network faults, in turn"),
     "healthy": lambda: Scenario("healthy", (Step("saturated", 60.0),), "a training job keeping the GPUs busy"),
+    "network-congested": lambda: Scenario("network-congested", _after_warmup(
+        Step("input_starved", 600.0, network="congested")),
+        "ECN marks, CNPs and PFC pauses rise on every rail while SM activity falls"),
+    "network-lossy": lambda: Scenario("network-lossy", _after_warmup(
+        Step("input_starved", 600.0, network="lossy")),
+        "out-of-sequence packets, local ACK timeouts and retransmissions rise"),
+    "port-down": lambda: Scenario("port-down", _after_warmup(
+        Step("input_starved", 600.0, network="port-down")),
+        "rail 3's RoCE port goes down"),
 }
 
 DEFAULT = "cycle"

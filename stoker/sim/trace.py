@@ -13,6 +13,10 @@ from functools import lru_cache
 from importlib import resources
 
 ROW_HZ = 10.0
+SETTLE_ROWS = 5
+"""Rows cut from the start of each phase: the GPU was still leaving the previous
+phase (the saturated phase opens with 0, 0, 0, 17% SM activity). A looped phase
+must not replay that transition as if the workload dipped."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ def phases() -> dict[str, Phase]:
         rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
     out: dict[str, Phase] = {}
     for p in json.loads((data / "phases.json").read_text()):
-        inside = tuple(r for r in rows if p["start"] <= r["t"] <= p["end"])
+        inside = tuple(r for r in rows if p["start"] <= r["t"] <= p["end"])[SETTLE_ROWS:]
         out[p["phase"]] = Phase(p["phase"], p["end"] - p["start"], inside)
     return out
 
