@@ -2,8 +2,10 @@
 
 `Monotonic` turns a raw reading into a running total. A drop is a 32-bit wrap
 when the counter is known to be 32 bits wide, its last value fits in 32 bits,
-and the wrapped step is plausible (less than half the range); any other drop is a reset of that counter
-alone (driver reload, hot plug): the new raw value counts as the increase
+and the wrapped step is plausible (under 1/16 of the range: 268 million events
+between two reads, beyond any queue counter's rate at 1 Hz; a driver reload, by
+contrast, leaves a small new value far below a large old one); any other drop
+is a reset of that counter alone (driver reload, hot plug): the new raw value counts as the increase
 since the reset, so no negative step and no double count reaches Prometheus.
 """
 
@@ -30,7 +32,7 @@ class Monotonic:
         elif raw >= last:
             self.total += raw - last
         elif (self.width is not None and last < (1 << self.width)
-              and (step := raw + (1 << self.width) - last) < (1 << (self.width - 1))):
+              and (step := raw + (1 << self.width) - last) < (1 << (self.width - 4))):
             self.wraps += 1
             self.total += step
         else:

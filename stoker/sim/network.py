@@ -93,7 +93,10 @@ class SimNetwork:
         p = SimPort(i, f"mlx5_{i}", f"ens{bus:x}f0np0", f"0000:{bus:02x}:00.0")
         p.port = {name: 0.0 for name in PORT_COUNTERS}
         p.port.update(port_xmit_data=3.1e11 + i * 7e9, port_rcv_data=3.0e11 + i * 7e9,
-                      port_xmit_packets=3.1e11 / 1024, port_rcv_packets=3.0e11 / 1024)
+                      port_xmit_packets=3.1e11 / 1024 + i, port_rcv_packets=3.0e11 / 1024 + i,
+                      # a little history, as on ports that have run for weeks
+                      symbol_error=3 * i, port_rcv_errors=i % 3, link_error_recovery=i // 4,
+                      port_xmit_discards=11 * i, port_xmit_wait=1000 * i)
         p.hw = {name: 0.0 for name in HW_COUNTERS}
         p.hw.update(lifespan=12, np_cnp_sent=1200.0 + i, rp_cnp_handled=900.0 + i,
                     np_ecn_marked_roce_packets=1500.0 + i)

@@ -1,0 +1,159 @@
+"""The RDMA collector on fixture trees shaped like real sysfs, with faults injected at the file boundary."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from stoker.exporters import rdma as rdma_families
+from stoker.exporters.exposition import render
+from stoker.sources.files import FileReader
+from stoker.sources.rdma import RdmaSource, parse_rate
+from tests.conftest import ManualClock
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sysfs"
+
+
+@pytest.fixture
+def small(tmp_path) -> Path:
+    root = tmp_path / "sys"
+    shutil.copytree(FIXTURES / "small", root, symlinks=True)
+    return root
+
+
+def port_dir(root: Path, device: str, port: str = "1") -> Path:
+    return root / "class" / "infiniband" / device / "ports" / port
+
+
+def by_port(snapshot):
+    return {(p.device, p.port): p for p in snapshot.ports}
+
+
+def test_full_xe9680_tree():
+    snap = RdmaSource(str(FIXTURES / "xe9680")).sample()
+    ports = by_port(snap)
+    assert sorted(ports) == [(f"mlx5_{i}", "1") for i in range(8)]
+    assert snap.problems == []
+    p = ports[("mlx5_3", "1")]
+    assert p.up and p.speed_bytes_per_second == 400e9 / 8
+    assert p.link_layer == "Ethernet" and p.fw_version == "28.39.1002"
+    assert p.interface == "ens5df0np0"
+    raw_words = int((port_dir(FIXTURES / "xe9680", "mlx5_3") / "counters" / "port_xmit_data").read_text())
+    assert p.traffic["transmit_bytes"] == raw_words * 4
+    assert p.errors["symbol_error"] == 9
+    assert "lifespan" not in p.hw_counters and p.hw_counters["np_cnp_sent"] == 1203
+
+
+def test_kernel_named_device_down_port_and_no_pma(small):
+    snap = RdmaSource(str(small)).sample()
+    ports = by_port(snap)
+    up, down = ports[("rocep24s0f0", "1")], ports[("rocep24s0f0", "2")]
+    assert up.interface == "ens24f0np0"  # from device/net/, no GID table here
+    assert up.up and up.speed_bytes_per_second == 100e9 / 8
+    assert down.up is False and down.speed_bytes_per_second is None, "a down port's rate is stale"
+    assert "port_xmit_discards" not in up.errors and up.errors["port_rcv_errors"] == 3
+    assert snap.problems == ["no_pma"]
+
+
+def test_32_bit_wrap_counts_forward(small):
+    source = RdmaSource(str(small))
+    before = by_port(source.sample())[("rocep24s0f0", "1")].hw_counters["np_cnp_sent"]
+    assert before == 4294967000
+    (port_dir(small, "rocep24s0f0") / "hw_counters" / "np_cnp_sent").write_text("704\n")
+    after = by_port(source.sample())[("rocep24s0f0", "1")].hw_counters["np_cnp_sent"]
+    assert after - before == 1000
+
+
+def test_reset_of_one_counter_carries_on_from_the_new_value(small):
+    source = RdmaSource(str(small))
+    hw = port_dir(small, "rocep24s0f0") / "hw_counters"
+    (hw / "out_of_sequence").write_text("3000000000\n")
+    first = by_port(source.sample())[("rocep24s0f0", "1")]
+    (hw / "out_of_sequence").write_text("25\n")  # driver reload: hw_counters start again
+    second = by_port(source.sample())[("rocep24s0f0", "1")]
+    assert second.hw_counters["out_of_sequence"] == 3000000025
+    assert second.hw_counters["np_cnp_sent"] == first.hw_counters["np_cnp_sent"]
+    assert second.traffic == first.traffic
+
+
+def test_device_vanishes_and_returns(small):
+    source = RdmaSource(str(small))
+    first = by_port(source.sample())[("rocep24s0f0", "1")]
+    link = small / "class" / "infiniband" / "rocep24s0f0"
+    target = os.readlink(link)
+    link.unlink()
+    assert source.sample().ports == []
+    os.symlink(target, link)
+    # it returns after a driver reload: hw_counters were reset, counters/ were not
+    (port_dir(small, "rocep24s0f0") / "hw_counters" / "out_of_sequence").write_text("2\n")
+    back = by_port(source.sample())[("rocep24s0f0", "1")]
+    assert back.hw_counters["out_of_sequence"] == first.hw_counters["out_of_sequence"] + 2
+    assert back.traffic["transmit_bytes"] == first.traffic["transmit_bytes"]
+
+
+class FailingReader(FileReader):
+    """Fails chosen files the way the kernel does; counts every read."""
+
+    def __init__(self, failures: dict[str, int]):
+        self.failures = failures
+        self.reads: dict[str, int] = {}
+
+    def read(self, path: str) -> str:
+        name = os.path.basename(path)
+        self.reads[name] = self.reads.get(name, 0) + 1
+        if name in self.failures:
+            raise OSError(self.failures[name], os.strerror(self.failures[name]), path)
+        return super().read(path)
+
+
+@pytest.mark.parametrize("code, reason", [(errno.EINVAL, "einval"), (errno.EACCES, "eacces")])
+def test_failing_file_drops_one_series_and_backs_off(small, code, reason):
+    reader = FailingReader({"out_of_sequence": code})
+    clock = ManualClock()
+    source = RdmaSource(str(small), reader=reader, clock=clock)
+    snap = source.sample()
+    port = by_port(snap)[("rocep24s0f0", "1")]
+    assert "out_of_sequence" not in port.hw_counters
+    assert port.hw_counters["np_cnp_sent"] == 4294967000 and port.traffic["transmit_bytes"] == 4000
+    assert snap.problems == ["no_pma", reason, reason]  # port 1 and port 2 both fail
+    reads = reader.reads["out_of_sequence"]
+    clock.advance(0.5)
+    source.sample()
+    assert reader.reads["out_of_sequence"] == reads, "retried only after its backoff"
+    clock.advance(1.0)
+    source.sample()
+    assert reader.reads["out_of_sequence"] == reads + 2
+    del reader.failures["out_of_sequence"]
+    clock.advance(2.5)
+    port = by_port(source.sample())[("rocep24s0f0", "1")]
+    assert port.hw_counters["out_of_sequence"] == 7
+
+
+def test_garbage_is_a_counted_failure(small):
+    (port_dir(small, "rocep24s0f0") / "counters" / "symbol_error").write_text("\x00\xffjunk\n")
+    snap = RdmaSource(str(small)).sample()
+    assert "symbol_error" not in by_port(snap)[("rocep24s0f0", "1")].errors
+    assert "garbage" in snap.problems
+
+
+def test_no_infiniband_class_is_an_empty_snapshot(tmp_path):
+    snap = RdmaSource(str(tmp_path)).sample()
+    assert snap.ports == [] and snap.problems == []
+
+
+def test_rate_parsing():
+    assert parse_rate("400 Gb/sec (4X NDR)") == 5e10
+    assert parse_rate("25 Gb/sec (1X EDR)") == 25e9 / 8
+    assert parse_rate("unknown") is None
+
+
+def test_families_render_every_rdma_metric():
+    text = render(rdma_families.families(RdmaSource(str(FIXTURES / "xe9680")).sample())).decode()
+    for name in ("stoker_rdma_port_info", "stoker_rdma_port_up", "stoker_rdma_port_speed_bytes_per_second",
+                 "stoker_rdma_port_transmit_bytes_total", "stoker_rdma_port_receive_packets_total",
+                 "stoker_rdma_port_errors_total", "stoker_rdma_hw_counter_total"):
+        assert f"\n{name}{{" in text
