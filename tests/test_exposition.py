@@ -82,3 +82,39 @@ async def test_gpm_unsupported_means_absent_series_not_zero(fake):
     families = _families((await _exposition_after(fake)).body())
     assert families.get("stoker_gpu_sm_active_ratio") is None or not families["stoker_gpu_sm_active_ratio"].samples
     assert len(families["stoker_gpu_utilization_ratio"].samples) == 8
+
+
+async def test_whole_simulated_node_matches_the_contract(tmp_path):
+    """Every family the full agent serves is documented, with its type and labels."""
+    from stoker import config
+    from stoker.agent.runtime import Agent
+    from stoker.sim.simulation import Simulation
+    from tests.conftest import fetch
+
+    cfg = config.load(overrides={"agent": {"listen": "127.0.0.1:0", "interval": 0.2, "sysfs_root": str(tmp_path)}})
+    sim = Simulation("network-congested", str(tmp_path))
+    agent = Agent(cfg, sim.platform())
+    await agent.start()
+    try:
+        import asyncio
+        await asyncio.sleep(1.2)
+        _, body, _ = await fetch(f"http://127.0.0.1:{agent.port}/metrics")
+    finally:
+        await agent.stop()
+    families = _families(body)
+    expected = contract()
+    seen = set()
+    for name, fam in families.items():
+        full = name + "_total" if fam.type == "counter" else name
+        assert full in expected, f"{full} is exported but not documented"
+        assert fam.type == expected[full][0], full
+        for s in fam.samples:
+            assert set(s.labels) - {"le"} == expected[full][1], s.name
+        if fam.samples:
+            seen.add(full)
+    wanted = {n for n in expected if n.startswith(("stoker_rdma_", "stoker_net_"))}
+    assert wanted - seen == set()
+    assert len(families["stoker_rdma_port_up"].samples) == 8
+    assert len(families["stoker_net_up"].samples) == 8
+    series = sum(len(f.samples) for f in families.values())
+    assert series < 2500, f"{series} series on a full XE9680 (contract: under 2,500)"

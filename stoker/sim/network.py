@@ -101,7 +101,7 @@ class SimNetwork:
         p.hw.update(lifespan=12, np_cnp_sent=1200.0 + i, rp_cnp_handled=900.0 + i,
                     np_ecn_marked_roce_packets=1500.0 + i)
         if i == 2:  # close below 2^32: the demo shows a 32-bit wrap within a minute of congestion
-            p.hw["np_ecn_marked_roce_packets"] = WRAP_32 - 50_000
+            p.hw["np_ecn_marked_roce_packets"] = WRAP_32 - 5_000
         p.eth = {name: 0.0 for name in _eth_names((PFC_PRIORITY,))}
         p.eth.update(rx_bytes_phy=1.25e12 + i * 3e10, tx_bytes_phy=1.26e12 + i * 3e10)
         return p

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from stoker.agent.platform import Platform
 from stoker.sim.fake_nvml import FakeNVML
@@ -13,8 +14,8 @@ ADVANCE_EVERY = 0.25  # seconds between counter-file updates of the simulated ke
 
 
 class Simulation:
-    def __init__(self, scenario: str, sysfs_root: str, rdma_ports: int = 8):
-        self.node = SimNode(scenario)
+    def __init__(self, scenario: str, sysfs_root: str, rdma_ports: int = 8, clock=time.monotonic):
+        self.node = SimNode(scenario, clock=clock)
         self.nvml = FakeNVML(self.node)
         self.network = SimNetwork(self.node, sysfs_root, rdma_ports)
         self.network.build()
