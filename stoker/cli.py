@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import sys
 import tempfile
 
@@ -43,18 +42,16 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return {"agent": agent} if agent else {}
 
 
-def simulated(cfg: config_mod.Config, scenario: str, sysfs_root_given: bool, stack: contextlib.ExitStack):
-    """The simulated node's platform, its kernel tree written under a fresh temporary
-    directory unless --sysfs-root names one; returns the platform and the config to use."""
+def simulated(cfg: config_mod.Config, scenario: str, stack: contextlib.ExitStack):
+    """The simulated node's platform, its kernel trees written under a fresh temporary
+    directory; returns the platform and the configuration pointed at them."""
     from stoker.sim.scenarios import get as get_scenario
     from stoker.sim.simulation import Simulation
 
     get_scenario(scenario)  # an unknown name is a configuration error, before anything is written
-    if not sysfs_root_given:
-        root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
-        cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, sysfs_root=root))
-    sim = Simulation(scenario, cfg.agent.sysfs_root, cfg.sim.rdma_ports)
-    return sim.platform(), cfg
+    root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
+    sim = Simulation(scenario, root, cfg.sim.rdma_ports)
+    return sim.platform(), sim.configure(cfg)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -63,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             cfg = config_mod.load(args.config, overrides_from(args))
             if args.simulate is not None:
-                platform, cfg = simulated(cfg, args.simulate, args.sysfs_root is not None, stack)
+                platform, cfg = simulated(cfg, args.simulate, stack)
             else:
                 platform = platforms.real()
         except (config_mod.ConfigError, ValueError) as exc:

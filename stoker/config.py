@@ -83,6 +83,66 @@ class NetdevConfig:
                     raise ConfigError(f"{key}: {name!r} is not an interface name")
 
 
+DEFAULT_NFS_OPERATIONS = ("READ", "WRITE", "COMMIT", "GETATTR", "LOOKUP", "ACCESS", "OPEN", "CLOSE", "READDIR")
+
+
+@dataclass(frozen=True)
+class NfsConfig:
+    enabled: bool = True
+    operations: tuple[str, ...] = DEFAULT_NFS_OPERATIONS
+    """Per-op series are kept for these operations only: NFSv4 has ~60, most idle."""
+    data_mounts: tuple[str, ...] = ()
+    """Mountpoint prefixes of training-data mounts (role `data`)."""
+    checkpoint_mounts: tuple[str, ...] = ()
+    """Mountpoint prefixes of checkpoint targets (role `checkpoint`)."""
+    call_timeout: float = 2.0
+
+    def validate(self) -> None:
+        _positive(self.call_timeout, "nfs.call_timeout")
+        for key, prefixes in (("nfs.data_mounts", self.data_mounts), ("nfs.checkpoint_mounts", self.checkpoint_mounts)):
+            for prefix in prefixes:
+                if not prefix.startswith("/"):
+                    raise ConfigError(f"{key}: {prefix!r} is not an absolute path")
+        if not self.operations:
+            raise ConfigError("nfs.operations: must name at least one operation")
+
+    def roles(self) -> dict[str, tuple[str, ...]]:
+        return {"data": self.data_mounts, "checkpoint": self.checkpoint_mounts}
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    mountpoint: str
+    """The NFS mountpoint this probe measures (its `mountpoint` label)."""
+    path: str = ""
+    """Directory the probe files go in; default: the mountpoint itself."""
+
+    @property
+    def directory(self) -> str:
+        return self.path or self.mountpoint
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    targets: tuple[ProbeTarget, ...] = ()
+    interval: float = 15.0
+    """One write+fsync, uncached read and create/stat/unlink per mount every 15 s: a few MB a minute."""
+    timeout: float = 10.0
+    """A probe unfinished after this long is a timeout; NFS hard mounts retry for minutes, so this is not an error of the NAS alone."""
+    size: int = 1048576
+    """Bytes written and read back: one rsize/wsize-sized RPC on PowerScale defaults."""
+
+    def validate(self) -> None:
+        _positive(self.interval, "probes.interval")
+        _positive(self.timeout, "probes.timeout")
+        if self.size < 4096 or self.size > 64 << 20:
+            raise ConfigError(f"probes.size: must be between 4096 and {64 << 20}, got {self.size}")
+        for i, t in enumerate(self.targets):
+            for key, value in (("mountpoint", t.mountpoint), ("path", t.path)):
+                if value and not value.startswith("/"):
+                    raise ConfigError(f"probes.targets[{i}].{key}: {value!r} is not an absolute path")
+
+
 @dataclass(frozen=True)
 class SimConfig:
     rdma_ports: int = 8
@@ -99,6 +159,8 @@ class Config:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     rdma: RdmaConfig = field(default_factory=RdmaConfig)
     netdev: NetdevConfig = field(default_factory=NetdevConfig)
+    nfs: NfsConfig = field(default_factory=NfsConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> None:
@@ -159,6 +221,10 @@ def _build(cls, table: dict, prefix: str = ""):
         if name not in known:
             where = f"{prefix}.{name}" if prefix else name
             raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+    for f in dataclasses.fields(cls):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and f.name not in table:
+            raise ConfigError(f"{prefix}.{f.name}: required" if prefix else f"{f.name}: required")
     kwargs = {
         name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
         for name, value in table.items()

@@ -91,13 +91,13 @@ async def test_whole_simulated_node_matches_the_contract(tmp_path):
     from stoker.sim.simulation import Simulation
     from tests.conftest import fetch
 
-    cfg = config.load(overrides={"agent": {"listen": "127.0.0.1:0", "interval": 0.2, "sysfs_root": str(tmp_path)}})
     sim = Simulation("network-congested", str(tmp_path))
+    cfg = sim.configure(config.load(overrides={"agent": {"listen": "127.0.0.1:0", "interval": 0.2}}))
     agent = Agent(cfg, sim.platform())
     await agent.start()
     try:
         import asyncio
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.5)
         _, body, _ = await fetch(f"http://127.0.0.1:{agent.port}/metrics")
     finally:
         await agent.stop()
@@ -112,7 +112,7 @@ async def test_whole_simulated_node_matches_the_contract(tmp_path):
             assert set(s.labels) - {"le"} == expected[full][1], s.name
         if fam.samples:
             seen.add(full)
-    wanted = {n for n in expected if n.startswith(("stoker_rdma_", "stoker_net_"))}
+    wanted = {n for n in expected if n.startswith(("stoker_rdma_", "stoker_net_", "stoker_nfs_", "stoker_nas_"))}
     assert wanted - seen == set()
     assert len(families["stoker_rdma_port_up"].samples) == 8
     assert len(families["stoker_net_up"].samples) == 8

@@ -11,7 +11,7 @@ from tests.conftest import ManualClock
 def run(scenario: str, tmp_path, seconds: float, ports: int = 8):
     clock = ManualClock(0.0)
     sim = Simulation(scenario, str(tmp_path), rdma_ports=ports, clock=clock)
-    source = RdmaSource(str(tmp_path), clock=clock)
+    source = RdmaSource(sim.sysfs_root, clock=clock)
     ethtool = EthtoolReader(sim.platform().open_ethtool)
     history = []
     for _ in range(int(seconds)):

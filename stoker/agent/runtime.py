@@ -14,13 +14,16 @@ from stoker.agent.collector import Collector
 from stoker.agent.gpu import gpu_collector
 from stoker.agent.netdev import NetdevCollector, watched_interfaces
 from stoker.agent.platform import Platform
+from stoker.agent.probes import ProbeCollector
 from stoker.agent.sourced import SourceCollector
 from stoker.agent.supervisor import Supervisor
 from stoker.config import Config, parse_listen
+from stoker.exporters import nfs as nfs_families
 from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
 from stoker.exporters.http import bound_port, make_app, serve
 from stoker.sources.netdev import EthtoolReader
+from stoker.sources.nfs import NfsSource
 from stoker.sources.rdma import RdmaSource
 
 log = logs.get("agent")
@@ -49,6 +52,12 @@ class Agent:
             wanted = watched_interfaces(self._rdma_interfaces, config.netdev.include, config.netdev.exclude)
             self.collectors.append(NetdevCollector(interval, wanted, platform.links,
                                                    EthtoolReader(platform.open_ethtool), config.netdev.call_timeout))
+        if config.nfs.enabled:
+            source = NfsSource(config.agent.procfs_root, config.nfs.operations, config.nfs.roles())
+            self.collectors.append(SourceCollector("nfs", interval, source.sample, nfs_families.families,
+                                                   config.nfs.call_timeout))
+        if config.probes.targets:
+            self.collectors.append(ProbeCollector(interval, config.probes))
         self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels)
         self.stop_event = asyncio.Event()
         self.port: int | None = None

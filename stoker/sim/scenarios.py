@@ -17,6 +17,7 @@ class Step:
     gpu_phase: str
     duration: float
     network: str = "normal"  # normal | congested | lossy | port-down
+    storage: str = "normal"  # normal | slow-read | slow-write | hung
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,10 @@ SCENARIOS = {
     "cycle": lambda: Scenario("cycle", _recorded() + (
         Step("input_starved", 15.0, network="congested"),
         Step("input_starved", 15.0, network="lossy"),
-        Step("input_starved", 15.0, network="port-down")),
+        Step("input_starved", 15.0, network="port-down"),
+        Step("input_starved", 15.0, storage="slow-read"),
+        Step("checkpoint", 15.0, storage="slow-write"),
+        Step("input_starved", 15.0, storage="hung")),
         "walks through every recorded phase, then the network faults, in turn"),
     "healthy": lambda: Scenario("healthy", (Step("saturated", 60.0),), "a training job keeping the GPUs busy"),
     "network-congested": lambda: Scenario("network-congested", _after_warmup(
@@ -63,6 +67,18 @@ SCENARIOS = {
     "port-down": lambda: Scenario("port-down", _after_warmup(
         Step("input_starved", 600.0, network="port-down")),
         "rail 3's RoCE port goes down"),
+    "storage-starved": lambda: Scenario("storage-starved", _after_warmup(
+        Step("input_starved", 600.0, storage="slow-read")),
+        "NFS READ latency and queueing rise on the data mount while SM activity falls"),
+    "checkpoint": lambda: Scenario("checkpoint", _after_warmup(
+        Step("checkpoint", 13.0), Step("saturated", 600.0)),
+        "a checkpoint written to the NAS at full speed, then training resumes"),
+    "checkpoint-slow": lambda: Scenario("checkpoint-slow", _after_warmup(
+        Step("checkpoint", 600.0, storage="slow-write")),
+        "a checkpoint whose writes crawl: the NAS takes 4 MB/s"),
+    "nas-hang": lambda: Scenario("nas-hang", _after_warmup(
+        Step("input_starved", 600.0, storage="hung")),
+        "the NAS stops answering: no RPC completes, probes block"),
 }
 
 DEFAULT = "cycle"

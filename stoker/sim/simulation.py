@@ -3,26 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import socket
 import time
+
+from stoker.config import Config, ProbeTarget
 
 from stoker.agent.platform import Platform
 from stoker.sim.fake_nvml import FakeNVML
 from stoker.sim.network import FakeEthtool, SimLinks, SimNetwork
 from stoker.sim.node import SimNode
+from stoker.sim.storage import SimStorage
 
 ADVANCE_EVERY = 0.25  # seconds between counter-file updates of the simulated kernel
 
 
 class Simulation:
-    def __init__(self, scenario: str, sysfs_root: str, rdma_ports: int = 8, clock=time.monotonic):
+    """Lays out the simulated kernel under `root` (sys/, proc/, nas/) and keeps it moving."""
+
+    def __init__(self, scenario: str, root: str, rdma_ports: int = 8, clock=time.monotonic):
+        self.root = root
+        self.sysfs_root = os.path.join(root, "sys")
+        self.procfs_root = os.path.join(root, "proc")
         self.node = SimNode(scenario, clock=clock)
         self.nvml = FakeNVML(self.node)
-        self.network = SimNetwork(self.node, sysfs_root, rdma_ports)
+        self.network = SimNetwork(self.node, self.sysfs_root, rdma_ports)
+        self.storage = SimStorage(self.node, self.procfs_root, os.path.join(root, "nas"), socket.gethostname())
         self.network.build()
+        self.storage.build()
+
+    def configure(self, cfg: Config) -> Config:
+        """The configuration pointed at the simulated kernel, its mounts and their roles."""
+        targets = tuple(ProbeTarget(m.mountpoint, m.probe_dir) for m in self.storage.mounts)
+        return dataclasses.replace(
+            cfg,
+            agent=dataclasses.replace(cfg.agent, sysfs_root=self.sysfs_root, procfs_root=self.procfs_root),
+            nfs=dataclasses.replace(cfg.nfs, data_mounts=("/mnt/data",), checkpoint_mounts=("/mnt/checkpoints",)),
+            probes=dataclasses.replace(cfg.probes, targets=cfg.probes.targets or targets))
+
+    def advance(self) -> None:
+        self.network.advance()
+        self.storage.advance()
 
     async def _drive(self) -> None:
         while True:
-            await asyncio.to_thread(self.network.advance)
+            await asyncio.to_thread(self.advance)
             await asyncio.sleep(ADVANCE_EVERY)
 
     def platform(self) -> Platform:

@@ -1,0 +1,160 @@
+"""Active NAS probes: one child process per mount, at most one probe outstanding.
+
+A hung hard NFS mount blocks whoever touches it in the kernel, forever. So the
+agent never does: `stoker.probe_child` does, in its own process, and the agent
+only waits on a pipe with a deadline. While a probe is unfinished its age is
+exported (`stoker_nas_probe_inflight_seconds` keeps growing while the mount
+hangs). At the deadline the child is killed and counted as a timeout; a child
+the kernel will not let die (D state) is reaped in the background, and until
+it is, no new probe starts for that mount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from stoker import logs
+from stoker.agent.collector import Collector
+from stoker.config import ProbesConfig, ProbeTarget
+
+log = logs.get("probes")
+
+PROBES = ("write", "read", "metadata")
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, n in zip([*map(str, BUCKETS), "+Inf"], self.counts):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+@dataclass
+class Mount:
+    target: ProbeTarget
+    proc: asyncio.subprocess.Process | None = None
+    task: asyncio.Task | None = None
+    reaping: asyncio.Task | None = None
+    inflight_since: float | None = None
+    next_due: float = 0.0
+    latency: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PROBES})
+    failures: dict[str, int] = field(default_factory=lambda: {"timeout": 0, "error": 0})
+
+
+class ProbeCollector(Collector):
+    name = "nasprobe"
+
+    def __init__(self, interval: float, config: ProbesConfig, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.config = config
+        self._clock = clock
+        self.mounts = [Mount(t) for t in config.targets]
+
+    async def cycle(self) -> list[str]:
+        """Start the probes that are due; never waits for one."""
+        now = self._clock()
+        for m in self.mounts:
+            busy = m.task is not None and not m.task.done()
+            unreaped = m.reaping is not None and not m.reaping.done()
+            if not busy and not unreaped and now >= m.next_due:
+                m.next_due = now + self.config.interval
+                m.task = asyncio.create_task(self._probe(m), name=f"probe {m.target.mountpoint}")
+        return []
+
+    async def _probe(self, m: Mount) -> None:
+        m.inflight_since = self._clock()
+        try:
+            if m.proc is None or m.proc.returncode is not None:
+                m.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "stoker.probe_child", m.target.directory, str(self.config.size),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            m.proc.stdin.write(b"probe\n")
+            line = await asyncio.wait_for(m.proc.stdout.readline(), self.config.timeout)
+            if not line:
+                raise EOFError("probe child exited")
+            self._record(m, json.loads(line))
+            m.inflight_since = None
+        except asyncio.TimeoutError:
+            m.failures["timeout"] += 1
+            log.warning("NAS probe timed out", mountpoint=m.target.mountpoint, timeout=self.config.timeout)
+            self._kill(m)
+        except (OSError, EOFError, ValueError) as exc:
+            m.failures["error"] += 1
+            log.warning("NAS probe failed", mountpoint=m.target.mountpoint, error=str(exc))
+            self._kill(m)
+
+    def _record(self, m: Mount, result: dict) -> None:
+        for probe in PROBES:
+            value = result.get(probe)
+            if isinstance(value, (int, float)):
+                m.latency[probe].observe(float(value))
+            else:
+                m.failures["error"] += 1
+
+    def _kill(self, m: Mount) -> None:
+        """Kill the child; until the kernel lets it go, the probe stays in flight."""
+        proc, m.proc = m.proc, None
+        if proc is None or proc.returncode is not None:
+            m.inflight_since = None
+            return
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+        async def reap() -> None:
+            await proc.wait()
+            m.inflight_since = None
+
+        m.reaping = asyncio.create_task(reap(), name=f"reap probe {m.target.mountpoint}")
+
+    def families(self):
+        now = self._clock()
+        latency = HistogramMetricFamily("stoker_nas_probe_seconds", "Active NAS probe latency.",
+                                        labels=["mountpoint", "probe"])
+        inflight = GaugeMetricFamily("stoker_nas_probe_inflight_seconds",
+                                     "Age of the oldest unfinished probe, 0 when none.", labels=["mountpoint"])
+        failures = CounterMetricFamily("stoker_nas_probe_failures", "Failed probes.", labels=["mountpoint", "reason"])
+        for m in self.mounts:
+            mp = m.target.mountpoint
+            for probe, h in m.latency.items():
+                latency.add_metric([mp, probe], h.buckets(), h.total)
+            inflight.add_metric([mp], 0.0 if m.inflight_since is None else now - m.inflight_since)
+            for reason, n in m.failures.items():
+                failures.add_metric([mp, reason], n)
+        return [latency, inflight, failures]
+
+    async def close(self) -> None:
+        for m in self.mounts:
+            if m.task is not None:
+                m.task.cancel()
+            if m.proc is not None and m.proc.returncode is None:
+                try:
+                    m.proc.kill()
+                except ProcessLookupError:
+                    pass

@@ -1,0 +1,101 @@
+"""The NAS probe worker: the only Stoker code that touches an NFS path.
+
+It runs as a child process of the agent, one per probed mount, so that a hung
+hard mount blocks this process in the kernel and never the agent's event loop
+or threads. Protocol: one line `probe` on stdin, one JSON line on stdout with
+the seconds each probe took, or its error:
+
+    {"write": 0.0123, "read": 0.0045, "metadata": 0.0031}
+    {"write": 0.0123, "read": {"error": "EIO"}, "metadata": 0.0031}
+
+Imports are kept to the standard library so the child starts fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import socket
+import sys
+import time
+
+BLOCK = 1 << 20
+
+
+def _error(exc: OSError) -> dict:
+    return {"error": errno.errorcode.get(exc.errno or 0, type(exc).__name__)}
+
+
+def _timed(fn, *args):
+    started = time.perf_counter()
+    try:
+        fn(*args)
+    except OSError as exc:
+        return _error(exc)
+    return time.perf_counter() - started
+
+
+def write_fsync(path: str, size: int) -> None:
+    """A fresh file (created, or truncated if a crash left one), written and flushed to the server."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block = os.urandom(min(size, BLOCK))
+        left = size
+        while left > 0:
+            left -= os.write(fd, block[:left])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_uncached(path: str, size: int) -> None:
+    """Read the file back from the server: O_DIRECT where the file system allows it,
+    else after dropping its pages from the client cache."""
+    buf = mmap.mmap(-1, max(size, mmap.PAGESIZE))  # page-aligned, as O_DIRECT needs
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        while os.readv(fd, [buf]) > 0:
+            pass
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def metadata(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    os.stat(path)
+    os.unlink(path)
+
+
+def probe(directory: str, size: int) -> dict:
+    base = os.path.join(directory, f".stoker-probe-{socket.gethostname()}")
+    result = {"write": _timed(write_fsync, base, size)}
+    result["read"] = _timed(read_uncached, base, size) if isinstance(result["write"], float) else result["write"]
+    result["metadata"] = _timed(metadata, base + ".meta")
+    try:
+        os.unlink(base)
+    except OSError:
+        pass
+    return result
+
+
+def main() -> None:
+    directory, size = sys.argv[1], int(sys.argv[2])
+    for line in sys.stdin:
+        if line.strip() != "probe":
+            continue
+        sys.stdout.write(json.dumps(probe(directory, size)) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

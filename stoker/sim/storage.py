@@ -1,0 +1,182 @@
+"""The simulated node's PowerScale mounts: a `/proc/self/mountstats` that moves, and probe directories.
+
+Two NFS mounts, as on the XE9680 nodes: training data (NFSv4.1 over TCP,
+nconnect=8) and checkpoints (NFSv4.1 over RDMA). Reads follow the GPU phase
+(the input pipeline reads while the GPUs compute), checkpoint writes follow the
+`checkpoint` phase, and the scenario's storage condition slows reads, slows
+checkpoint writes, or hangs the NAS (no RPC completes; the probe directories
+get a FIFO where the probe opens its file, so a probe blocks in open() as on a
+hung hard mount).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from stoker.sim.node import SimNode
+
+PID = "4242"
+MIB = 1 << 20
+OPS = ("NULL", "READ", "WRITE", "COMMIT", "OPEN", "CLOSE", "GETATTR", "SETATTR", "LOOKUP", "ACCESS",
+       "READDIR", "CREATE", "REMOVE", "RENAME", "FSINFO", "PATHCONF", "SERVER_CAPS", "SEQUENCE",
+       "LAYOUTGET", "GETDEVICEINFO")
+OP_FIELDS = 9  # statvers 1.1: ops trans timeouts bytes_sent bytes_recv queue rtt execute errors
+
+# (ms queue, ms rtt, ms execute) per op, by storage condition
+LATENCY = {
+    "normal": {"READ": (0.05, 1.4, 1.6), "WRITE": (0.1, 2.5, 2.8), "COMMIT": (0.05, 4.0, 4.1), "*": (0.01, 0.3, 0.35)},
+    "slow-read": {"READ": (55.0, 38.0, 95.0), "WRITE": (0.1, 2.5, 2.8), "COMMIT": (0.05, 4.0, 4.1), "*": (2.0, 6.0, 8.5)},
+    "slow-write": {"READ": (0.05, 1.4, 1.6), "WRITE": (180.0, 120.0, 310.0), "COMMIT": (60.0, 900.0, 960.0), "*": (0.5, 2.0, 2.6)},
+}
+READ_BYTES_PER_BUSY_S = 2.4e9  # input pipeline at full GPU load, bytes/s from the data mount
+CHECKPOINT_BYTES_PER_S = {"normal": 1.25e9, "slow-write": 4e6, "slow-read": 1.25e9}
+PROBE_FILE = ".stoker-probe-{node}"
+
+
+@dataclass
+class SimMount:
+    export: str
+    mountpoint: str
+    role: str
+    opts: str
+    transport: str
+    xprts: int
+    probe_dir: str = ""
+    ops: dict[str, list[float]] = field(default_factory=dict)
+    bytes: list[float] = field(default_factory=lambda: [0.0] * 8)
+
+
+def _opts(vers: str, proto: str, nconnect: int) -> str:
+    return (f"rw,vers={vers},rsize=1048576,wsize=1048576,namlen=255,acregmin=3,acregmax=60,acdirmin=30,"
+            f"acdirmax=60,hard,proto={proto},nconnect={nconnect},timeo=600,retrans=2,sec=sys,"
+            "clientaddr=10.40.1.17,local_lock=none")
+
+
+class SimStorage:
+    def __init__(self, node: SimNode, procfs_root: str, probe_root: str, hostname: str):
+        self.node = node
+        self.procfs_root = procfs_root
+        self.hostname = hostname
+        self.mounts = [
+            SimMount("powerscale-nfs.example:/ifs/training", "/mnt/data", "data",
+                     _opts("4.1", "tcp", 8), "tcp", 8),
+            SimMount("powerscale-nfs.example:/ifs/checkpoints", "/mnt/checkpoints", "checkpoint",
+                     _opts("4.1", "rdma", 4), "rdma", 4),
+        ]
+        for m in self.mounts:
+            m.probe_dir = os.path.join(probe_root, m.mountpoint.strip("/").replace("/", "_"))
+            m.ops = {op: [0.0] * OP_FIELDS for op in OPS}
+            m.ops["GETATTR"][0] = m.ops["GETATTR"][1] = 81_000.0
+            m.ops["LOOKUP"][0] = m.ops["LOOKUP"][1] = 12_500.0
+        self._lock = threading.Lock()
+        self._advanced_at: float | None = None
+        self._hung = False
+
+    def build(self) -> None:
+        proc = os.path.join(self.procfs_root, PID)
+        os.makedirs(proc, exist_ok=True)
+        link = os.path.join(self.procfs_root, "self")
+        if not os.path.islink(link):
+            os.symlink(PID, link)
+        for m in self.mounts:
+            os.makedirs(m.probe_dir, exist_ok=True)
+        self.advance()
+
+    def condition(self) -> str:
+        step, _ = self.node.scenario.at(self.node.elapsed())
+        return step.storage
+
+    def advance(self) -> None:
+        with self._lock:
+            t = self.node.elapsed()
+            dt = 0.0 if self._advanced_at is None else max(0.0, t - self._advanced_at)
+            self._advanced_at = t
+            condition = self.condition()
+            self._set_hung(condition == "hung")
+            if condition != "hung":
+                self._move(t, dt, condition)
+            self._write()
+
+    def _move(self, t: float, dt: float, condition: str) -> None:
+        phase = self.node.gpu_phase(t)
+        busy = sum(self.node.gpu_row(g, t)["gpm_sm_util"] for g in range(self.node.gpu_count)) / self.node.gpu_count / 100
+        data, ckpt = self.mounts
+        read_rate = READ_BYTES_PER_BUSY_S * max(busy, 0.05 if phase != "idle_after" else 0.0)
+        if condition == "slow-read":
+            read_rate = min(read_rate, 0.25e9)  # the NAS cannot keep up: the GPUs wait
+        self._io(data, "READ", read_rate * dt, condition)
+        self._meta(data, dt, condition)
+        if phase == "checkpoint":
+            self._io(ckpt, "WRITE", CHECKPOINT_BYTES_PER_S.get(condition, 1.25e9) * dt, condition)
+            self._ops(ckpt, "COMMIT", 2 * dt, 0, condition)
+        self._meta(ckpt, dt * 0.2, condition)
+
+    def _io(self, m: SimMount, op: str, nbytes: float, condition: str) -> None:
+        count = nbytes / MIB
+        if op == "READ":
+            m.bytes[0] += nbytes
+            m.bytes[4] += nbytes
+            self._ops(m, op, count, nbytes, condition, received=True)
+        else:
+            m.bytes[1] += nbytes
+            m.bytes[5] += nbytes
+            self._ops(m, op, count, nbytes, condition)
+
+    def _meta(self, m: SimMount, dt: float, condition: str) -> None:
+        for op, per_s in (("GETATTR", 40.0), ("LOOKUP", 6.0), ("ACCESS", 3.0), ("OPEN", 1.0), ("CLOSE", 1.0)):
+            self._ops(m, op, per_s * dt, 0, condition)
+
+    def _ops(self, m: SimMount, op: str, count: float, payload: float, condition: str, received: bool = False) -> None:
+        q, rtt, execute = LATENCY.get(condition, LATENCY["normal"]).get(op, LATENCY["normal"]["*"])
+        row = m.ops[op]
+        row[0] += count
+        row[1] += count
+        row[3] += (payload if not received else 0) + 200 * count
+        row[4] += (payload if received else 0) + 120 * count
+        row[5] += q * count
+        row[6] += rtt * count
+        row[7] += execute * count
+
+    def _set_hung(self, hung: bool) -> None:
+        if hung == self._hung:
+            return
+        self._hung = hung
+        for m in self.mounts:
+            path = os.path.join(m.probe_dir, PROBE_FILE.format(node=self.hostname))
+            if hung:
+                if os.path.lexists(path):
+                    os.unlink(path)
+                os.mkfifo(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+
+    def _write(self) -> None:
+        lines = ["device rootfs mounted on / with fstype rootfs",
+                 "device proc mounted on /proc with fstype proc",
+                 "device /dev/nvme0n1p2 mounted on /raid with fstype ext4"]
+        for m in self.mounts:
+            lines += [f"device {m.export} mounted on {m.mountpoint} with fstype nfs4 statvers=1.1",
+                      f"\topts:\t{m.opts}",
+                      "\tage:\t864000",
+                      "\timpl_id:\tname='',domain='',date='0,0'",
+                      "\tcaps:\tcaps=0x3ffbffff,wtmult=512,dtsize=1048576,bsize=0,namlen=255",
+                      "\tnfsv4:\tbm0=0xfdffbfff,bm1=0xf9be3e,bm2=0x68800,acl=0x3,sessions,pnfs=not configured,lease_time=90,lease_expired=0",
+                      "\tsec:\tflavor=1,pseudoflavor=1",
+                      "\tevents:\t" + " ".join(["0"] * 27),
+                      "\tbytes:\t" + " ".join(str(int(b)) for b in m.bytes),
+                      "\tRPC iostats version: 1.1  p/v: 100003/4 (nfs)"]
+            for i in range(m.xprts):
+                if m.transport == "rdma":
+                    lines.append(f"\txprt:\trdma 0 0 1 0 0 {i * 10} {i * 10} 0 {i * 10} 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0")
+                else:
+                    lines.append(f"\txprt:\ttcp {870 + i} 0 1 0 11 {i * 10} {i * 10} 0 {i * 10} 0 2 0 0")
+            lines.append("\tper-op statistics")
+            for op, row in m.ops.items():
+                lines.append(f"\t{op:>12}: " + " ".join(str(int(v)) for v in row))
+            lines.append("")
+        tmp = os.path.join(self.procfs_root, PID, "mountstats.tmp")
+        with open(tmp, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.replace(tmp, os.path.join(self.procfs_root, PID, "mountstats"))

@@ -1,0 +1,169 @@
+"""NFS client statistics from `<procfs>/self/mountstats` (reading it sends no RPC).
+
+The format (fs/nfs/super.c, net/sunrpc/stats.c) per NFS mount:
+
+    device SERVER:/EXPORT mounted on /MNT with fstype nfs4 statvers=1.1
+        opts:   rw,vers=4.1,...,proto=tcp,nconnect=8,...
+        bytes:  normalread normalwrite directread directwrite serverread serverwrite readpages writepages
+        RPC iostats version: 1.1  p/v: 100003/4 (nfs)
+        xprt:   tcp ...          (one line per transport: several with nconnect; tcp, udp or rdma)
+        per-op statistics
+                READ: ops trans timeouts bytes_sent bytes_recv queue_ms rtt_ms execute_ms [errors]
+
+Tolerance, by design: unknown keys (`impl_id:`, `caps:`, newer ones) are
+skipped; an unknown newer statvers is parsed as far as the known fields go; an
+op line has 8 fields (statvers 1.0) or 9 (1.1 added errors) or more (later
+kernels: the first 9 are read). A value the kernel printed from a negative
+number (18446743919241604546 is seen in real files) is dropped, that one
+field only. A mount whose block cannot be parsed at all is skipped and counted;
+the others keep their values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OP_FIELDS = ("ops", "transmissions", "major_timeouts", "bytes_sent", "bytes_received",
+             "queue_ms", "rtt_ms", "execute_ms", "errors")
+NFS_FSTYPES = ("nfs", "nfs4")
+IMPLAUSIBLE = 1 << 63  # a u64 this large was a negative number in the kernel
+
+
+class MountstatsError(ValueError):
+    pass
+
+
+@dataclass
+class NfsMount:
+    export: str
+    mountpoint: str
+    fstype: str
+    statvers: str = ""
+    version: str = ""
+    protocol: str = ""
+    nconnect: int = 1
+    transports: list[str] = field(default_factory=list)
+    server_read_bytes: int | None = None
+    server_write_bytes: int | None = None
+    ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    dropped_fields: int = 0  # implausible values left out
+
+
+def _unescape(text: str) -> str:
+    """Mountpoints escape space, tab, newline and backslash as octal (\\040)."""
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1:i + 4].isdigit() and len(text[i + 1:i + 4]) == 3:
+            out.append(chr(int(text[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _header(line: str) -> tuple[str, str, str, str] | None:
+    """`device X mounted on Y with fstype Z [statvers=V]` -> (X, Y, Z, V); spaces in X and Y are escaped."""
+    parts = line.split()
+    if len(parts) not in (8, 9) or parts[2:4] != ["mounted", "on"] or parts[5:7] != ["with", "fstype"]:
+        return None
+    statvers = parts[8].partition("=")[2] if len(parts) == 9 else ""
+    return parts[1], _unescape(parts[4]), parts[7], statvers
+
+
+def parse(text: str) -> tuple[list[NfsMount], list[str]]:
+    """All NFS mounts in a mountstats text, and the reasons of the blocks that were skipped."""
+    mounts: list[NfsMount] = []
+    problems: list[str] = []
+    block: list[str] = []
+    head: tuple[str, str, str, str] | None = None
+
+    def flush() -> None:
+        if head is None or head[2] not in NFS_FSTYPES:
+            return
+        try:
+            mounts.append(_mount(head, block))
+        except (MountstatsError, ValueError, IndexError):
+            problems.append("malformed_mount")
+
+    for line in text.splitlines():
+        if line.startswith("device "):
+            flush()
+            head, block = _header(line), []
+            if head is None:
+                problems.append("malformed_header")
+        elif head is not None:
+            block.append(line)
+    flush()
+    return mounts, problems
+
+
+def _number(token: str, mount: NfsMount) -> int | None:
+    value = int(token)
+    if value < 0 or value >= IMPLAUSIBLE:
+        mount.dropped_fields += 1
+        return None
+    return value
+
+
+def _mount(head: tuple[str, str, str, str], lines: list[str]) -> NfsMount:
+    export, mountpoint, fstype, statvers = head
+    m = NfsMount(export, mountpoint, fstype, statvers)
+    in_ops = False
+    saw_ops_header = False
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        if line == "per-op statistics":
+            in_ops = saw_ops_header = True
+            continue
+        key, sep, rest = line.partition(":")
+        if not sep:
+            raise MountstatsError(f"unexpected line {line[:40]!r}")
+        if in_ops:
+            _op(m, key, rest.split())
+        elif key == "opts":
+            _opts(m, rest.strip())
+        elif key == "bytes":
+            values = rest.split()
+            if len(values) >= 6:
+                m.server_read_bytes = _number(values[4], m)
+                m.server_write_bytes = _number(values[5], m)
+            else:
+                raise MountstatsError("short bytes line")
+        elif key == "xprt":
+            tokens = rest.split()
+            if tokens:
+                m.transports.append(tokens[0])
+        # anything else (age, caps, sec, events, impl_id, nfsv4, RPC iostats, ...) is not needed
+    if not saw_ops_header and fstype in NFS_FSTYPES and statvers:
+        raise MountstatsError("no per-op statistics")
+    if m.transports:
+        m.protocol = m.protocol or m.transports[0]
+        m.nconnect = max(m.nconnect, len(m.transports))
+    return m
+
+
+def _opts(m: NfsMount, opts: str) -> None:
+    for option in opts.split(","):
+        name, _, value = option.partition("=")
+        if name == "vers":
+            m.version = value
+        elif name == "proto":
+            m.protocol = value
+        elif name == "nconnect" and value.isdigit():
+            m.nconnect = int(value)
+
+
+def _op(m: NfsMount, name: str, values: list[str]) -> None:
+    if len(values) < 8:
+        raise MountstatsError(f"op {name}: {len(values)} fields")
+    parsed: dict[str, int] = {}
+    for key, token in zip(OP_FIELDS, values):
+        number = _number(token, m)
+        if number is not None:
+            parsed[key] = number
+    m.ops[name.strip()] = parsed
