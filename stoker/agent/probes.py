@@ -150,6 +150,8 @@ class ProbeCollector(Collector):
         return [latency, inflight, failures]
 
     async def close(self) -> None:
+        """Kill every child and give them a second to go; one stuck in the kernel is left behind."""
+        waits = []
         for m in self.mounts:
             if m.task is not None:
                 m.task.cancel()
@@ -158,3 +160,8 @@ class ProbeCollector(Collector):
                     m.proc.kill()
                 except ProcessLookupError:
                     pass
+                waits.append(asyncio.ensure_future(m.proc.wait()))
+            if m.reaping is not None and not m.reaping.done():
+                waits.append(m.reaping)
+        if waits:
+            await asyncio.wait(waits, timeout=1.0)

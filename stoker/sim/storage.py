@@ -82,6 +82,7 @@ class SimStorage:
             os.symlink(PID, link)
         for m in self.mounts:
             os.makedirs(m.probe_dir, exist_ok=True)
+        self._write_mountinfo()
         self.advance()
 
     def condition(self) -> str:
@@ -176,7 +177,21 @@ class SimStorage:
             for op, row in m.ops.items():
                 lines.append(f"\t{op:>12}: " + " ".join(str(int(v)) for v in row))
             lines.append("")
-        tmp = os.path.join(self.procfs_root, PID, "mountstats.tmp")
-        with open(tmp, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, os.path.join(self.procfs_root, PID, "mountstats"))
+        self._replace("mountstats", "\n".join(lines) + "\n")
+
+    def _write_mountinfo(self) -> None:
+        """Static; node_exporter's mountstats collector needs it beside mountstats."""
+        lines = ["24 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw",
+                 "25 24 0:22 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw"]
+        for i, m in enumerate(self.mounts):
+            server = m.export.split(":")[0]
+            lines.append(f"{101 + i} 24 0:{52 + i} / {m.mountpoint} rw,relatime shared:{60 + i} - nfs4 "
+                         f"{m.export} {m.opts},addr={server}")
+        self._replace("mountinfo", "\n".join(lines) + "\n")
+
+    def _replace(self, name: str, text: str) -> None:
+        """Write whole or not at all: a reader never sees half a file."""
+        path = os.path.join(self.procfs_root, PID, name)
+        with open(path + ".tmp", "w") as fh:
+            fh.write(text)
+        os.replace(path + ".tmp", path)

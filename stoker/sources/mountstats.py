@@ -88,14 +88,27 @@ def parse(text: str) -> tuple[list[NfsMount], list[str]]:
         except (MountstatsError, ValueError, IndexError):
             problems.append("malformed_mount")
 
+    orphans = False
     for line in text.splitlines():
         if line.startswith("device "):
             flush()
-            head, block = _header(line), []
+            head, block, orphans = _header(line), [], False
             if head is None:
                 problems.append("malformed_header")
+        elif not line.strip():
+            if head is not None and "\tper-op statistics" in block:
+                flush()  # the kernel ends each NFS block with a blank line after its per-op section
+                head, block = None, []
+        elif head is not None and (not line[0].isspace() or " mounted on " in line):
+            # a damaged header: it ends the block before it rather than being read as part of it
+            flush()
+            head, block, orphans = None, [], True
+            problems.append("malformed_header")
         elif head is not None:
             block.append(line)
+        elif not orphans:
+            orphans = True  # lines outside any mount (a damaged header came before them)
+            problems.append("orphan_lines")
     flush()
     return mounts, problems
 
