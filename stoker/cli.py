@@ -79,6 +79,9 @@ def serve(cfg: config_mod.Config, platform) -> int:
 
     try:
         asyncio.run(main())
+    except config_mod.ConfigError as exc:
+        print(f"stoker: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:  # the listen address is taken or not ours
         logs.get("cli").error("cannot start", error=str(exc))
         return EXIT_CONFIG

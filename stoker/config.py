@@ -144,6 +144,64 @@ class ProbesConfig:
 
 
 @dataclass(frozen=True)
+class DetectConfig:
+    """Starvation thresholds; docs/VERDICTS.md gives the reason for each default."""
+
+    enabled: bool = True
+    job_memory_floor_bytes: int = 4 << 30
+    drop_ratio: float = 0.5
+    recover_ratio: float = 0.8
+    idle_floor: float = 0.05
+    recover_after: float = 3.0
+    baseline_window: float = 300.0
+    reads_stalled_after: float = 1.0
+    cnp_per_second: float = 500.0
+    pause_ratio: float = 0.02
+    retransmits_per_second: float = 20.0
+    read_latency_seconds: float = 0.020
+    read_queue_seconds: float = 0.010
+    probe_latency_seconds: float = 1.0
+    probe_hung_seconds: float = 5.0
+
+    def validate(self) -> None:
+        for name in ("drop_ratio", "recover_ratio", "idle_floor"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(f"detect.{name}: must be between 0 and 1, got {value!r}")
+        if self.recover_ratio <= self.drop_ratio:
+            raise ConfigError("detect.recover_ratio: must be above detect.drop_ratio (hysteresis)")
+        for name in ("recover_after", "baseline_window", "reads_stalled_after", "cnp_per_second", "pause_ratio",
+                     "retransmits_per_second", "read_latency_seconds", "read_queue_seconds",
+                     "probe_latency_seconds", "probe_hung_seconds"):
+            _positive(getattr(self, name), f"detect.{name}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    stall_after: float = 120.0
+    """In progress and no byte reached the server for this long: stalled."""
+    budget: float = 600.0
+    """A checkpoint running longer than this is over budget."""
+    abandon_after: float = 3600.0
+    """A checkpoint nobody ends (no hint, no resumption) is closed after this long."""
+    listen: str = "127.0.0.1:9478"
+    """The hint API: loopback only unless changed on purpose."""
+    token_file: str = ""
+    """File holding the bearer token of the hint API; without it the API is not served."""
+    burst_bytes_per_second: float = 200e6
+    """Write rate to a checkpoint mount that opens a detected checkpoint."""
+    burst_factor: float = 10.0
+    """...and at least this many times the mount's usual write rate."""
+    quiet_after: float = 10.0
+    """A detected checkpoint ends once writes stay below the burst rate this long and the GPUs work again."""
+
+    def validate(self) -> None:
+        for name in ("stall_after", "budget", "abandon_after", "burst_bytes_per_second", "burst_factor", "quiet_after"):
+            _positive(getattr(self, name), f"checkpoint.{name}")
+        parse_listen(self.listen, "checkpoint.listen")
+
+
+@dataclass(frozen=True)
 class SimConfig:
     rdma_ports: int = 8
     """ConnectX-7 ports of the simulated node: 8 (one per GPU, rail design) or 4."""
@@ -161,6 +219,8 @@ class Config:
     netdev: NetdevConfig = field(default_factory=NetdevConfig)
     nfs: NfsConfig = field(default_factory=NfsConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> None:

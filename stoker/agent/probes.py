@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from stoker import logs
 from stoker.agent.collector import Collector
 from stoker.config import ProbesConfig, ProbeTarget
+from stoker.detect.view import ProbeState
 
 log = logs.get("probes")
 
@@ -62,6 +63,7 @@ class Mount:
     inflight_since: float | None = None
     next_due: float = 0.0
     latency: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PROBES})
+    latest: dict[str, float] = field(default_factory=dict)  # seconds of the last completed probe
     failures: dict[str, int] = field(default_factory=lambda: {"timeout": 0, "error": 0})
 
 
@@ -113,6 +115,7 @@ class ProbeCollector(Collector):
             value = result.get(probe)
             if isinstance(value, (int, float)):
                 m.latency[probe].observe(float(value))
+                m.latest[probe] = float(value)
             else:
                 m.failures["error"] += 1
 
@@ -132,6 +135,12 @@ class ProbeCollector(Collector):
             m.inflight_since = None
 
         m.reaping = asyncio.create_task(reap(), name=f"reap probe {m.target.mountpoint}")
+
+    def states(self) -> list[ProbeState]:
+        now = self._clock()
+        return [ProbeState(m.target.mountpoint,
+                           0.0 if m.inflight_since is None else now - m.inflight_since, dict(m.latest))
+                for m in self.mounts]
 
     def families(self):
         now = self._clock()

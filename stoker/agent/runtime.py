@@ -17,10 +17,13 @@ from stoker.agent.platform import Platform
 from stoker.agent.probes import ProbeCollector
 from stoker.agent.sourced import SourceCollector
 from stoker.agent.supervisor import Supervisor
-from stoker.config import Config, parse_listen
+from stoker.agent.verdicts import VerdictCollector
+from stoker.config import Config, ConfigError, parse_listen
+from stoker.detect.view import NodeView
 from stoker.exporters import nfs as nfs_families
 from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
+from stoker.exporters.hints import make_hint_app
 from stoker.exporters.http import bound_port, make_app, serve
 from stoker.sources.netdev import EthtoolReader
 from stoker.sources.nfs import NfsSource
@@ -36,33 +39,47 @@ class Agent:
         self.config = config
         self.platform = platform
         self.exposition = Exposition()
-        self.collectors: list[Collector] = []
         interval = config.agent.interval
-        self.gpu: SourceCollector | None = None
+        self.gpu = self.rdma = self.nfs = None
+        self.netdev: NetdevCollector | None = None
+        self.probes: ProbeCollector | None = None
+        self.verdicts: VerdictCollector | None = None
         if config.gpu.enabled:
             self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout)
-            self.collectors.append(self.gpu)
-        self.rdma: SourceCollector | None = None
         if config.rdma.enabled:
-            source = RdmaSource(config.agent.sysfs_root)
-            self.rdma = SourceCollector("rdma", interval, source.sample, rdma_families.families,
+            rdma = RdmaSource(config.agent.sysfs_root)
+            self.rdma = SourceCollector("rdma", interval, rdma.sample, rdma_families.families,
                                         config.rdma.call_timeout)
-            self.collectors.append(self.rdma)
         if config.netdev.enabled:
             wanted = watched_interfaces(self._rdma_interfaces, config.netdev.include, config.netdev.exclude)
-            self.collectors.append(NetdevCollector(interval, wanted, platform.links,
-                                                   EthtoolReader(platform.open_ethtool), config.netdev.call_timeout))
+            self.netdev = NetdevCollector(interval, wanted, platform.links, EthtoolReader(platform.open_ethtool),
+                                          config.netdev.call_timeout)
         if config.nfs.enabled:
-            source = NfsSource(config.agent.procfs_root, config.nfs.operations, config.nfs.roles())
-            self.collectors.append(SourceCollector("nfs", interval, source.sample, nfs_families.families,
-                                                   config.nfs.call_timeout))
+            nfs = NfsSource(config.agent.procfs_root, config.nfs.operations, config.nfs.roles())
+            self.nfs = SourceCollector("nfs", interval, nfs.sample, nfs_families.families, config.nfs.call_timeout)
         if config.probes.targets:
-            self.collectors.append(ProbeCollector(interval, config.probes))
+            self.probes = ProbeCollector(interval, config.probes)
+        if config.detect.enabled:
+            self.verdicts = VerdictCollector(interval, config.detect, config.checkpoint, self.view)
+        self.collectors: list[Collector] = [c for c in (self.gpu, self.rdma, self.netdev, self.nfs, self.probes,
+                                                        self.verdicts) if c is not None]
         self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels)
         self.stop_event = asyncio.Event()
         self.port: int | None = None
         self._runner = None
+        self._hint_runner = None
+        self.hint_port: int | None = None
         self._background: list[asyncio.Task] = []
+
+    def view(self, t: float) -> NodeView:
+        """The node as the collectors last saw it."""
+        return NodeView(
+            t,
+            gpu=self.gpu.snapshot if self.gpu else None,
+            rdma=self.rdma.snapshot if self.rdma else None,
+            net=self.netdev.snapshot if self.netdev else None,
+            nfs=self.nfs.snapshot if self.nfs else None,
+            probes=self.probes.states() if self.probes else [])
 
     def _rdma_interfaces(self) -> list[str]:
         snapshot = self.rdma.snapshot if self.rdma else None
@@ -80,9 +97,26 @@ class Agent:
         app = make_app(self.exposition, self.supervisor.stale)
         self._runner = await serve(app, host, port)
         self.port = bound_port(self._runner)
+        await self._serve_hints()
         await self.supervisor.start()
         log.info("stoker started", version=__version__, listen=f"{host}:{self.port}",
                  collectors=[c.name for c in self.collectors], interval=self.config.agent.interval)
+
+    async def _serve_hints(self) -> None:
+        """The checkpoint hint API, on its own (loopback) listener, when a token is configured."""
+        cfg = self.config.checkpoint
+        if self.verdicts is None or not cfg.token_file:
+            return
+        try:
+            with open(cfg.token_file) as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"checkpoint.token_file: cannot read {cfg.token_file}: {exc.strerror}") from None
+        if len(token) < 16:
+            raise ConfigError(f"checkpoint.token_file: the token in {cfg.token_file} is shorter than 16 characters")
+        host, port = parse_listen(cfg.listen, "checkpoint.listen")
+        self._hint_runner = await serve(make_hint_app(self.verdicts.checkpoints, token), host, port)
+        self.hint_port = bound_port(self._hint_runner)
 
     async def stop(self) -> None:
         for task in self._background:
@@ -91,8 +125,9 @@ class Agent:
             await asyncio.wait_for(self.supervisor.stop(), SHUTDOWN_GRACE)
         except asyncio.TimeoutError:
             log.warning("collectors did not close in time; exiting anyway")
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in (self._runner, self._hint_runner):
+            if runner is not None:
+                await runner.cleanup()
         log.info("stoker stopped")
 
     async def run(self) -> None:

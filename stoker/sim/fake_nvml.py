@@ -82,6 +82,7 @@ class FakeNVML:
         self._registered: dict[int, set[int]] = {}
         self.init_count = 0
         self.calls: dict[str, int] = {}
+        self._announced_lost: set[int] = set()
         # fault switches
         self.library_missing = False
         self.lost: set[int] = set()
@@ -101,11 +102,20 @@ class FakeNVML:
         gpu = self._by_address.get(_address(handle))
         if gpu is None:
             _raise(N.NVML_ERROR_INVALID_ARGUMENT)
-        if gpu.index in self.lost:
+        if self._is_lost(gpu.index):
             _raise(N.NVML_ERROR_GPU_IS_LOST)
         if fn in self.unsupported:
             _raise(N.NVML_ERROR_NOT_SUPPORTED)
         return gpu
+
+    def _is_lost(self, index: int) -> bool:
+        """Lost by a test's switch or by the scenario; a scenario loss announces itself with XID 79."""
+        if index in self.node.lost_gpus():
+            if index not in self._announced_lost:
+                self._announced_lost.add(index)
+                self.inject_xid(index, 79)
+            return True
+        return index in self.lost
 
     def _t(self) -> float:
         return self.node.elapsed()
@@ -153,7 +163,7 @@ class FakeNVML:
             _raise(N.NVML_ERROR_UNINITIALIZED)
         if not 0 <= index < len(self.gpus):
             _raise(N.NVML_ERROR_INVALID_ARGUMENT)
-        if index in self.lost:
+        if self._is_lost(index):
             _raise(N.NVML_ERROR_GPU_IS_LOST)
         return self.gpus[index].handle
 
@@ -275,7 +285,7 @@ class FakeNVML:
         if first is None or second is None or first[0] != second[0]:
             _raise(N.NVML_ERROR_INVALID_ARGUMENT)
         gpu = self.gpus[first[0]]
-        if gpu.index in self.lost:
+        if self._is_lost(gpu.index):
             _raise(N.NVML_ERROR_GPU_IS_LOST)
         rows = self._rows_between(gpu, first[1], second[1])
         for i in range(request.numMetrics):

@@ -26,6 +26,10 @@ class SimNode:
         step, _ = self.scenario.at(self.elapsed() if t is None else t)
         return step.gpu_phase
 
+    def lost_gpus(self) -> tuple[int, ...]:
+        step, _ = self.scenario.at(self.elapsed())
+        return step.lost_gpus
+
     def gpu_row(self, gpu: int, t: float) -> dict[str, float]:
         step, into = self.scenario.at(t)
         return trace.row_at(trace.phases()[step.gpu_phase], into, gpu * ROW_STAGGER)

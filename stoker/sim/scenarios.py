@@ -17,7 +17,8 @@ class Step:
     gpu_phase: str
     duration: float
     network: str = "normal"  # normal | congested | lossy | port-down
-    storage: str = "normal"  # normal | slow-read | slow-write | hung
+    storage: str = "normal"  # normal | slow-read | slow-write | write-stall | hung
+    lost_gpus: tuple[int, ...] = ()  # GPUs fallen off the bus (XID 79)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,9 @@ SCENARIOS = {
         Step("input_starved", 15.0, network="port-down"),
         Step("input_starved", 15.0, storage="slow-read"),
         Step("checkpoint", 15.0, storage="slow-write"),
-        Step("input_starved", 15.0, storage="hung")),
+        Step("input_starved", 15.0, storage="hung"),
+        Step("checkpoint", 15.0, storage="write-stall"),
+        Step("saturated", 15.0, lost_gpus=(5,))),
         "walks through every recorded phase, then the network faults, in turn"),
     "healthy": lambda: Scenario("healthy", (Step("saturated", 60.0),), "a training job keeping the GPUs busy"),
     "network-congested": lambda: Scenario("network-congested", _after_warmup(
@@ -76,6 +79,15 @@ SCENARIOS = {
     "checkpoint-slow": lambda: Scenario("checkpoint-slow", _after_warmup(
         Step("checkpoint", 600.0, storage="slow-write")),
         "a checkpoint whose writes crawl: the NAS takes 4 MB/s"),
+    "checkpoint-stall": lambda: Scenario("checkpoint-stall", _after_warmup(
+        Step("checkpoint", 4.0), Step("checkpoint", 600.0, storage="write-stall")),
+        "a checkpoint starts, then no byte reaches the NAS while the GPUs wait"),
+    "host-starved": lambda: Scenario("host-starved", _after_warmup(
+        Step("input_starved", 600.0)),
+        "the input pipeline cannot keep up (CPU-bound data loading): network and storage are fine"),
+    "gpu-lost": lambda: Scenario("gpu-lost", _after_warmup(
+        Step("saturated", 600.0, lost_gpus=(5,))),
+        "GPU 5 falls off the bus (XID 79); the other seven carry on in this simulation"),
     "nas-hang": lambda: Scenario("nas-hang", _after_warmup(
         Step("input_starved", 600.0, storage="hung")),
         "the NAS stops answering: no RPC completes, probes block"),

@@ -31,7 +31,7 @@ LATENCY = {
     "slow-write": {"READ": (0.05, 1.4, 1.6), "WRITE": (180.0, 120.0, 310.0), "COMMIT": (60.0, 900.0, 960.0), "*": (0.5, 2.0, 2.6)},
 }
 READ_BYTES_PER_BUSY_S = 2.4e9  # input pipeline at full GPU load, bytes/s from the data mount
-CHECKPOINT_BYTES_PER_S = {"normal": 1.25e9, "slow-write": 4e6, "slow-read": 1.25e9}
+CHECKPOINT_BYTES_PER_S = {"normal": 1.25e9, "slow-write": 4e6, "slow-read": 1.25e9, "write-stall": 0.0}
 PROBE_FILE = ".stoker-probe-{node}"
 
 
@@ -109,7 +109,7 @@ class SimStorage:
             read_rate = min(read_rate, 0.25e9)  # the NAS cannot keep up: the GPUs wait
         self._io(data, "READ", read_rate * dt, condition)
         self._meta(data, dt, condition)
-        if phase == "checkpoint":
+        if phase == "checkpoint" and condition != "write-stall":
             self._io(ckpt, "WRITE", CHECKPOINT_BYTES_PER_S.get(condition, 1.25e9) * dt, condition)
             self._ops(ckpt, "COMMIT", 2 * dt, 0, condition)
         self._meta(ckpt, dt * 0.2, condition)

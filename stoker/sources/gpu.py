@@ -414,7 +414,10 @@ class GpuSource:
         return GpuSnapshot(self._wall(), samples, self.driver_version, self.nvml_version, problems)
 
     def _down_sample(self, gpu: _Gpu) -> GpuSample:
-        return GpuSample(gpu.index, gpu.uuid, gpu.model, gpu.pci_bus_id, up=False)
+        """A lost GPU keeps its identity and its XIDs (79: fallen off the bus), nothing else."""
+        s = GpuSample(gpu.index, gpu.uuid, gpu.model, gpu.pci_bus_id, up=False)
+        s.xid_counts, s.xid_last_seen = self.xid.read(gpu.uuid)
+        return s
 
     def _call(self, gpu: _Gpu, key: str, problems: list[str], fn: Callable, *args: Any) -> Any:
         """One NVML getter, classified: None when unsupported or failed this cycle."""

@@ -1,0 +1,55 @@
+"""Verdicts as the `stoker_gpu_busy_ratio`, `stoker_starved*` and `stoker_checkpoint*` families."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from stoker.detect.checkpoint import OUTCOMES
+from stoker.detect.starvation import CAUSES
+
+if TYPE_CHECKING:
+    from stoker.agent.verdicts import VerdictCollector
+
+
+def families(v: VerdictCollector):
+    busy = GaugeMetricFamily("stoker_gpu_busy_ratio", "Useful GPU work: GPM SM activity (else NVML "
+                             "utilisation) over the last sampling window.", labels=["gpu", "uuid"])
+    for (gpu, uuid), value in sorted(v.busy.items()):
+        busy.add_metric([gpu, uuid], value)
+    baseline = GaugeMetricFamily("stoker_busy_baseline_ratio",
+                                 "The level the current job sustains (90th percentile of its healthy busy ratio).")
+    if v.verdict.baseline is not None:
+        baseline.add_metric([], v.verdict.baseline)
+    starved = GaugeMetricFamily("stoker_starved", "1 while the node's GPUs are starved for that cause.",
+                                labels=["cause"])
+    seconds = CounterMetricFamily("stoker_starved_seconds", "Time spent starved, by cause.", labels=["cause"])
+    for cause in CAUSES:
+        starved.add_metric([cause], 1 if v.verdict.cause == cause else 0)
+        seconds.add_metric([cause], v.starvation.seconds[cause])
+    return [busy, baseline, starved, seconds, *checkpoint_families(v)]
+
+
+def checkpoint_families(v: VerdictCollector):
+    L = ["mountpoint"]
+    in_progress = GaugeMetricFamily("stoker_checkpoint_in_progress", "1 while a checkpoint is being written.", labels=L)
+    stalled = GaugeMetricFamily("stoker_checkpoint_stalled", "1 while an in-progress checkpoint makes no progress.", labels=L)
+    over = GaugeMetricFamily("stoker_checkpoint_over_budget", "1 while a checkpoint runs past its budget.", labels=L)
+    started = GaugeMetricFamily("stoker_checkpoint_started_timestamp_seconds", "Start of the current or last checkpoint.", labels=L)
+    progress = GaugeMetricFamily("stoker_checkpoint_progress_timestamp_seconds", "Last time checkpoint bytes reached the server.", labels=L)
+    written = GaugeMetricFamily("stoker_checkpoint_written_bytes", "Bytes written by the current or last checkpoint.", labels=L)
+    duration = GaugeMetricFamily("stoker_checkpoint_last_duration_seconds", "Duration of the last finished checkpoint.", labels=L)
+    total = CounterMetricFamily("stoker_checkpoints", "Finished checkpoints.", labels=L + ["outcome"])
+    tracker = v.checkpoints
+    for mp, m in sorted(tracker.mounts.items()):
+        in_progress.add_metric([mp], 1 if m.active else 0)
+        stalled.add_metric([mp], 1 if m.active and m.active.stalled else 0)
+        over.add_metric([mp], 1 if tracker.over_budget(m) else 0)
+        for fam, value in ((started, m.last_started), (progress, m.last_progress), (written, m.written_bytes),
+                           (duration, m.last_duration)):
+            if value is not None:
+                fam.add_metric([mp], value)
+        for outcome in OUTCOMES:
+            total.add_metric([mp, outcome], m.outcomes[outcome])
+    return [in_progress, stalled, over, started, progress, written, duration, total]
