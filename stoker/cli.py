@@ -1,4 +1,4 @@
-"""`stoker run | --version`: flags over the TOML configuration, clear errors, exit codes.
+"""`stoker run | check | checkpoint | --version`: flags over the TOML configuration, clear errors, exit codes.
 
 Exit status 2 means the agent could not start as asked (a configuration
 error); systemd's RestartPreventExitStatus=2 keeps such a unit from looping.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import sys
 import tempfile
 
@@ -32,17 +33,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--simulate", nargs="?", const="cycle", metavar="SCENARIO",
                      help="run on the built-in simulated XE9680 node (default scenario: cycle)")
     run.add_argument("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
+
+    check = sub.add_parser("check", help="one-shot health check: exit 0 healthy, 1 unhealthy, 2 could not check")
+    check.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    check.add_argument("--seconds", type=float, default=5.0, help="how long to sample (default 5)")
+    check.add_argument("--sysfs-root", metavar="DIR")
+    check.add_argument("--procfs-root", metavar="DIR")
+    check.add_argument("--simulate", nargs="?", const="healthy", metavar="SCENARIO",
+                       help="check the simulated node, the scenario's fault already under way")
+
+    hint = sub.add_parser("checkpoint", help="tell the local agent a checkpoint starts or ends")
+    hint.add_argument("action", choices=["start", "end"])
+    where = hint.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mountpoint", help="the NFS mountpoint written to")
+    where.add_argument("--path", help="a path on it (the checkpoint directory)")
+    hint.add_argument("--expected-bytes", type=int, help="with start: the checkpoint's size")
+    hint.add_argument("--outcome", choices=["completed", "aborted"], default="completed", help="with end")
+    hint.add_argument("--url", help="the agent's hint API (default $STOKER_HINT_URL or http://127.0.0.1:9478)")
+    hint.add_argument("--token-file", help="default $STOKER_HINT_TOKEN_FILE or /etc/stoker/hint-token")
     return parser
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
-    agent = {key: value for key, value in (
-        ("listen", args.listen), ("interval", args.interval), ("sysfs_root", args.sysfs_root),
-        ("procfs_root", args.procfs_root), ("log_format", args.log_format)) if value is not None}
+    agent = {key: getattr(args, key) for key in ("listen", "interval", "sysfs_root", "procfs_root", "log_format")
+             if getattr(args, key, None) is not None}
     return {"agent": agent} if agent else {}
 
 
-def simulated(cfg: config_mod.Config, scenario: str, stack: contextlib.ExitStack):
+def simulated(cfg: config_mod.Config, scenario: str, stack: contextlib.ExitStack, skip: float = 0.0):
     """The simulated node's platform, its kernel trees written under a fresh temporary
     directory; returns the platform and the configuration pointed at them."""
     from stoker.sim.scenarios import get as get_scenario
@@ -50,8 +68,45 @@ def simulated(cfg: config_mod.Config, scenario: str, stack: contextlib.ExitStack
 
     get_scenario(scenario)  # an unknown name is a configuration error, before anything is written
     root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
-    sim = Simulation(scenario, root, cfg.sim.rdma_ports)
+    sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=skip)
     return sim.platform(), sim.configure(cfg)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from stoker import check
+    from stoker.agent import platform as platforms
+    from stoker.agent.runtime import Agent
+    from stoker.sim.scenarios import fault_start
+
+    with contextlib.ExitStack() as stack:
+        try:
+            cfg = config_mod.load(args.config, overrides_from(args))
+            if args.simulate is not None:
+                platform, cfg = simulated(cfg, args.simulate, stack, skip=fault_start(args.simulate))
+            else:
+                platform = platforms.real()
+        except (config_mod.ConfigError, ValueError) as exc:
+            print(f"stoker: configuration error: {exc}", file=sys.stderr)
+            return check.UNCHECKED
+        logs.configure("console", level=logging.ERROR)
+        report = asyncio.run(check.run_check(Agent(cfg, platform), args.seconds))
+    check.print_report(report, sys.stdout)
+    return report.exit_code()
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from stoker import hints
+    try:
+        if args.action == "start":
+            answer = hints.start(args.path, args.mountpoint, args.expected_bytes, url=args.url,
+                                 token_file=args.token_file)
+        else:
+            answer = hints.end(args.path, args.mountpoint, args.outcome, url=args.url, token_file=args.token_file)
+    except hints.HintFailed as exc:
+        print(f"stoker: {exc}", file=sys.stderr)
+        return 1 if exc.status else 2
+    print(" ".join(f"{k}={v}" for k, v in answer.items()))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -90,9 +145,8 @@ def serve(cfg: config_mod.Config, platform) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    return EXIT_CONFIG
+    commands = {"run": cmd_run, "check": cmd_check, "checkpoint": cmd_checkpoint}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

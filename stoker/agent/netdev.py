@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Callable
 
 from stoker.agent.collector import Collector
-from stoker.agent.worker import Worker
+from stoker.agent.worker import Worker, within
 from stoker.exporters import netdev as netdev_families
 from stoker.sources.files import error_reason
 from stoker.sources.netdev import EthtoolReader, NetSnapshot, snapshot
@@ -29,7 +28,7 @@ class NetdevCollector(Collector):
         names = self._wanted()
         problems: list[str] = []
         try:
-            states = await asyncio.wait_for(self._links.operstates(), self.timeout)
+            states = await within(self._links.operstates(), self.timeout)
         except Exception as exc:  # netlink trouble costs the link state, not the counters
             states = None
             problems.append(f"netlink_{error_reason(exc)}")

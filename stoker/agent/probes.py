@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from stoker import logs
 from stoker.agent.collector import Collector
+from stoker.agent.worker import within
 from stoker.config import ProbesConfig, ProbeTarget
 from stoker.detect.view import ProbeState
 
@@ -96,7 +97,7 @@ class ProbeCollector(Collector):
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
             m.proc.stdin.write(b"probe\n")
-            line = await asyncio.wait_for(m.proc.stdout.readline(), self.config.timeout)
+            line = await within(m.proc.stdout.readline(), self.config.timeout)
             if not line:
                 raise EOFError("probe child exited")
             self._record(m, json.loads(line))

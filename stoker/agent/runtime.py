@@ -18,6 +18,7 @@ from stoker.agent.probes import ProbeCollector
 from stoker.agent.sourced import SourceCollector
 from stoker.agent.supervisor import Supervisor
 from stoker.agent.verdicts import VerdictCollector
+from stoker.agent.worker import within
 from stoker.config import Config, ConfigError, parse_listen
 from stoker.detect.view import NodeView
 from stoker.exporters import nfs as nfs_families
@@ -91,13 +92,15 @@ class Agent:
                 "nvml_version": source.nvml_version if source else "",
                 "driver_version": source.driver_version if source else ""}
 
-    async def start(self) -> None:
+    async def start(self, serve_http: bool = True) -> None:
+        """Start sampling; `serve_http=False` (for `stoker check`) opens no port."""
         host, port = parse_listen(self.config.agent.listen)
         self._background = [asyncio.create_task(job()) for job in self.platform.background]
-        app = make_app(self.exposition, self.supervisor.stale)
-        self._runner = await serve(app, host, port)
-        self.port = bound_port(self._runner)
-        await self._serve_hints()
+        if serve_http:
+            app = make_app(self.exposition, self.supervisor.stale)
+            self._runner = await serve(app, host, port)
+            self.port = bound_port(self._runner)
+            await self._serve_hints()
         await self.supervisor.start()
         log.info("stoker started", version=__version__, listen=f"{host}:{self.port}",
                  collectors=[c.name for c in self.collectors], interval=self.config.agent.interval)
@@ -122,7 +125,7 @@ class Agent:
         for task in self._background:
             task.cancel()
         try:
-            await asyncio.wait_for(self.supervisor.stop(), SHUTDOWN_GRACE)
+            await within(self.supervisor.stop(), SHUTDOWN_GRACE)
         except asyncio.TimeoutError:
             log.warning("collectors did not close in time; exiting anyway")
         for runner in (self._runner, self._hint_runner):

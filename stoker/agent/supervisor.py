@@ -44,6 +44,7 @@ class Supervisor:
         self._clock = clock
         self._gate = logs.RepeatGate()
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
         self._started_at = clock()
         self._last_success: dict[str, float] = {}
 
@@ -73,9 +74,13 @@ class Supervisor:
         self._render_self()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True  # ends each loop at its next tick even if a cancellation got lost
+        pending = [t for t in self._tasks if not t.done()]
+        while pending:
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=0.5)
+            pending = [t for t in pending if not t.done()]
         await asyncio.gather(*(c.close() for c in self.collectors), return_exceptions=True)
 
     async def run_cycle(self, c: Collector) -> None:
@@ -106,7 +111,7 @@ class Supervisor:
     async def _run(self, c: Collector) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time()
-        while True:
+        while not self._stopping:
             await self.run_cycle(c)
             due += c.interval
             now = loop.time()

@@ -56,11 +56,11 @@ class Worker:
         future = loop.create_future()
         self._busy.set()
         self._jobs.put((loop, future, fn, args))
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
+        done, _ = await asyncio.wait({future}, timeout=timeout)
+        if not done:
             future.add_done_callback(_consume)
-            raise CollectorError("timeout", f"{self.name}: call exceeded {timeout:.3g}s") from None
+            raise CollectorError("timeout", f"{self.name}: call exceeded {timeout:.3g}s")
+        return future.result()
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -75,3 +75,22 @@ def _consume(future: asyncio.Future) -> None:
     """Retrieve a late outcome nobody awaits, so asyncio does not log it as lost."""
     if not future.cancelled():
         future.exception()
+
+
+async def within(awaitable, timeout: float):
+    """Await with a deadline; raises `asyncio.TimeoutError` past it.
+
+    Unlike `asyncio.wait_for` on Python 3.11, a cancellation of the caller that
+    races with the awaitable finishing is never swallowed (gh-86296): a lost
+    cancellation would keep a collector's loop alive through shutdown.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()

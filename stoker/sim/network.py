@@ -87,6 +87,7 @@ class SimNetwork:
         self.pfc_priorities = (PFC_PRIORITY,)
         self._lock = threading.Lock()
         self._advanced_at: float | None = None
+        self._written: dict[str, str] = {}
 
     def _port(self, i: int, total: int) -> SimPort:
         bus = PCI_BUSES[i * (8 // total)]
@@ -135,18 +136,24 @@ class SimNetwork:
     def _write_port(self, p: SimPort) -> None:
         port = os.path.join(self._device_dir(p), "infiniband", p.device, "ports", "1")
         if p.up:
-            _write(os.path.join(port, "state"), "4: ACTIVE")
-            _write(os.path.join(port, "phys_state"), "5: LinkUp")
-            _write(os.path.join(port, "rate"), f"{LINK_GBPS} Gb/sec (4X NDR)")
+            self._put(os.path.join(port, "state"), "4: ACTIVE")
+            self._put(os.path.join(port, "phys_state"), "5: LinkUp")
+            self._put(os.path.join(port, "rate"), f"{LINK_GBPS} Gb/sec (4X NDR)")
         else:
-            _write(os.path.join(port, "state"), "1: DOWN")
-            _write(os.path.join(port, "phys_state"), "3: Disabled")
-            _write(os.path.join(port, "rate"), "40 Gb/sec (4X QDR)")  # the stale default of a down port
+            self._put(os.path.join(port, "state"), "1: DOWN")
+            self._put(os.path.join(port, "phys_state"), "3: Disabled")
+            self._put(os.path.join(port, "rate"), "40 Gb/sec (4X QDR)")  # the stale default of a down port
         for name, value in p.port.items():
             raw = int(value) // 4 if name.endswith("_data") else int(value)
-            _write(os.path.join(port, "counters", name), str(raw))
+            self._put(os.path.join(port, "counters", name), str(raw))
         for name, value in p.hw.items():
-            _write(os.path.join(port, "hw_counters", name), str(int(value) % WRAP_32))
+            self._put(os.path.join(port, "hw_counters", name), str(int(value) % WRAP_32))
+
+    def _put(self, path: str, text: str) -> None:
+        """Write a file only when its content changes: most counters sit still."""
+        if self._written.get(path) != text:
+            _write(path, text)
+            self._written[path] = text
 
     # -- the simulation ------------------------------------------------------------
 

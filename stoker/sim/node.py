@@ -12,12 +12,13 @@ ROW_STAGGER = 7  # rows between neighbouring GPUs, so they move alike but not in
 
 
 class SimNode:
-    def __init__(self, scenario: str = scenarios.DEFAULT, gpu_count: int = GPU_COUNT,
-                 clock: Callable[[], float] = time.monotonic):
-        self.scenario = scenarios.get(scenario)
+    def __init__(self, scenario: str | scenarios.Scenario = scenarios.DEFAULT, gpu_count: int = GPU_COUNT,
+                 clock: Callable[[], float] = time.monotonic, skip: float = 0.0):
+        """`skip` seconds of the scenario are taken as already past (`stoker check` starts in the fault)."""
+        self.scenario = scenarios.get(scenario) if isinstance(scenario, str) else scenario
         self.gpu_count = gpu_count
         self.clock = clock
-        self.started = clock()
+        self.started = clock() - skip
 
     def elapsed(self) -> float:
         return self.clock() - self.started

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from stoker.sim import trace
 
+WARMUP = 10.0  # seconds of healthy training before a scenario's fault, so the job's level is known
+
 
 @dataclass(frozen=True)
 class Step:
@@ -46,7 +48,7 @@ def _recorded() -> tuple[Step, ...]:
 
 
 def _after_warmup(*steps: Step) -> tuple[Step, ...]:
-    return (Step("saturated", 10.0),) + steps
+    return (Step("saturated", WARMUP),) + steps
 
 
 SCENARIOS = {
@@ -94,6 +96,12 @@ SCENARIOS = {
 }
 
 DEFAULT = "cycle"
+
+
+def fault_start(name: str) -> float:
+    """Seconds before a scenario's fault begins: its warm-up, when it has one."""
+    steps = get(name).steps
+    return WARMUP if len(steps) > 1 and steps[0] == Step("saturated", WARMUP) and name != "cycle" else 0.0
 
 
 def get(name: str) -> Scenario:

@@ -23,11 +23,11 @@ SIM_TOKEN = "simulated-node-hint-token"  # the hint API's token on the simulated
 class Simulation:
     """Lays out the simulated kernel under `root` (sys/, proc/, nas/) and keeps it moving."""
 
-    def __init__(self, scenario: str, root: str, rdma_ports: int = 8, clock=time.monotonic):
+    def __init__(self, scenario, root: str, rdma_ports: int = 8, clock=time.monotonic, skip: float = 0.0):
         self.root = root
         self.sysfs_root = os.path.join(root, "sys")
         self.procfs_root = os.path.join(root, "proc")
-        self.node = SimNode(scenario, clock=clock)
+        self.node = SimNode(scenario, clock=clock, skip=skip)
         self.nvml = FakeNVML(self.node)
         self.network = SimNetwork(self.node, self.sysfs_root, rdma_ports)
         self.storage = SimStorage(self.node, self.procfs_root, os.path.join(root, "nas"), socket.gethostname())

@@ -1,0 +1,156 @@
+"""`stoker check`: a one-shot health check for a Slurm HealthCheckProgram or a node prolog.
+
+It runs the agent's collectors (no HTTP) for a few seconds, prints what it saw
+per GPU, port and mount with the verdict and its evidence, and exits 0 when
+healthy, 1 when something is wrong, 2 when it could not check (no NVML on a
+node configured for GPUs, a collector that never completed a cycle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from stoker.agent.runtime import Agent
+
+HEALTHY, UNHEALTHY, UNCHECKED = 0, 1, 2
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+
+    def exit_code(self) -> int:
+        if self.unchecked:
+            return UNCHECKED
+        return UNHEALTHY if self.problems else HEALTHY
+
+
+async def run_check(agent: Agent, seconds: float) -> Report:
+    await agent.start(serve_http=False)
+    try:
+        await asyncio.sleep(seconds)
+        return report(agent)
+    finally:
+        await agent.stop()
+
+
+def report(agent: Agent) -> Report:
+    r = Report()
+    never = [c.name for c in agent.collectors if c.name in agent.supervisor.stale()]
+    r.unchecked += [f"collector {name} completed no cycle" for name in never]
+    _gpus(agent, r)
+    _ports(agent, r)
+    _mounts(agent, r)
+    _verdict(agent, r)
+    return r
+
+
+def _gpus(agent: Agent, r: Report) -> None:
+    if agent.gpu is None:
+        return
+    snap = agent.gpu.snapshot
+    r.lines.append("GPUs")
+    if snap is None:
+        r.unchecked.append("NVML did not answer (no driver?)")
+        r.lines.append("  NVML did not answer")
+        return
+    busy = agent.verdicts.busy if agent.verdicts else {}
+    for g in snap.gpus:
+        state = "up" if g.up else "LOST"
+        b = busy.get((str(g.index), g.uuid))
+        temp = g.temperature.get("gpu")
+        line = (f"  gpu {g.index}  {g.uuid[:12]}  {state:<4}  busy {_pct(b)}  "
+                f"{_num(temp, '°C')}  {_num(g.power_watts, ' W')}")
+        if g.xid_counts:
+            line += "  XID " + ",".join(f"{x}x{n}" for x, n in sorted(g.xid_counts.items()))
+            r.problems.append(f"gpu {g.index}: XID {sorted(g.xid_counts)}")
+        if not g.up:
+            r.problems.append(f"gpu {g.index} lost")
+        if g.remapped_rows.get("failure") or g.remapped_rows.get("pending"):
+            r.problems.append(f"gpu {g.index}: row remapping pending or failed")
+            line += "  ROW REMAP"
+        r.lines.append(line)
+
+
+def _ports(agent: Agent, r: Report) -> None:
+    snap = agent.rdma.snapshot if agent.rdma else None
+    if snap is None or not snap.ports:
+        return
+    r.lines.append("RDMA ports")
+    net = {i.name: i for i in (agent.netdev.snapshot.interfaces if agent.netdev and agent.netdev.snapshot else [])}
+    for p in snap.ports:
+        iface = net.get(p.interface)
+        link = "" if iface is None or iface.up is None else ("  link up" if iface.up else "  LINK DOWN")
+        speed = f"{p.speed_bytes_per_second * 8 / 1e9:.0f} Gb/s" if p.speed_bytes_per_second else "-"
+        r.lines.append(f"  {p.device}/{p.port}  {p.interface or '-':<14}  {p.state or '?':<8}  {speed}{link}")
+        if p.up is False:
+            r.problems.append(f"{p.device}/{p.port} is {p.state}")
+        if iface is not None and iface.up is False:
+            r.problems.append(f"{p.interface} link down")
+
+
+def _mounts(agent: Agent, r: Report) -> None:
+    snap = agent.nfs.snapshot if agent.nfs else None
+    probes = {p.mountpoint: p for p in (agent.probes.states() if agent.probes else [])}
+    if (snap is None or not snap.mounts) and not probes:
+        return
+    r.lines.append("NFS mounts")
+    for m in snap.mounts if snap else []:
+        line = f"  {m.mountpoint:<20} {m.role:<10} NFSv{m.version} {m.protocol} nconnect={m.nconnect}"
+        p = probes.pop(m.mountpoint, None)
+        r.lines.append(line + (_probe(p, agent, r) if p else ""))
+    for p in probes.values():
+        r.lines.append(f"  {p.mountpoint:<20} (not in mountstats)" + _probe(p, agent, r))
+
+
+def _probe(p, agent: Agent, r: Report) -> str:
+    hung = agent.config.detect.probe_hung_seconds
+    if p.inflight_seconds > hung:
+        r.problems.append(f"{p.mountpoint}: probe unanswered for {p.inflight_seconds:.0f} s")
+        return f"  probe HUNG {p.inflight_seconds:.0f} s"
+    failed = next((m.failures for m in agent.probes.mounts if m.target.mountpoint == p.mountpoint), {})
+    if any(failed.values()):
+        r.problems.append(f"{p.mountpoint}: probe failures {failed}")
+    if not p.latest:
+        return "  probe pending"
+    return "  probe " + " ".join(f"{k} {v * 1000:.1f} ms" for k, v in p.latest.items())
+
+
+def _verdict(agent: Agent, r: Report) -> None:
+    if agent.verdicts is None:
+        return
+    v = agent.verdicts.verdict
+    r.lines.append("Verdict")
+    if v.cause:
+        r.lines.append(f"  STARVED by {v.cause}: busy {_pct(v.busy)} (job level {_pct(v.baseline)})")
+        r.lines += [f"    - {e}" for e in v.evidence]
+        r.problems.append(f"GPUs starved by {v.cause}")
+    else:
+        r.lines.append(f"  not starved (busy {_pct(v.busy)})")
+    for m in agent.verdicts.checkpoints.mounts.values():
+        if m.active is not None:
+            state = "STALLED" if m.active.stalled else "in progress"
+            r.lines.append(f"  checkpoint on {m.mountpoint}: {state}, {m.written_bytes or 0:.3g} bytes written")
+            if m.active.stalled:
+                r.problems.append(f"checkpoint on {m.mountpoint} stalled")
+
+
+def print_report(r: Report, out: TextIO) -> None:
+    for line in r.lines:
+        print(line, file=out)
+    status = {HEALTHY: "HEALTHY", UNHEALTHY: "UNHEALTHY", UNCHECKED: "COULD NOT CHECK"}[r.exit_code()]
+    print(f"\n{status}", file=out)
+    for problem in r.unchecked + r.problems:
+        print(f"  - {problem}", file=out)
+
+
+def _pct(value: float | None) -> str:
+    return "  -" if value is None else f"{100 * value:3.0f}%"
+
+
+def _num(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:.0f}{unit}"
