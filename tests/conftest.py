@@ -64,6 +64,11 @@ def start_agent_process(*args: str, env: dict | None = None) -> subprocess.Popen
     """The agent as its own process; its log goes to a file (`proc.log()` reads it),
     never to an unread pipe that would fill up and block it."""
     log = tempfile.NamedTemporaryFile(prefix="stoker-agent-", suffix=".log", delete=False)
+    if "--config" not in args:  # several agents on one machine: the hint API on any free port
+        config = tempfile.NamedTemporaryFile("w", prefix="stoker-", suffix=".toml", delete=False)
+        config.write('[checkpoint]\nlisten = "127.0.0.1:0"\n')
+        config.close()
+        args = ("--config", config.name, *args)
     proc = subprocess.Popen([sys.executable, "-m", "stoker", "run", *args],
                             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
     log.close()

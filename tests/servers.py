@@ -35,6 +35,10 @@ class Prometheus:
             time.sleep(0.5)
         raise AssertionError(f"{expr} never satisfied the condition; last result {result}")
 
+    def rules(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.url}/api/v1/rules", timeout=10) as resp:
+            return json.load(resp)["data"]["groups"]
+
     def targets(self) -> list[dict]:
         with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as resp:
             return json.load(resp)["data"]["activeTargets"]
@@ -42,7 +46,8 @@ class Prometheus:
 
 @contextmanager
 def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list[str] | None = None,
-               extra_config: str = ""):
+               extra_config: str = "", static_configs: str | None = None):
+    """A Prometheus on loopback scraping `targets` (or the `static_configs` YAML given)."""
     binary = need_binary("prometheus")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,7 +57,7 @@ def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list
             f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
             + (f"rule_files:\n{rules}" if rules else "")
             + "scrape_configs:\n  - job_name: stoker\n    static_configs:\n"
-            + f"      - targets: {json.dumps(targets)}\n" + extra_config)
+            + (static_configs or f"      - targets: {json.dumps(targets)}\n") + extra_config)
         proc = subprocess.Popen(
             [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/data",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
