@@ -46,7 +46,7 @@ class Prometheus:
 
 @contextmanager
 def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list[str] | None = None,
-               extra_config: str = "", static_configs: str | None = None):
+               extra_config: str = "", static_configs: str | None = None, prelude: str = ""):
     """A Prometheus on loopback scraping `targets` (or the `static_configs` YAML given)."""
     binary = need_binary("prometheus")
     port = free_port()
@@ -55,7 +55,7 @@ def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list
         rules = "".join(f"  - {r}\n" for r in rule_files or [])
         cfg.write_text(
             f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
-            + (f"rule_files:\n{rules}" if rules else "")
+            + prelude + (f"rule_files:\n{rules}" if rules else "")
             + "scrape_configs:\n  - job_name: stoker\n    static_configs:\n"
             + (static_configs or f"      - targets: {json.dumps(targets)}\n") + extra_config)
         proc = subprocess.Popen(
@@ -65,6 +65,59 @@ def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list
         try:
             wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30)
             yield Prometheus(f"http://127.0.0.1:{port}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class Webhook:
+    """An HTTP receiver for Alertmanager's webhook: keeps every alert it is sent."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.alerts: list[dict] = []
+        received = self.alerts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                received.extend(body["alerts"])
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@contextmanager
+def alertmanager(webhook_url: str):
+    binary = need_binary("prometheus-alertmanager")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "alertmanager.yml"
+        cfg.write_text(
+            "route:\n  receiver: hook\n  group_by: [alertname, node]\n  group_wait: 1s\n  group_interval: 1s\n"
+            "  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n"
+            f"      - url: {webhook_url}\n        send_resolved: false\n")
+        proc = subprocess.Popen(
+            [binary, f"--config.file={cfg}", f"--storage.path={tmp}/data", f"--web.listen-address=127.0.0.1:{port}",
+             "--cluster.listen-address=", "--log.level=warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30)
+            yield f"127.0.0.1:{port}"
         finally:
             proc.terminate()
             try:
