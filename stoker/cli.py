@@ -69,7 +69,7 @@ def simulated(cfg: config_mod.Config, scenario: str, stack: contextlib.ExitStack
     get_scenario(scenario)  # an unknown name is a configuration error, before anything is written
     root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
     sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=skip)
-    return sim.platform(), sim.configure(cfg)
+    return sim, sim.configure(cfg)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -82,7 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             cfg = config_mod.load(args.config, overrides_from(args))
             if args.simulate is not None:
-                platform, cfg = simulated(cfg, args.simulate, stack, skip=fault_start(args.simulate))
+                sim, cfg = simulated(cfg, args.simulate, stack, skip=fault_start(args.simulate))
+                platform = sim.platform()
             else:
                 platform = platforms.real()
         except (config_mod.ConfigError, ValueError) as exc:
@@ -112,28 +113,35 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from stoker.agent import platform as platforms
     with contextlib.ExitStack() as stack:
+        sim = None
         try:
             cfg = config_mod.load(args.config, overrides_from(args))
             if args.simulate is not None:
-                platform, cfg = simulated(cfg, args.simulate, stack)
+                sim, cfg = simulated(cfg, args.simulate, stack)
+                platform = sim.platform()
             else:
                 platform = platforms.real()
         except (config_mod.ConfigError, ValueError) as exc:
             print(f"stoker: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        return serve(cfg, platform)
+
+        def reload() -> config_mod.Config:
+            """SIGHUP: the file again, under the same flags; raises ConfigError when it is bad."""
+            fresh = config_mod.load(args.config, overrides_from(args))
+            return sim.configure(fresh) if sim is not None else fresh
+
+        return serve(cfg, platform, reload)
 
 
-def serve(cfg: config_mod.Config, platform) -> int:
+def serve(cfg: config_mod.Config, platform, reload) -> int:
     logs.configure(cfg.agent.log_format)
     from stoker.agent.runtime import Agent
 
-    async def main() -> None:
-        agent = Agent(cfg, platform)
-        await agent.run()
+    async def run_agent() -> None:
+        await Agent(cfg, platform).run(reload)
 
     try:
-        asyncio.run(main())
+        asyncio.run(run_agent())
     except config_mod.ConfigError as exc:
         print(f"stoker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -35,6 +35,8 @@ class AgentConfig:
     log_format: str = "auto"
     sysfs_root: str = "/sys"
     procfs_root: str = "/proc"
+    web_config_file: str = ""
+    """TLS and basic auth for /metrics, in Prometheus' exporter-toolkit format; empty: plain HTTP."""
 
     def validate(self) -> None:
         parse_listen(self.listen, "agent.listen")

@@ -46,7 +46,8 @@ class Prometheus:
 
 @contextmanager
 def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list[str] | None = None,
-               extra_config: str = "", static_configs: str | None = None, prelude: str = ""):
+               extra_config: str = "", static_configs: str | None = None, prelude: str = "",
+               job_body: bool = False):
     """A Prometheus on loopback scraping `targets` (or the `static_configs` YAML given)."""
     binary = need_binary("prometheus")
     port = free_port()
@@ -56,7 +57,7 @@ def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list
         cfg.write_text(
             f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
             + prelude + (f"rule_files:\n{rules}" if rules else "")
-            + "scrape_configs:\n  - job_name: stoker\n    static_configs:\n"
+            + "scrape_configs:\n  - job_name: stoker\n" + ("" if job_body else "    static_configs:\n")
             + (static_configs or f"      - targets: {json.dumps(targets)}\n") + extra_config)
         proc = subprocess.Popen(
             [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/data",

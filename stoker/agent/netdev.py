@@ -19,13 +19,13 @@ class NetdevCollector(Collector):
         self.interval = interval
         self.timeout = timeout
         self.snapshot: NetSnapshot | None = None
-        self._wanted = wanted
+        self.wanted = wanted
         self._links = links
         self._reader = reader
         self._worker = Worker(self.name)
 
     async def cycle(self) -> list[str]:
-        names = self._wanted()
+        names = self.wanted()
         problems: list[str] = []
         try:
             states = await within(self._links.operstates(), self.timeout)

@@ -77,6 +77,18 @@ class ProbeCollector(Collector):
         self._clock = clock
         self.mounts = [Mount(t) for t in config.targets]
 
+    def configure(self, config: ProbesConfig) -> None:
+        """New targets, interval, deadline or size; mounts probed before keep their histograms."""
+        known = {m.target.mountpoint: m for m in self.mounts}
+        self.config = config
+        self.mounts = []
+        for target in config.targets:
+            m = known.get(target.mountpoint) or Mount(target)
+            if m.target != target and m.proc is not None:
+                self._kill(m)  # its child probes the old directory
+            m.target = target
+            self.mounts.append(m)
+
     async def cycle(self) -> list[str]:
         """Start the probes that are due; never waits for one."""
         now = self._clock()

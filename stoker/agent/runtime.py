@@ -7,9 +7,12 @@ bounded wait, so the process exits within seconds even if a driver call hangs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
+from typing import Callable
 
 from stoker import __version__, logs
+from stoker.agent import systemd
 from stoker.agent.collector import Collector
 from stoker.agent.gpu import gpu_collector
 from stoker.agent.netdev import NetdevCollector, watched_interfaces
@@ -22,6 +25,7 @@ from stoker.agent.worker import within
 from stoker.config import Config, ConfigError, parse_listen
 from stoker.detect.view import NodeView
 from stoker.exporters import nfs as nfs_families
+from stoker.exporters import webconfig
 from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
 from stoker.exporters.hints import make_hint_app
@@ -58,6 +62,7 @@ class Agent:
         if config.nfs.enabled:
             nfs = NfsSource(config.agent.procfs_root, config.nfs.operations, config.nfs.roles())
             self.nfs = SourceCollector("nfs", interval, nfs.sample, nfs_families.families, config.nfs.call_timeout)
+            self.nfs.source = nfs
         if config.probes.targets:
             self.probes = ProbeCollector(interval, config.probes)
         if config.detect.enabled:
@@ -97,8 +102,9 @@ class Agent:
         host, port = parse_listen(self.config.agent.listen)
         self._background = [asyncio.create_task(job()) for job in self.platform.background]
         if serve_http:
-            app = make_app(self.exposition, self.supervisor.stale)
-            self._runner = await serve(app, host, port)
+            web = webconfig.load(self.config.agent.web_config_file) if self.config.agent.web_config_file else None
+            app = make_app(self.exposition, self.supervisor.stale, [webconfig.middleware(web)] if web else [])
+            self._runner = await serve(app, host, port, web.ssl_context if web else None)
             self.port = bound_port(self._runner)
             await self._serve_hints()
         await self.supervisor.start()
@@ -133,12 +139,71 @@ class Agent:
                 await runner.cleanup()
         log.info("stoker stopped")
 
-    async def run(self) -> None:
+    async def run(self, reload: Callable[[], Config] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT; SIGHUP calls `reload` for a new configuration."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup, reload)
         await self.start()
+        systemd.notify("READY=1\nSTATUS=sampling")
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._background.append(asyncio.create_task(systemd.watchdog(interval)))
         try:
             await self.stop_event.wait()
         finally:
+            systemd.notify("STOPPING=1")
             await self.stop()
+
+    def _on_hangup(self, reload: Callable[[], Config]) -> None:
+        systemd.notify("RELOADING=1")
+        try:
+            new = reload()
+        except ConfigError as exc:
+            log.error("configuration reload refused; keeping the running one", error=str(exc))
+        else:
+            self.apply(new)
+        systemd.notify("READY=1")
+
+    def apply(self, new: Config) -> None:
+        """Take a new configuration without restarting: intervals, deadlines, thresholds, probe
+        targets, NFS roles and operations, watched interfaces. Every collector and its counters
+        live on; what needs a new process (listen addresses, enabling a collector, paths) is
+        logged and left as it was."""
+        old = self.config
+        fixed = [("agent", "listen"), ("agent", "web_config_file"), ("agent", "sysfs_root"), ("agent", "procfs_root"), ("checkpoint", "listen"),
+                 ("checkpoint", "token_file"), *((section, "enabled") for section in
+                                                  ("gpu", "rdma", "netdev", "nfs", "detect"))]
+        if self.probes is None:
+            fixed.append(("probes", "targets"))  # no probe collector to give them to
+        needs_restart = [(sec, key) for sec, key in fixed
+                         if getattr(getattr(old, sec), key) != getattr(getattr(new, sec), key)]
+        for sec, key in needs_restart:  # what keeps running is what the configuration says
+            section = dataclasses.replace(getattr(new, sec), **{key: getattr(getattr(old, sec), key)})
+            new = dataclasses.replace(new, **{sec: section})
+        for c in self.collectors:
+            c.interval = new.agent.interval
+        if self.gpu:
+            self.gpu.timeout = new.gpu.call_timeout
+            self.gpu.source.slow_interval = new.gpu.slow_interval
+        if self.rdma:
+            self.rdma.timeout = new.rdma.call_timeout
+        if self.netdev:
+            self.netdev.timeout = new.netdev.call_timeout
+            self.netdev.wanted = watched_interfaces(self._rdma_interfaces, new.netdev.include, new.netdev.exclude)
+        if self.nfs:
+            self.nfs.timeout = new.nfs.call_timeout
+            self.nfs.source.operations = frozenset(new.nfs.operations)
+            self.nfs.source.roles = new.nfs.roles()
+        if self.probes:
+            self.probes.configure(new.probes)
+        if self.verdicts:
+            self.verdicts.configure(new.detect, new.checkpoint)
+        self.config = new
+        if needs_restart:
+            log.warning("configuration reloaded; some changes need a restart and were not applied",
+                        keys=[f"{sec}.{key}" for sec, key in needs_restart])
+        else:
+            log.info("configuration reloaded", interval=new.agent.interval)

@@ -36,6 +36,11 @@ class VerdictCollector(Collector):
         self.busy: dict[tuple[str, str], float] = {}
         self.verdict = Verdict(None, None, None)
 
+    def configure(self, detect: DetectConfig, checkpoint: CheckpointConfig) -> None:
+        """New thresholds; the baseline, the verdict and the checkpoints in progress carry on."""
+        self.config = self.evidence.config = self.starvation.config = detect
+        self.checkpoints.config = checkpoint
+
     async def cycle(self) -> list[str]:
         self.update(self._view(self._clock()))
         return []

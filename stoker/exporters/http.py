@@ -18,7 +18,7 @@ LANDING = b"""<html><head><title>Stoker</title></head><body>
 </body></html>"""
 
 
-def make_app(exposition: Exposition, stale: Callable[[], list[str]]) -> web.Application:
+def make_app(exposition: Exposition, stale: Callable[[], list[str]], middlewares=()) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         if "gzip" in request.headers.get("Accept-Encoding", ""):
             resp = web.Response(body=exposition.gzipped(), headers={"Content-Encoding": "gzip"})
@@ -36,18 +36,19 @@ def make_app(exposition: Exposition, stale: Callable[[], list[str]]) -> web.Appl
     async def landing(request: web.Request) -> web.Response:
         return web.Response(body=LANDING, content_type="text/html")
 
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024, middlewares=list(middlewares))
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", landing)
     return app
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def serve(app: web.Application, host: str, port: int, ssl_context=None) -> web.AppRunner:
+    """Request line and header fields are capped at 8 KiB, bodies at the app's client_max_size."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            max_line_size=8190, max_field_size=8190)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     return runner
 
