@@ -35,3 +35,27 @@ def test_mountstats_harness_against_node_exporter():
     result = mountstats.run(cycles=3)
     assert result["node_exporter_collector_duration"]["n"] == 3
     assert result["ratio_stoker_over_node_exporter_p50"] > 0
+
+
+@pytest.mark.slow
+def test_cost_detection_fleet_and_report_harnesses(tmp_path):
+    import json
+
+    from bench import cost, detection, fleet, report
+    results = tmp_path / "results"
+    results.mkdir()
+    c = cost.run(seconds=2, sizes=[1, 2], cycles=2)
+    assert c["scaling"][1]["size"] == 2 and c["agent"][0]["rss_bytes"] > 0
+    d = detection.run(["storage-starved"], ["storage-starved"], for_scale=0.02, scrape="1s", timeout=60)
+    assert d["scenarios"][0]["verdict_after_fault_s"] >= 0 and "alert_after_fault_s" in d["scenarios"][0]
+    f = fleet.run([1, 2], per_process=2, seconds=8, scrape_interval="2s")
+    assert f["sizes"][1]["nodes_up"] == 2 and f["sizes"][1]["series_per_node"] > 100
+    peer = {"client": "python", "tree": "t", "scrapes": [{"concurrency": 1, "p99_ratio_stoker_over_node_exporter": 0.5,
+            **{k: {"p50_ms": 1, "p99_ms": 2, "cpu_s_per_1000_scrapes": 0.1, "rss_bytes": 1e7}
+               for k in ("node_exporter", "stoker")}}]}
+    for name, data in (("cost", c), ("detection", d), ("fleet", f), ("peer", peer)):
+        (results / f"{name}.json").write_text(json.dumps(data))
+    text = report.run(results, tmp_path)
+    assert "## Fleet scale" in text and "## Detection latency" in text
+    assert {p.name for p in tmp_path.glob("*.png")} == {"bench-peer.png", "bench-scaling.png",
+                                                        "bench-detection.png", "bench-fleet.png"}

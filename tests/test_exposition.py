@@ -118,3 +118,22 @@ async def test_whole_simulated_node_matches_the_contract(tmp_path):
     assert len(families["stoker_net_up"].samples) == 8
     series = sum(len(f.samples) for f in families.values())
     assert series < 2500, f"{series} series on a full XE9680 (contract: under 2,500)"
+
+
+async def test_fast_renderer_matches_prometheus_client_byte_for_byte(tmp_path):
+    from prometheus_client.core import GaugeMetricFamily
+
+    from stoker.exporters.exposition import reference_render, render
+    from tests.simdrive import SimDrive
+
+    drive = SimDrive("checkpoint", str(tmp_path))
+    drive.run(15)
+    from stoker.exporters import gpu, nfs, rdma, verdicts
+    for families in (gpu.families(drive.view.gpu), rdma.families(drive.view.rdma), nfs.families(drive.view.nfs),
+                     verdicts.families(drive.verdicts)):
+        families = list(families)
+        assert render(families) == reference_render(families)
+    odd = GaugeMetricFamily("stoker_odd", 'help with \\ and \n newline', labels=["path"])
+    odd.add_metric(['/mnt/a "quoted"\\dir\nx'], float("inf"))
+    odd.add_metric(["plain"], float("nan"))
+    assert render([odd]) == reference_render([odd])

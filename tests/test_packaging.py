@@ -49,3 +49,23 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboards():
     assert ds["datasources"][0]["type"] == "prometheus"
     dash = yaml.safe_load((PACKAGING / "grafana" / "provisioning" / "dashboards" / "stoker.yml").read_text())
     assert dash["providers"][0]["type"] == "file" and dash["providers"][0]["options"]["path"]
+
+
+def test_remote_write_and_federation_examples_are_valid(tmp_path):
+    for name in ("remote-write.yml", "federation.yml"):
+        config = yaml.safe_load((PACKAGING / "prometheus" / name).read_text())
+        if "rule_files" in config:
+            config["rule_files"] = [str(RULES)]
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run([need_binary("promtool"), "check", "config", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, name + result.stdout + result.stderr
+
+
+def test_federation_matches_every_recording_rule():
+    import re
+    match = yaml.safe_load((PACKAGING / "prometheus" / "federation.yml").read_text())[
+        "scrape_configs"][0]["params"]["match[]"][0]
+    pattern = re.search(r'__name__=~"([^"]+)"', match).group(1)
+    for record in re.findall(r"record: (\S+)", RULES.read_text()):
+        assert re.fullmatch(pattern, record), f"{record} is not federated"

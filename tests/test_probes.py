@@ -98,6 +98,8 @@ timeout = 3.0
 [[probes.targets]]
 mountpoint = "/mnt/hung"
 path = "{tmp_path}"
+[checkpoint]
+listen = "127.0.0.1:0"
 """)
     agent = start_agent_process("--simulate", "healthy", "--config", str(config), "--listen", f"127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}/metrics"

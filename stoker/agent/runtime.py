@@ -69,7 +69,8 @@ class Agent:
             self.verdicts = VerdictCollector(interval, config.detect, config.checkpoint, self.view)
         self.collectors: list[Collector] = [c for c in (self.gpu, self.rdma, self.netdev, self.nfs, self.probes,
                                                         self.verdicts) if c is not None]
-        self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels)
+        chained = {"gpu": self.verdicts} if self.gpu and self.verdicts else {}
+        self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels, chained=chained)
         self.stop_event = asyncio.Event()
         self.port: int | None = None
         self._runner = None

@@ -27,6 +27,7 @@ log = logs.get("supervisor")
 disable_created_metrics()
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 STALE_AFTER_INTERVALS = 3
 
 
@@ -37,14 +38,19 @@ class Supervisor:
         exposition: Exposition,
         build_labels: Callable[[], dict[str, str]],
         clock: Callable[[], float] = time.time,
+        chained: dict[str, Collector] | None = None,
     ):
+        """`chained`: a collector that runs right after another's cycle instead of on its own
+        schedule (the verdicts follow the GPU samples, so a fault is judged as soon as it is seen)."""
         self.collectors = collectors
+        self.chained = chained or {}
         self.exposition = exposition
         self._build_labels = build_labels
         self._clock = clock
         self._gate = logs.RepeatGate()
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._self_rendered = 0.0
         self._started_at = clock()
         self._last_success: dict[str, float] = {}
 
@@ -55,6 +61,9 @@ class Supervisor:
                                    ["collector"], buckets=DURATION_BUCKETS, registry=self.registry)
         self._errors = Counter("stoker_collector_errors", "Collector failures, by class.",
                                ["collector", "reason"], registry=self.registry)
+        self._lag = Histogram("stoker_collector_lag_seconds", "How late a cycle started against its schedule "
+                              "(a busy or blocked event loop shows here first).", ["collector"],
+                              buckets=LAG_BUCKETS, registry=self.registry)
         self._success_ts = Gauge("stoker_collector_last_success_timestamp_seconds",
                                  "When that collector last completed a cycle.", ["collector"],
                                  registry=self.registry)
@@ -63,6 +72,7 @@ class Supervisor:
         for c in collectors:
             self._up.labels(c.name).set(0)
             self._duration.labels(c.name)
+            self._lag.labels(c.name)
 
     async def start(self) -> None:
         for c in self.collectors:
@@ -70,7 +80,8 @@ class Supervisor:
                 await c.start()
             except Exception as exc:  # a collector that cannot start still gets cycles (and retries)
                 self._record_failure(c, _reason(exc), exc)
-            self._tasks.append(asyncio.create_task(self._run(c), name=f"collector-{c.name}"))
+            if c not in self.chained.values():
+                self._tasks.append(asyncio.create_task(self._run(c), name=f"collector-{c.name}"))
         self._render_self()
 
     async def stop(self) -> None:
@@ -106,13 +117,20 @@ class Supervisor:
             self.exposition.set_chunk(c.name, render(c.families()))
         except Exception as exc:  # a bug in one family must not take the endpoint down
             self._record_failure(c, "render", exc)
-        self._render_self()
+        now = time.monotonic()
+        if now - self._self_rendered >= c.interval / 2:  # once per tick, not once per collector
+            self._self_rendered = now
+            self._render_self()
 
     async def _run(self, c: Collector) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time()
         while not self._stopping:
+            self._lag.labels(c.name).observe(max(0.0, loop.time() - due))
             await self.run_cycle(c)
+            follower = self.chained.get(c.name)
+            if follower is not None:
+                await self.run_cycle(follower)
             due += c.interval
             now = loop.time()
             if due <= now:  # overran: skip the missed ticks, stay on the original grid

@@ -55,7 +55,8 @@ def _opts(vers: str, proto: str, nconnect: int) -> str:
 
 
 class SimStorage:
-    def __init__(self, node: SimNode, procfs_root: str, probe_root: str, hostname: str):
+    def __init__(self, node: SimNode, procfs_root: str, probe_root: str, hostname: str, extra_mounts: int = 0):
+        """`extra_mounts` more data mounts that only answer metadata calls (for scaling benchmarks)."""
         self.node = node
         self.procfs_root = procfs_root
         self.hostname = hostname
@@ -64,7 +65,8 @@ class SimStorage:
                      _opts("4.1", "tcp", 8), "tcp", 8),
             SimMount("powerscale-nfs.example:/ifs/checkpoints", "/mnt/checkpoints", "checkpoint",
                      _opts("4.1", "rdma", 4), "rdma", 4),
-        ]
+        ] + [SimMount(f"powerscale-nfs.example:/ifs/scratch{i}", f"/mnt/scratch{i}", "other",
+                      _opts("4.1", "tcp", 2), "tcp", 2) for i in range(extra_mounts)]
         for m in self.mounts:
             m.probe_dir = os.path.join(probe_root, m.mountpoint.strip("/").replace("/", "_"))
             m.ops = {op: [0.0] * OP_FIELDS for op in OPS}
@@ -103,7 +105,7 @@ class SimStorage:
     def _move(self, t: float, dt: float, condition: str) -> None:
         phase = self.node.gpu_phase(t)
         busy = sum(self.node.gpu_row(g, t)["gpm_sm_util"] for g in range(self.node.gpu_count)) / self.node.gpu_count / 100
-        data, ckpt = self.mounts
+        data, ckpt = self.mounts[:2]
         read_rate = READ_BYTES_PER_BUSY_S * max(busy, 0.05 if phase != "idle_after" else 0.0)
         if condition == "slow-read":
             read_rate = min(read_rate, 0.25e9)  # the NAS cannot keep up: the GPUs wait
@@ -113,6 +115,8 @@ class SimStorage:
             self._io(ckpt, "WRITE", CHECKPOINT_BYTES_PER_S.get(condition, 1.25e9) * dt, condition)
             self._ops(ckpt, "COMMIT", 2 * dt, 0, condition)
         self._meta(ckpt, dt * 0.2, condition)
+        for extra in self.mounts[2:]:
+            self._meta(extra, dt * 0.1, condition)
 
     def _io(self, m: SimMount, op: str, nbytes: float, condition: str) -> None:
         count = nbytes / MIB
