@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -78,9 +79,13 @@ def wrk(url: str, concurrency: int, seconds: float, headers: dict | None = None)
 
 
 def start_agent(port: int, scenario: str = "healthy", extra: list[str] | None = None) -> subprocess.Popen:
+    """A simulated agent in its own process; its hint API on any free port, so several can run."""
+    config = tempfile.NamedTemporaryFile("w", prefix="stoker-bench-", suffix=".toml", delete=False)
+    config.write('[checkpoint]\nlisten = "127.0.0.1:0"\n')
+    config.close()
     return subprocess.Popen(
-        [sys.executable, "-m", "stoker", "run", "--simulate", scenario, "--listen", f"127.0.0.1:{port}",
-         "--log-format", "json", *(extra or [])],
+        [sys.executable, "-m", "stoker", "run", "--simulate", scenario, "--config", config.name,
+         "--listen", f"127.0.0.1:{port}", "--log-format", "json", *(extra or [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
 
 

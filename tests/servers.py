@@ -14,6 +14,14 @@ from pathlib import Path
 from tests.conftest import free_port, need_binary, wait_http
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 class Prometheus:
     def __init__(self, url: str):
         self.url = url
@@ -67,11 +75,7 @@ def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list
             wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30)
             yield Prometheus(f"http://127.0.0.1:{port}")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 class Webhook:
@@ -120,8 +124,4 @@ def alertmanager(webhook_url: str):
             wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30)
             yield f"127.0.0.1:{port}"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)

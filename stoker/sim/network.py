@@ -14,7 +14,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from stoker.sim.node import SimNode
+from stoker.sim.node import SimNode, Ticker
 
 LINK_GBPS = 400
 LINK_BYTES_PER_S = LINK_GBPS * 1e9 / 8
@@ -86,7 +86,7 @@ class SimNetwork:
         self.ports = [self._port(i, ports) for i in range(ports)]
         self.pfc_priorities = (PFC_PRIORITY,)
         self._lock = threading.Lock()
-        self._advanced_at: float | None = None
+        self._ticker = Ticker(node)
         self._written: dict[str, str] = {}
 
     def _port(self, i: int, total: int) -> SimPort:
@@ -157,17 +157,11 @@ class SimNetwork:
 
     # -- the simulation ------------------------------------------------------------
 
-    def condition(self) -> str:
-        step, _ = self.node.scenario.at(self.node.elapsed())
-        return step.network
-
     def advance(self) -> None:
         """Move every counter to now and write the files that changed."""
         with self._lock:
-            t = self.node.elapsed()
-            dt = 0.0 if self._advanced_at is None else max(0.0, t - self._advanced_at)
-            self._advanced_at = t
-            condition = self.condition()
+            t, dt = self._ticker.tick()
+            condition = self.node.step().network
             down = condition == "port-down"
             rates = CONDITION_RATES.get(condition, CONDITION_RATES["normal"])
             share = TRAFFIC_SHARE.get(condition, TRAFFIC_SHARE["normal"])

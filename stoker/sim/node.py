@@ -27,10 +27,27 @@ class SimNode:
         step, _ = self.scenario.at(self.elapsed() if t is None else t)
         return step.gpu_phase
 
+    def step(self) -> scenarios.Step:
+        """The scenario step in force now."""
+        return self.scenario.at(self.elapsed())[0]
+
     def lost_gpus(self) -> tuple[int, ...]:
-        step, _ = self.scenario.at(self.elapsed())
-        return step.lost_gpus
+        return self.step().lost_gpus
 
     def gpu_row(self, gpu: int, t: float) -> dict[str, float]:
         step, into = self.scenario.at(t)
         return trace.row_at(trace.phases()[step.gpu_phase], into, gpu * ROW_STAGGER)
+
+
+class Ticker:
+    """Simulated time for one model of the node (NICs, mounts): now, and how long since its last tick."""
+
+    def __init__(self, node: SimNode):
+        self.node = node
+        self._last: float | None = None
+
+    def tick(self) -> tuple[float, float]:
+        t = self.node.elapsed()
+        dt = 0.0 if self._last is None else max(0.0, t - self._last)
+        self._last = t
+        return t, dt

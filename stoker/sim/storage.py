@@ -15,7 +15,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from stoker.sim.node import SimNode
+from stoker.sim.node import SimNode, Ticker
 
 PID = "4242"
 MIB = 1 << 20
@@ -73,7 +73,7 @@ class SimStorage:
             m.ops["GETATTR"][0] = m.ops["GETATTR"][1] = 81_000.0
             m.ops["LOOKUP"][0] = m.ops["LOOKUP"][1] = 12_500.0
         self._lock = threading.Lock()
-        self._advanced_at: float | None = None
+        self._ticker = Ticker(node)
         self._hung = False
 
     def build(self) -> None:
@@ -87,16 +87,10 @@ class SimStorage:
         self._write_mountinfo()
         self.advance()
 
-    def condition(self) -> str:
-        step, _ = self.node.scenario.at(self.node.elapsed())
-        return step.storage
-
     def advance(self) -> None:
         with self._lock:
-            t = self.node.elapsed()
-            dt = 0.0 if self._advanced_at is None else max(0.0, t - self._advanced_at)
-            self._advanced_at = t
-            condition = self.condition()
+            t, dt = self._ticker.tick()
+            condition = self.node.step().storage
             self._set_hung(condition == "hung")
             if condition != "hung":
                 self._move(t, dt, condition)
