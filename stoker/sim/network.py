@@ -123,6 +123,7 @@ class SimNetwork:
             for sub in ("counters", "hw_counters", "gid_attrs/ndevs"):
                 os.makedirs(os.path.join(port, sub), exist_ok=True)
             os.makedirs(os.path.join(dev, "net", p.netdev), exist_ok=True)
+            _write(os.path.join(dev, "net", p.netdev, "operstate"), "up")
             _write(os.path.join(ib, "fw_ver"), FW)
             _write(os.path.join(ib, "hca_type"), "MT4129")
             _write(os.path.join(ib, "board_id"), "MT_0000000838")
