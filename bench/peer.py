@@ -1,7 +1,8 @@
 """Stoker against node_exporter on the same sysfs tree, measured in the same run.
 
-Both serve the RDMA counters of the full XE9680 fixture (tests/fixtures/sysfs/xe9680):
-node_exporter reads the tree on every scrape; Stoker reads it once per cycle
+Both serve the RDMA counters of the full XE9680 fixture (tests/fixtures/sysfs/xe9680)
+and the NFS mountstats of tests/fixtures/procfs/node: node_exporter (`--collector.infiniband
+--collector.mountstats`) reads the trees on every scrape; Stoker reads them once per cycle
 and serves a cached exposition. Reported per concurrency: scrape latency
 p50/p99 for each, CPU seconds per 1,000 scrapes, resident memory, and the
 ratios Stoker / node_exporter. Also the RDMA collector's own sampling cost.
@@ -25,6 +26,7 @@ from stoker.sources.rdma import RdmaSource
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSFS = ROOT / "tests" / "fixtures" / "sysfs" / "xe9680"
+PROCFS = ROOT / "tests" / "fixtures" / "procfs" / "node"
 
 
 def sampling_cost(cycles: int) -> dict:
@@ -42,11 +44,13 @@ def start_servers(tmp: str) -> tuple[subprocess.Popen, subprocess.Popen, int, in
     ne_port, st_port = free_port(), free_port()
     config = Path(tmp) / "stoker.toml"
     config.write_text("[gpu]\nenabled = false\n[netdev]\nenabled = false\n")
-    ne = subprocess.Popen(["prometheus-node-exporter", f"--path.sysfs={SYSFS}", "--collector.disable-defaults",
-                           "--collector.infiniband", f"--web.listen-address=127.0.0.1:{ne_port}"],
+    ne = subprocess.Popen(["prometheus-node-exporter", f"--path.sysfs={SYSFS}", f"--path.procfs={PROCFS}",
+                           "--collector.disable-defaults", "--collector.infiniband", "--collector.mountstats",
+                           f"--web.listen-address=127.0.0.1:{ne_port}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     st = subprocess.Popen([sys.executable, "-m", "stoker", "run", "--config", str(config), "--sysfs-root",
-                           str(SYSFS), "--listen", f"127.0.0.1:{st_port}", "--log-format", "json"],
+                           str(SYSFS), "--procfs-root", str(PROCFS), "--listen", f"127.0.0.1:{st_port}",
+                           "--log-format", "json"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{ne_port}/metrics")
     wait_http(f"http://127.0.0.1:{st_port}/metrics")
@@ -54,7 +58,8 @@ def start_servers(tmp: str) -> tuple[subprocess.Popen, subprocess.Popen, int, in
 
 
 def run(concurrencies: list[int], requests: int, client: str, cycles: int = 300) -> dict:
-    result: dict = {"client": client, "tree": "tests/fixtures/sysfs/xe9680 (8 ports)", **sampling_cost(cycles)}
+    result: dict = {"client": client, "tree": "tests/fixtures/sysfs/xe9680 (8 RoCE ports) and "
+                    "tests/fixtures/procfs/node (3 NFS mounts)", **sampling_cost(cycles)}
     with tempfile.TemporaryDirectory() as tmp:
         ne, st, ne_port, st_port = start_servers(tmp)
         try:
