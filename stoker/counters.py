@@ -11,18 +11,15 @@ since the reset, so no negative step and no double count reaches Prometheus.
 
 from __future__ import annotations
 
-WRAP_32 = 1 << 32
 
 
 class Monotonic:
-    __slots__ = ("_last", "total", "width", "resets", "wraps")
+    __slots__ = ("_last", "total", "width")
 
     def __init__(self, width: int | None = None):
         self.width = width
         self._last: float | None = None
         self.total = 0.0
-        self.resets = 0
-        self.wraps = 0
 
     def update(self, raw: float) -> float:
         last = self._last
@@ -33,10 +30,8 @@ class Monotonic:
             self.total += raw - last
         elif (self.width is not None and last < (1 << self.width)
               and (step := raw + (1 << self.width) - last) < (1 << (self.width - 4))):
-            self.wraps += 1
             self.total += step
         else:
-            self.resets += 1
             self.total += raw
         return self.total
 
@@ -53,8 +48,3 @@ class CounterSet:
         if counter is None:
             counter = self._counters[key] = Monotonic(self._width)
         return counter.update(raw)
-
-    def forget(self, keep) -> None:
-        """Drop counters whose key is not in ``keep`` (hardware gone for good)."""
-        for key in [k for k in self._counters if k not in keep]:
-            del self._counters[key]

@@ -173,3 +173,16 @@ def test_transient_error_is_reported_and_series_skipped_this_cycle(fake, clock, 
     monkeypatch.setattr(fake, "nvmlDeviceGetTemperature", real)
     s = tick(source, clock)
     assert "gpu" in s.gpus[0].temperature, "a transient error is retried, not remembered"
+
+
+def test_gpm_samples_are_freed_when_a_gpu_is_reacquired(fake, clock):
+    source = make_source(fake, clock)
+    source.sample()
+    tick(source, clock)
+    fake.lost.add(1)
+    tick(source, clock)
+    fake.lost.discard(1)
+    for _ in range(4):
+        tick(source, clock, 1.0)
+    # two live samples per GPU, never more: the lost GPU's old pair went back to the driver
+    assert len(fake._samples) <= 2 * len(fake.gpus)

@@ -11,11 +11,4 @@ from stoker.sources.gpu import GpuSource
 
 def gpu_collector(nvml: Any, interval: float, slow_interval: float, call_timeout: float) -> SourceCollector:
     source = GpuSource(nvml, slow_interval=slow_interval)
-
-    def close() -> None:
-        source.xid.stop()
-        source.close()
-
-    collector = SourceCollector("gpu", interval, source.sample, gpu_families.families, call_timeout, close)
-    collector.source = source
-    return collector
+    return SourceCollector("gpu", interval, source, gpu_families.families, call_timeout, close=source.close)

@@ -53,16 +53,14 @@ class Agent:
             self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout)
         if config.rdma.enabled:
             rdma = RdmaSource(config.agent.sysfs_root)
-            self.rdma = SourceCollector("rdma", interval, rdma.sample, rdma_families.families,
-                                        config.rdma.call_timeout)
+            self.rdma = SourceCollector("rdma", interval, rdma, rdma_families.families, config.rdma.call_timeout)
         if config.netdev.enabled:
             wanted = watched_interfaces(self._rdma_interfaces, config.netdev.include, config.netdev.exclude)
             self.netdev = NetdevCollector(interval, wanted, platform.links, EthtoolReader(platform.open_ethtool),
                                           config.netdev.call_timeout)
         if config.nfs.enabled:
             nfs = NfsSource(config.agent.procfs_root, config.nfs.operations, config.nfs.roles())
-            self.nfs = SourceCollector("nfs", interval, nfs.sample, nfs_families.families, config.nfs.call_timeout)
-            self.nfs.source = nfs
+            self.nfs = SourceCollector("nfs", interval, nfs, nfs_families.families, config.nfs.call_timeout)
         if config.probes.targets:
             self.probes = ProbeCollector(interval, config.probes)
         if config.detect.enabled:
@@ -75,7 +73,6 @@ class Agent:
         self.port: int | None = None
         self._runner = None
         self._hint_runner = None
-        self.hint_port: int | None = None
         self._background: list[asyncio.Task] = []
 
     def view(self, t: float) -> NodeView:
@@ -126,7 +123,6 @@ class Agent:
             raise ConfigError(f"checkpoint.token_file: the token in {cfg.token_file} is shorter than 16 characters")
         host, port = parse_listen(cfg.listen, "checkpoint.listen")
         self._hint_runner = await serve(make_hint_app(self.verdicts.checkpoints, token), host, port)
-        self.hint_port = bound_port(self._hint_runner)
 
     async def stop(self) -> None:
         for task in self._background:

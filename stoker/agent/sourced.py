@@ -13,21 +13,22 @@ from stoker.agent.worker import CollectorError, Worker
 
 
 class SourceCollector(Collector):
-    def __init__(self, name: str, interval: float, sample: Callable[[], Any],
+    def __init__(self, name: str, interval: float, source: Any,
                  to_families: Callable[[Any], Iterable], timeout: float,
                  close: Callable[[], None] | None = None):
+        """`source.sample()` runs in the worker thread; `close` (if any) too, at shutdown."""
         self.name = name
         self.interval = interval
         self.timeout = timeout
+        self.source = source
         self.snapshot: Any = None
-        self._sample = sample
         self._to_families = to_families
         self._close = close
         self._worker = Worker(name)
 
     async def cycle(self) -> list[str]:
         try:
-            snapshot = await self._worker.call(self._sample, timeout=self.timeout)
+            snapshot = await self._worker.call(self.source.sample, timeout=self.timeout)
         except CollectorError:
             self.snapshot = None
             raise

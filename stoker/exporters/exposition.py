@@ -76,11 +76,6 @@ class Exposition:
             self._chunks[source] = text
             self._body = self._gzipped = None
 
-    def drop_chunk(self, source: str) -> None:
-        with self._lock:
-            if self._chunks.pop(source, None) is not None:
-                self._body = self._gzipped = None
-
     def _joined(self) -> bytes:
         if self._body is None:
             self._body = b"".join(self._chunks[k] for k in sorted(self._chunks))

@@ -84,7 +84,6 @@ class SimNetwork:
         self.node = node
         self.root = sysfs_root
         self.ports = [self._port(i, ports) for i in range(ports)]
-        self.pfc_priorities = (PFC_PRIORITY,)
         self._lock = threading.Lock()
         self._ticker = Ticker(node)
         self._written: dict[str, str] = {}

@@ -28,9 +28,6 @@ class FileReader:
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
 
-    def exists(self, path: str) -> bool:
-        return os.path.exists(path)
-
 
 def error_reason(exc: BaseException) -> str:
     """A short label for `stoker_collector_errors_total{reason}`."""
@@ -71,6 +68,3 @@ class Backoff:
 
     def succeeded(self, key: str) -> None:
         self._state.pop(key, None)
-
-    def failing(self) -> int:
-        return len(self._state)

@@ -186,7 +186,6 @@ class _Gpu:
         self.slow: dict[str, float] = {}  # last slow-tier values
         self.last_slow_at: float | None = None
         self.power_limit_watts: float | None = None
-        self.memory_total_bytes: float | None = None
 
 
 def _text(value: Any) -> str:
@@ -330,12 +329,21 @@ class GpuSource:
             self._acquire(gpu)
         self.xid.watch(self._gpus)
 
+    def _free_gpm(self, gpu: _Gpu) -> None:
+        """GPM samples are driver memory: give them back before dropping a handle."""
+        for sample in gpu.gpm_samples:
+            try:
+                self.nvml.nvmlGpmSampleFree(sample)
+            except N.NVMLError:
+                pass  # the GPU or the library is gone, and the memory with it
+        gpu.gpm_samples = []
+        gpu.gpm_prev_at = None
+
     def _drop_library(self) -> None:
         self.xid.stop()
         for gpu in self._gpus:
             gpu.up = False
-            gpu.gpm_samples = []
-            gpu.gpm_prev_at = None
+            self._free_gpm(gpu)
         if self._initialised:
             try:
                 self.nvml.nvmlShutdown()
@@ -360,14 +368,13 @@ class GpuSource:
             gpu.up = False
             gpu.backoff.failed(self._clock())
             return False
+        self._free_gpm(gpu)
         if uuid != gpu.uuid:  # a different board in this slot: start its counters afresh
             fresh = _Gpu(gpu.index)
             fresh.backoff = gpu.backoff
             gpu.__dict__.update(fresh.__dict__)
         gpu.handle, gpu.uuid, gpu.model, gpu.pci_bus_id = handle, uuid, model, bus_id
         gpu.gpm = self._gpm_supported(handle)
-        gpu.gpm_samples = []
-        gpu.gpm_prev_at = None
         gpu.last_fast_at = None
         gpu.last_slow_at = None
         gpu.up = True
