@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -117,7 +116,7 @@ def extrapolate(rows: list[dict], scrape_seconds: float) -> dict:
     def fit(key: str) -> tuple[float, float]:
         xs = [r["nodes"] for r in rows]
         ys = [r[key] for r in rows]
-        n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - mx) ** 2 for x in xs) or 1.0
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
         return slope, my - slope * mx

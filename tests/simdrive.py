@@ -25,10 +25,9 @@ class SimDrive:
         self.config = self.sim.configure(config.load())
         platform = self.sim.platform()
         self.gpu = GpuSource(platform.nvml, clock=self.clock, wall=self.clock)
-        self.rdma = RdmaSource(self.config.agent.sysfs_root, clock=self.clock, wall=self.clock)
+        self.rdma = RdmaSource(self.config.agent.sysfs_root, clock=self.clock)
         self.ethtool = EthtoolReader(platform.open_ethtool)
-        self.nfs = NfsSource(self.config.agent.procfs_root, self.config.nfs.operations, self.config.nfs.roles(),
-                             wall=self.clock)
+        self.nfs = NfsSource(self.config.agent.procfs_root, self.config.nfs.operations, self.config.nfs.roles())
         self.verdicts = VerdictCollector(interval, self.config.detect, self.config.checkpoint, view=None,
                                          clock=self.clock)
         self.verdicts.checkpoints._wall = self.clock

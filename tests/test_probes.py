@@ -38,13 +38,20 @@ async def run_cycles(collector: ProbeCollector, seconds: float, step: float = 0.
         await asyncio.sleep(step)
 
 
-async def test_probe_measures_write_read_metadata(tmp_path):
-    config = ProbesConfig(targets=(ProbeTarget("/mnt/data", str(tmp_path)),), interval=0.3, timeout=5, size=65536)
+async def probed(mountpoint: str, directory, seconds: float, interval: float) -> ProbeCollector:
+    """A probe collector run for `seconds` against one directory, then closed."""
+    config = ProbesConfig(targets=(ProbeTarget(mountpoint, str(directory)),), interval=interval, timeout=5,
+                          size=65536)
     collector = ProbeCollector(0.1, config)
     try:
-        await run_cycles(collector, 2.0)
+        await run_cycles(collector, seconds)
     finally:
         await collector.close()
+    return collector
+
+
+async def test_probe_measures_write_read_metadata(tmp_path):
+    collector = await probed("/mnt/data", tmp_path, 2.0, 0.3)
     counts = values(collector.families(), "stoker_nas_probe_seconds_count")
     for probe in ("write", "read", "metadata"):
         assert counts[(("mountpoint", "/mnt/data"), ("probe", probe))] >= 2
@@ -54,12 +61,7 @@ async def test_probe_measures_write_read_metadata(tmp_path):
 
 
 async def test_missing_directory_is_an_error_not_a_crash(tmp_path):
-    config = ProbesConfig(targets=(ProbeTarget("/mnt/gone", str(tmp_path / "nope")),), interval=0.2, timeout=5)
-    collector = ProbeCollector(0.1, config)
-    try:
-        await run_cycles(collector, 1.0)
-    finally:
-        await collector.close()
+    collector = await probed("/mnt/gone", tmp_path / "nope", 1.0, 0.2)
     failures = values(collector.families(), "stoker_nas_probe_failures_total")
     assert failures[(("mountpoint", "/mnt/gone"), ("reason", "error"))] >= 3  # write, read, metadata
 

@@ -140,7 +140,6 @@ class GpuSample:
 
 @dataclass
 class GpuSnapshot:
-    timestamp: float
     gpus: list[GpuSample]
     driver_version: str = ""
     nvml_version: str = ""
@@ -418,7 +417,7 @@ class GpuSource:
                 raise
         if reacquired:
             self.xid.watch(self._gpus)
-        return GpuSnapshot(self._wall(), samples, self.driver_version, self.nvml_version, problems)
+        return GpuSnapshot(samples, self.driver_version, self.nvml_version, problems)
 
     def _down_sample(self, gpu: _Gpu) -> GpuSample:
         """A lost GPU keeps its identity and its XIDs (79: fallen off the bus), nothing else."""

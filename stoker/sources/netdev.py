@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,7 +43,6 @@ class NetInterface:
 
 @dataclass
 class NetSnapshot:
-    timestamp: float
     interfaces: list[NetInterface]
     problems: list[str] = field(default_factory=list)
 
@@ -154,4 +152,4 @@ def snapshot(names: list[str], states: dict[str, str] | None, stats: dict[str, N
         if states is not None and name in states:
             iface.up = states[name] == "UP"
         interfaces.append(iface)
-    return NetSnapshot(time.time(), interfaces, problems)
+    return NetSnapshot(interfaces, problems)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from stoker.counters import CounterSet
 from stoker.sources.mountstats import NfsMount, parse
@@ -28,7 +26,6 @@ class NfsSample:
 
 @dataclass
 class NfsSnapshot:
-    timestamp: float
     mounts: list[NfsSample]
     problems: list[str] = field(default_factory=list)
 
@@ -45,12 +42,10 @@ def role_of(mountpoint: str, roles: dict[str, tuple[str, ...]]) -> str:
 
 
 class NfsSource:
-    def __init__(self, procfs_root: str, operations: tuple[str, ...], roles: dict[str, tuple[str, ...]],
-                 wall: Callable[[], float] = time.time):
+    def __init__(self, procfs_root: str, operations: tuple[str, ...], roles: dict[str, tuple[str, ...]]):
         self.path = os.path.join(procfs_root, "self", "mountstats")
         self.operations = frozenset(operations)
         self.roles = roles
-        self._wall = wall
         self._counters = CounterSet()
 
     def read_text(self) -> str:
@@ -61,11 +56,11 @@ class NfsSource:
         try:
             text = self.read_text()
         except FileNotFoundError:
-            return NfsSnapshot(self._wall(), [])  # no procfs mountstats: nothing mounted to report
+            return NfsSnapshot([])  # no procfs mountstats: nothing mounted to report
         mounts, problems = parse(text)
         samples = [self._sample(m) for m in mounts]
         problems += ["implausible_value"] * sum(1 for m in mounts if m.dropped_fields)
-        return NfsSnapshot(self._wall(), samples, problems)
+        return NfsSnapshot(samples, problems)
 
     def _sample(self, m: NfsMount) -> NfsSample:
         s = NfsSample(m.mountpoint, m.export, m.version or ("4" if m.fstype == "nfs4" else ""),

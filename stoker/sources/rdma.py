@@ -58,7 +58,6 @@ class RdmaPort:
 
 @dataclass
 class RdmaSnapshot:
-    timestamp: float
     ports: list[RdmaPort]
     problems: list[str] = field(default_factory=list)
 
@@ -76,12 +75,11 @@ def parse_rate(text: str) -> float | None:
 
 class RdmaSource:
     def __init__(self, sysfs_root: str, reader: FileReader | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic):
         self.base = os.path.join(sysfs_root, "class", "infiniband")
         self.reader = reader or FileReader()
         self.backoff = Backoff()
         self._clock = clock
-        self._wall = wall
         self._counters = CounterSet()  # counters/: 64-bit on extended-PMA ports
         self._hw = CounterSet(width=32)  # hw_counters/: 32-bit queue counters that wrap
 
@@ -95,7 +93,7 @@ class RdmaSource:
         now = self._clock()
         for device in devices:
             ports.extend(self._device(device, now, problems))
-        return RdmaSnapshot(self._wall(), ports, problems)
+        return RdmaSnapshot(ports, problems)
 
     def _device(self, device: str, now: float, problems: list[str]) -> list[RdmaPort]:
         root = os.path.join(self.base, device)
