@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 from stoker import __version__, config as config_mod, logs
+from stoker.sim.scenarios import builtin_names
 
 EXIT_CONFIG = 2
 
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sysfs-root", metavar="DIR", help="where sysfs is mounted (default /sys)")
     run.add_argument("--procfs-root", metavar="DIR", help="where procfs is mounted (default /proc)")
     run.add_argument("--simulate", nargs="?", const="cycle", metavar="SCENARIO",
-                     help="run on the built-in simulated XE9680 node (default scenario: cycle)")
+                     help=f"run on the built-in simulated XE9680 node: a scenario file (.toml) or one of "
+                          f"{', '.join(builtin_names())} (default: cycle)")
     run.add_argument("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
 
     check = sub.add_parser("check", help="one-shot health check: exit 0 healthy, 1 unhealthy, 2 could not check")
@@ -40,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--sysfs-root", metavar="DIR")
     check.add_argument("--procfs-root", metavar="DIR")
     check.add_argument("--simulate", nargs="?", const="healthy", metavar="SCENARIO",
-                       help="check the simulated node, the scenario's fault already under way")
+                       help="check the simulated node, the scenario's fault already under way (default: healthy)")
+
+    replay = sub.add_parser("replay", help="play a scenario on a simulated clock and judge the verdicts against "
+                                           "its expectations: exit 0 right, 1 wrong, 2 bad scenario")
+    replay.add_argument("scenario", metavar="SCENARIO", help="a scenario file (.toml) or a built-in name")
+    replay.add_argument("--interval", type=float, default=1.0, help="sampling interval (default 1)")
+    replay.add_argument("--seconds", type=float, help="how long to play (default: to the last expectation)")
+    replay.add_argument("--config", metavar="FILE", help="TOML configuration file (thresholds)")
 
     hint = sub.add_parser("checkpoint", help="tell the local agent a checkpoint starts or ends")
     hint.add_argument("action", choices=["start", "end"])
@@ -60,15 +69,16 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return {"agent": agent} if agent else {}
 
 
-def simulated(cfg: config_mod.Config, scenario: str, stack: contextlib.ExitStack, skip: float = 0.0):
+def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False):
     """The simulated node's platform, its kernel trees written under a fresh temporary
-    directory; returns the platform and the configuration pointed at them."""
+    directory; returns the platform and the configuration pointed at them. `at_fault`: start
+    where the scenario's fault begins."""
     from stoker.sim.scenarios import get as get_scenario
     from stoker.sim.simulation import Simulation
 
-    get_scenario(scenario)  # an unknown name is a configuration error, before anything is written
+    scenario = get_scenario(name)  # a bad name or file is a configuration error, before anything is written
     root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
-    sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=skip)
+    sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0)
     return sim, sim.configure(cfg)
 
 
@@ -76,13 +86,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from stoker import check
     from stoker.agent import platform as platforms
     from stoker.agent.runtime import Agent
-    from stoker.sim.scenarios import fault_start
 
     with contextlib.ExitStack() as stack:
         try:
             cfg = config_mod.load(args.config, overrides_from(args))
             if args.simulate is not None:
-                sim, cfg = simulated(cfg, args.simulate, stack, skip=fault_start(args.simulate))
+                sim, cfg = simulated(cfg, args.simulate, stack, at_fault=True)
                 platform = sim.platform()
             else:
                 platform = platforms.real()
@@ -108,6 +117,24 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         return 1 if exc.status else 2
     print(" ".join(f"{k}={v}" for k, v in answer.items()))
     return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from stoker.sim import replay
+    from stoker.sim.scenarios import ScenarioError, get
+
+    try:
+        cfg = config_mod.load(args.config)
+        scenario = get(args.scenario)
+    except (config_mod.ConfigError, ScenarioError) as exc:
+        print(f"stoker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not args.interval > 0:
+        print("stoker: --interval: must be > 0", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure("console", level=logging.ERROR)
+    judgement = replay.play(scenario, cfg, args.interval, args.seconds, sys.stdout)
+    return 0 if judgement.right else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -153,7 +180,7 @@ def serve(cfg: config_mod.Config, platform, reload) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "check": cmd_check, "checkpoint": cmd_checkpoint}
+    commands = {"run": cmd_run, "check": cmd_check, "checkpoint": cmd_checkpoint, "replay": cmd_replay}
     return commands[args.command](args)
 
 

@@ -37,6 +37,8 @@ class AgentConfig:
     procfs_root: str = "/proc"
     web_config_file: str = ""
     """TLS and basic auth for /metrics, in Prometheus' exporter-toolkit format; empty: plain HTTP."""
+    state_file: str = ""
+    """Where the level learned for the running job is kept across restarts; empty: not kept."""
 
     def validate(self) -> None:
         parse_listen(self.listen, "agent.listen")
@@ -113,6 +115,16 @@ class NfsConfig:
 
 
 @dataclass(frozen=True)
+class HostConfig:
+    enabled: bool = True
+    """Pressure stall information (`<procfs_root>/pressure/*`): evidence for the `host` cause."""
+    call_timeout: float = 2.0
+
+    def validate(self) -> None:
+        _positive(self.call_timeout, "host.call_timeout")
+
+
+@dataclass(frozen=True)
 class ProbeTarget:
     mountpoint: str
     """The NFS mountpoint this probe measures (its `mountpoint` label)."""
@@ -154,26 +166,38 @@ class DetectConfig:
     drop_ratio: float = 0.5
     recover_ratio: float = 0.8
     idle_floor: float = 0.05
+    cold_floor: float = 0.5
     recover_after: float = 3.0
+    flap_window: float = 60.0
+    flap_factor: float = 3.0
     baseline_window: float = 300.0
+    evidence_memory: float = 15.0
+    tolerate_after: float = 10.0
     reads_stalled_after: float = 1.0
     cnp_per_second: float = 500.0
     pause_ratio: float = 0.02
     retransmits_per_second: float = 20.0
     read_latency_seconds: float = 0.020
     read_queue_seconds: float = 0.010
+    write_latency_seconds: float = 0.100
     probe_latency_seconds: float = 1.0
     probe_hung_seconds: float = 5.0
+    cpu_pressure_ratio: float = 0.4
+    memory_pressure_ratio: float = 0.2
 
     def validate(self) -> None:
-        for name in ("drop_ratio", "recover_ratio", "idle_floor"):
+        for name in ("drop_ratio", "recover_ratio", "idle_floor", "cold_floor", "cpu_pressure_ratio",
+                     "memory_pressure_ratio"):
             value = getattr(self, name)
             if not 0 < value < 1:
                 raise ConfigError(f"detect.{name}: must be between 0 and 1, got {value!r}")
         if self.recover_ratio <= self.drop_ratio:
             raise ConfigError("detect.recover_ratio: must be above detect.drop_ratio (hysteresis)")
-        for name in ("recover_after", "baseline_window", "reads_stalled_after", "cnp_per_second", "pause_ratio",
-                     "retransmits_per_second", "read_latency_seconds", "read_queue_seconds",
+        if self.flap_factor < 1:
+            raise ConfigError(f"detect.flap_factor: must be at least 1, got {self.flap_factor!r}")
+        for name in ("recover_after", "flap_window", "baseline_window", "evidence_memory", "tolerate_after",
+                     "reads_stalled_after", "cnp_per_second", "pause_ratio", "retransmits_per_second",
+                     "read_latency_seconds", "read_queue_seconds", "write_latency_seconds",
                      "probe_latency_seconds", "probe_hung_seconds"):
             _positive(getattr(self, name), f"detect.{name}")
 
@@ -194,11 +218,16 @@ class CheckpointConfig:
     """Write rate to a checkpoint mount that opens a detected checkpoint."""
     burst_factor: float = 10.0
     """...and at least this many times the mount's usual write rate."""
+    write_floor_bytes_per_second: float = 1e6
+    """Writes to a checkpoint mount above this (and the usual rate) while the GPUs wait are a checkpoint, however slow."""
+    detect_after: float = 2.0
+    """...once sustained this long."""
     quiet_after: float = 10.0
-    """A detected checkpoint ends once writes stay below the burst rate this long and the GPUs work again."""
+    """A detected checkpoint ends once no write has gone out for this long and nothing waits for the server."""
 
     def validate(self) -> None:
-        for name in ("stall_after", "budget", "abandon_after", "burst_bytes_per_second", "burst_factor", "quiet_after"):
+        for name in ("stall_after", "budget", "abandon_after", "burst_bytes_per_second", "burst_factor",
+                     "write_floor_bytes_per_second", "detect_after", "quiet_after"):
             _positive(getattr(self, name), f"checkpoint.{name}")
         parse_listen(self.listen, "checkpoint.listen")
 
@@ -220,6 +249,7 @@ class Config:
     rdma: RdmaConfig = field(default_factory=RdmaConfig)
     netdev: NetdevConfig = field(default_factory=NetdevConfig)
     nfs: NfsConfig = field(default_factory=NfsConfig)
+    host: HostConfig = field(default_factory=HostConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -13,19 +13,9 @@ import time
 import aiohttp
 import pytest
 
+from stoker.sim.drive import ManualClock
 from stoker.sim.fake_nvml import FakeNVML
 from stoker.sim.node import SimNode
-
-
-class ManualClock:
-    def __init__(self, start: float = 1000.0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -8,7 +8,10 @@ in the configuration. Production and the simulator run the same collectors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+if TYPE_CHECKING:
+    from stoker.agent.runtime import Agent
 
 
 @dataclass
@@ -16,7 +19,8 @@ class Platform:
     nvml: Any
     links: Any
     open_ethtool: Callable[[str], Any]
-    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    background: list[Callable[[Agent], Awaitable[None]]] = field(default_factory=list)
+    """Jobs that run beside the agent's collectors (the simulator's clockwork), given the agent."""
 
 
 def real() -> Platform:

@@ -2,11 +2,14 @@
 
 A hung hard NFS mount blocks whoever touches it in the kernel, forever. So the
 agent never does: `stoker.probe_child` does, in its own process, and the agent
-only waits on a pipe with a deadline. While a probe is unfinished its age is
-exported (`stoker_nas_probe_inflight_seconds` keeps growing while the mount
-hangs). At the deadline the child is killed and counted as a timeout; a child
-the kernel will not let die (D state) is reaped in the background, and until
-it is, no new probe starts for that mount.
+only waits on a pipe with a deadline. At the deadline the child is killed and
+counted as a timeout; a child the kernel will not let die (D state) is reaped
+in the background, and until it is, no new probe starts for that mount.
+
+`stoker_nas_probe_inflight_seconds` is the time since the mount stopped
+answering: it starts with the first probe that got no answer and keeps growing
+through timeouts and retries until a probe answers, so a mount hung for ten
+minutes reads ten minutes, not the age of the latest retry.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class Mount:
     proc: asyncio.subprocess.Process | None = None
     task: asyncio.Task | None = None
     reaping: asyncio.Task | None = None
-    inflight_since: float | None = None
+    unanswered_since: float | None = None  # start of the first probe the mount has not answered
     next_due: float = 0.0
     latency: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PROBES})
     latest: dict[str, float] = field(default_factory=dict)  # seconds of the last completed probe
@@ -101,7 +104,8 @@ class ProbeCollector(Collector):
         return []
 
     async def _probe(self, m: Mount) -> None:
-        m.inflight_since = self._clock()
+        if m.unanswered_since is None:
+            m.unanswered_since = self._clock()
         try:
             if m.proc is None or m.proc.returncode is not None:
                 m.proc = await asyncio.create_subprocess_exec(
@@ -113,13 +117,15 @@ class ProbeCollector(Collector):
             if not line:
                 raise EOFError("probe child exited")
             self._record(m, json.loads(line))
-            m.inflight_since = None
+            m.unanswered_since = None
         except asyncio.TimeoutError:
             m.failures["timeout"] += 1
-            log.warning("NAS probe timed out", mountpoint=m.target.mountpoint, timeout=self.config.timeout)
+            log.warning("NAS probe timed out", mountpoint=m.target.mountpoint, timeout=self.config.timeout,
+                        unanswered_seconds=round(self._clock() - m.unanswered_since, 1))
             self._kill(m)
         except (OSError, EOFError, ValueError) as exc:
             m.failures["error"] += 1
+            m.unanswered_since = None  # the probe itself failed; that is not the mount hanging
             log.warning("NAS probe failed", mountpoint=m.target.mountpoint, error=str(exc))
             self._kill(m)
 
@@ -133,40 +139,36 @@ class ProbeCollector(Collector):
                 m.failures["error"] += 1
 
     def _kill(self, m: Mount) -> None:
-        """Kill the child; until the kernel lets it go, the probe stays in flight."""
+        """Kill the child; until the kernel lets it go, no new probe starts on that mount."""
         proc, m.proc = m.proc, None
         if proc is None or proc.returncode is not None:
-            m.inflight_since = None
             return
         try:
             proc.send_signal(signal.SIGKILL)
         except ProcessLookupError:
             pass
+        m.reaping = asyncio.create_task(proc.wait(), name=f"reap probe {m.target.mountpoint}")
 
-        async def reap() -> None:
-            await proc.wait()
-            m.inflight_since = None
-
-        m.reaping = asyncio.create_task(reap(), name=f"reap probe {m.target.mountpoint}")
+    def _unanswered(self, m: Mount, now: float) -> float:
+        return 0.0 if m.unanswered_since is None else now - m.unanswered_since
 
     def states(self) -> list[ProbeState]:
         now = self._clock()
-        return [ProbeState(m.target.mountpoint,
-                           0.0 if m.inflight_since is None else now - m.inflight_since, dict(m.latest))
-                for m in self.mounts]
+        return [ProbeState(m.target.mountpoint, self._unanswered(m, now), dict(m.latest)) for m in self.mounts]
 
     def families(self):
         now = self._clock()
         latency = HistogramMetricFamily("stoker_nas_probe_seconds", "Active NAS probe latency.",
                                         labels=["mountpoint", "probe"])
-        inflight = GaugeMetricFamily("stoker_nas_probe_inflight_seconds",
-                                     "Age of the oldest unfinished probe, 0 when none.", labels=["mountpoint"])
+        inflight = GaugeMetricFamily("stoker_nas_probe_inflight_seconds", "Time since the mount stopped answering "
+                                     "probes (through timeouts and retries), 0 while it answers.",
+                                     labels=["mountpoint"])
         failures = CounterMetricFamily("stoker_nas_probe_failures", "Failed probes.", labels=["mountpoint", "reason"])
         for m in self.mounts:
             mp = m.target.mountpoint
             for probe, h in m.latency.items():
                 latency.add_metric([mp, probe], h.buckets(), h.total)
-            inflight.add_metric([mp], 0.0 if m.inflight_since is None else now - m.inflight_since)
+            inflight.add_metric([mp], self._unanswered(m, now))
             for reason, n in m.failures.items():
                 failures.add_metric([mp, reason], n)
         return [latency, inflight, failures]

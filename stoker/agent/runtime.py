@@ -25,6 +25,7 @@ from stoker.agent.worker import within
 from stoker.config import Config, ConfigError, parse_listen
 from stoker.detect.view import NodeView
 from stoker.exporters import nfs as nfs_families
+from stoker.exporters import pressure as pressure_families
 from stoker.exporters import webconfig
 from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
@@ -32,6 +33,7 @@ from stoker.exporters.hints import make_hint_app
 from stoker.exporters.http import bound_port, make_app, serve
 from stoker.sources.netdev import EthtoolReader
 from stoker.sources.nfs import NfsSource
+from stoker.sources.pressure import PressureSource
 from stoker.sources.rdma import RdmaSource
 
 log = logs.get("agent")
@@ -45,7 +47,7 @@ class Agent:
         self.platform = platform
         self.exposition = Exposition()
         interval = config.agent.interval
-        self.gpu = self.rdma = self.nfs = None
+        self.gpu = self.rdma = self.nfs = self.host = None
         self.netdev: NetdevCollector | None = None
         self.probes: ProbeCollector | None = None
         self.verdicts: VerdictCollector | None = None
@@ -61,18 +63,23 @@ class Agent:
         if config.nfs.enabled:
             nfs = NfsSource(config.agent.procfs_root, config.nfs.operations, config.nfs.roles())
             self.nfs = SourceCollector("nfs", interval, nfs, nfs_families.families, config.nfs.call_timeout)
+        if config.host.enabled:
+            self.host = SourceCollector("host", interval, PressureSource(config.agent.procfs_root),
+                                        pressure_families.families, config.host.call_timeout)
         if config.probes.targets:
             self.probes = ProbeCollector(interval, config.probes)
         if config.detect.enabled:
-            self.verdicts = VerdictCollector(interval, config.detect, config.checkpoint, self.view)
-        self.collectors: list[Collector] = [c for c in (self.gpu, self.rdma, self.netdev, self.nfs, self.probes,
-                                                        self.verdicts) if c is not None]
+            self.verdicts = VerdictCollector(interval, config.detect, config.checkpoint, self.view,
+                                             state_file=config.agent.state_file)
+        self.collectors: list[Collector] = [c for c in (self.gpu, self.rdma, self.netdev, self.nfs, self.host,
+                                                        self.probes, self.verdicts) if c is not None]
         chained = {"gpu": self.verdicts} if self.gpu and self.verdicts else {}
         self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels, chained=chained)
         self.stop_event = asyncio.Event()
         self.port: int | None = None
         self._runner = None
         self._hint_runner = None
+        self.hint_url: str | None = None
         self._background: list[asyncio.Task] = []
 
     def view(self, t: float) -> NodeView:
@@ -83,6 +90,7 @@ class Agent:
             rdma=self.rdma.snapshot if self.rdma else None,
             net=self.netdev.snapshot if self.netdev else None,
             nfs=self.nfs.snapshot if self.nfs else None,
+            host=self.host.snapshot if self.host else None,
             probes=self.probes.states() if self.probes else [])
 
     def _rdma_interfaces(self) -> list[str]:
@@ -98,13 +106,13 @@ class Agent:
     async def start(self, serve_http: bool = True) -> None:
         """Start sampling; `serve_http=False` (for `stoker check`) opens no port."""
         host, port = parse_listen(self.config.agent.listen)
-        self._background = [asyncio.create_task(job()) for job in self.platform.background]
         if serve_http:
             web = webconfig.load(self.config.agent.web_config_file) if self.config.agent.web_config_file else None
             app = make_app(self.exposition, self.supervisor.stale, [webconfig.middleware(web)] if web else [])
             self._runner = await serve(app, host, port, web.ssl_context if web else None)
             self.port = bound_port(self._runner)
             await self._serve_hints()
+        self._background = [asyncio.create_task(job(self)) for job in self.platform.background]
         await self.supervisor.start()
         log.info("stoker started", version=__version__, listen=f"{host}:{self.port}",
                  collectors=[c.name for c in self.collectors], interval=self.config.agent.interval)
@@ -123,6 +131,8 @@ class Agent:
             raise ConfigError(f"checkpoint.token_file: the token in {cfg.token_file} is shorter than 16 characters")
         host, port = parse_listen(cfg.listen, "checkpoint.listen")
         self._hint_runner = await serve(make_hint_app(self.verdicts.checkpoints, token), host, port)
+        self.hint_url = f"http://{host}:{bound_port(self._hint_runner)}"
+        log.info("hint API listening", url=self.hint_url)
 
     async def stop(self) -> None:
         for task in self._background:
@@ -170,9 +180,9 @@ class Agent:
         live on; what needs a new process (listen addresses, enabling a collector, paths) is
         logged and left as it was."""
         old = self.config
-        fixed = [("agent", "listen"), ("agent", "web_config_file"), ("agent", "sysfs_root"), ("agent", "procfs_root"), ("checkpoint", "listen"),
-                 ("checkpoint", "token_file"), *((section, "enabled") for section in
-                                                  ("gpu", "rdma", "netdev", "nfs", "detect"))]
+        fixed = [("agent", "listen"), ("agent", "web_config_file"), ("agent", "sysfs_root"), ("agent", "procfs_root"),
+                 ("agent", "state_file"), ("checkpoint", "listen"), ("checkpoint", "token_file"),
+                 *((section, "enabled") for section in ("gpu", "rdma", "netdev", "nfs", "host", "detect"))]
         if self.probes is None:
             fixed.append(("probes", "targets"))  # no probe collector to give them to
         needs_restart = [(sec, key) for sec, key in fixed
@@ -190,6 +200,8 @@ class Agent:
         if self.netdev:
             self.netdev.timeout = new.netdev.call_timeout
             self.netdev.wanted = watched_interfaces(self._rdma_interfaces, new.netdev.include, new.netdev.exclude)
+        if self.host:
+            self.host.timeout = new.host.call_timeout
         if self.nfs:
             self.nfs.timeout = new.nfs.call_timeout
             self.nfs.source.operations = frozenset(new.nfs.operations)

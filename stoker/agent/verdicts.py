@@ -1,73 +1,113 @@
 """The verdict collector: starvation and checkpoints, from the other collectors' snapshots.
 
 It reads no hardware; each cycle it assembles a `NodeView` from what the
-collectors last sampled and runs the detectors over it.
+collectors last sampled, follows the job on the GPUs, measures the evidence,
+ranks it, and runs the detectors over it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable
 
 from stoker import logs
 from stoker.agent.collector import Collector
 from stoker.config import CheckpointConfig, DetectConfig
+from stoker.detect.attribution import Attribution
 from stoker.detect.checkpoint import CheckpointTracker
+from stoker.detect.evidence import EvidenceTracker
+from stoker.detect.job import JobTracker
 from stoker.detect.starvation import StarvationDetector, Verdict
-from stoker.detect.view import EvidenceTracker, NodeView, gpu_busy, job_present
+from stoker.detect.state import LevelStore
+from stoker.detect.view import NodeView, gpu_busy
 from stoker.exporters import verdicts as verdict_families
 
 log = logs.get("verdicts")
+
+NO_EVIDENCE = "no network, storage or checkpoint evidence: input pipeline or CPU"
 
 
 class VerdictCollector(Collector):
     name = "verdicts"
 
     def __init__(self, interval: float, detect: DetectConfig, checkpoint: CheckpointConfig,
-                 view: Callable[[float], NodeView], clock: Callable[[], float] = time.monotonic):
+                 view: Callable[[float], NodeView], clock: Callable[[], float] = time.monotonic,
+                 state_file: str = ""):
         self.interval = interval
         self.config = detect
         self._view = view
         self._clock = clock
+        self.job = JobTracker(detect)
         self.evidence = EvidenceTracker(detect)
+        self.attribution = Attribution(detect)
         self.starvation = StarvationDetector(detect)
         self.checkpoints = CheckpointTracker(checkpoint)
-        self._previous: NodeView | None = None
+        self.store = LevelStore(state_file, detect.baseline_window) if state_file else None
         self.busy: dict[tuple[str, str], float] = {}
+        self.scores: dict[str, float] = {}
         self.verdict = Verdict(None, None, None)
+        self._restore = False  # a new job: look up the level a previous run saved for it
 
     def configure(self, detect: DetectConfig, checkpoint: CheckpointConfig) -> None:
-        """New thresholds; the baseline, the verdict and the checkpoints in progress carry on."""
-        self.config = self.evidence.config = self.starvation.config = detect
+        """New thresholds; the job's level, the verdict and the checkpoints in progress carry on."""
+        self.config = detect
+        for part in (self.job, self.evidence, self.attribution, self.starvation):
+            part.config = detect
         self.checkpoints.config = checkpoint
 
     async def cycle(self) -> list[str]:
         self.update(self._view(self._clock()))
+        if self.store is None:
+            return []
+        if self._restore:
+            self._restore = False
+            level = await asyncio.to_thread(self.store.load, self.job.pids)
+            if level is not None and self.job.baseline() is None:
+                self.job.seed(self._clock(), level)
+                log.info("job level restored from the last run", level=_round(level), path=self.store.path)
+        elif self.verdict.baseline is not None and self.store.due():
+            await asyncio.to_thread(self.store.save, self.job.pids, self.verdict.baseline)
         return []
 
     def update(self, view: NodeView) -> Verdict:
-        previous, self._previous = self._previous or view, view
-        # evidence over the same window as the busy ratio: the last sampling interval
-        evidence = self.evidence.evidence(previous, view)
+        t = view.t
+        if self.job.update(t, view.gpu):
+            self._new_job(t)
         self.busy = gpu_busy(view)
-        node_busy = sum(self.busy.values()) / len(self.busy) if self.busy else None
-        job = job_present(view, self.config.job_memory_floor_bytes)
-        self.checkpoints.update(view.nfs, view.t - previous.t, job and self._working(node_busy))
+        busy = sum(self.busy.values()) / len(self.busy) if self.busy else None
+        job, baseline = self.job.present, self.job.baseline()
+        self.checkpoints.update(view.nfs, job and busy is not None and self._waiting(busy, baseline))
+        signals = self.evidence.signals(view) + self.checkpoints.signals()
+        self.attribution.observe(t, signals, job and self.starvation.at_level(busy, baseline))
+        self.scores = self.attribution.scores()
         before = self.starvation.cause
-        self.verdict = self.starvation.update(view.t, node_busy, job, evidence, self.checkpoints.any_active())
-        if self.verdict.cause != before and self.verdict.cause:
-            log.warning("GPUs starved", cause=self.verdict.cause, was=before, busy=_round(node_busy),
-                        baseline=_round(self.verdict.baseline), evidence=self.verdict.evidence)
-        elif self.verdict.cause != before:
-            log.info("GPUs no longer starved", was=before, busy=_round(node_busy))
+        cause = self.starvation.update(t, busy, job, baseline, self.scores,
+                                       self.attribution.scores(fresh_only=True))
+        if cause is None and job and busy is not None and not self.starvation.low(busy, baseline):
+            self.job.remember(t, busy)
+        reasons = (self.attribution.reasons(cause) or [NO_EVIDENCE]) if cause else []
+        self.verdict = Verdict(cause, busy, baseline, reasons)
+        if cause != before and cause:
+            log.warning("GPUs starved", cause=cause, was=before, busy=_round(busy), baseline=_round(baseline),
+                        evidence=reasons, scores={k: round(v, 2) for k, v in self.scores.items() if v})
+        elif cause != before:
+            log.info("GPUs no longer starved", was=before, busy=_round(busy))
         return self.verdict
 
-    def _working(self, busy: float | None) -> bool:
-        """The GPUs are back at their job's level (no hysteresis: a checkpoint ends when they are)."""
-        baseline = self.starvation.baseline()
-        if busy is None:
-            return False
-        return busy >= self.config.recover_ratio * baseline if baseline is not None else busy >= 2 * self.config.idle_floor
+    def _new_job(self, t: float) -> None:
+        """Another job holds the GPUs: its level, its evidence history and its verdict start afresh."""
+        self.evidence.new_job()
+        self.attribution.reset()
+        self.starvation.clear(t)
+        self._restore = bool(self.job.pids)
+        log.info("job on the GPUs", processes=len(self.job.pids))
+
+    def _waiting(self, busy: float, baseline: float | None) -> bool:
+        """The GPUs wait (what a synchronous checkpoint does to them), by the job's level when known."""
+        if baseline is None:
+            return busy < 2 * self.config.idle_floor
+        return self.starvation.low(busy, baseline)
 
     def families(self):
         return verdict_families.families(self)

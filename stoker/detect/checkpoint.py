@@ -1,28 +1,50 @@
-"""Checkpoints per mount: started by a hint from the job or detected from a write burst.
+"""Checkpoints per mount: opened by a hint from the job or detected from its writes.
 
-Progress is bytes reaching the server (mountstats `bytes:` serverwrite), not
-bytes the job handed to the page cache. A checkpoint is stalled while in
-progress with no such byte for `stall_after` seconds, over budget past
-`budget`. It ends by a hint (`completed` or `aborted`), or, when detected,
-once writes have been quiet for `quiet_after` and the GPUs work again; one
-nobody ends is closed after `abandon_after`. It ends `stalled` if it was
-stalled when it ended.
+Detected: on a mount of role `checkpoint`, a burst of writes reaching the
+server (`burst_bytes_per_second`, and `burst_factor` times the mount's usual
+rate), whatever the GPUs do (an asynchronous checkpoint); or, whatever their
+bandwidth, writes sustained for `detect_after` seconds above the usual rate
+and `write_floor_bytes_per_second` while the GPUs wait (a slow checkpoint).
+Writes are what the job hands to the client (`bytes:` normalwrite and
+directwrite) as well as what reaches the server (serverwrite), so a checkpoint
+whose bytes never leave the page cache is seen too.
+
+Progress is bytes reaching the server, not bytes the job handed to the page
+cache. A detected checkpoint ends when its writes end: no write for
+`quiet_after` seconds and nothing left waiting for the server, whatever the
+GPUs do next (resume, exit, or wait for another reason). A hinted one ends by
+its hint. Stalled: no byte reached the server for `stall_after` seconds while
+the checkpoint is open by a hint, or while written data waits for the server
+(never one that simply finished). One nobody ends is closed after
+`abandon_after`; one whose mount is gone for `stall_after` seconds is `lost`.
+
+Outcomes: `completed`; `stalled` (it was stalled when it ended); `aborted`
+(said by the job); `abandoned`; `lost`.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from stoker import logs
 from stoker.config import CheckpointConfig
-from stoker.sources.nfs import NfsSnapshot
+from stoker.detect.evidence import Signal
+from stoker.sources.nfs import NfsSample, NfsSnapshot
 
 log = logs.get("checkpoint")
 
-OUTCOMES = ("completed", "stalled", "aborted")
-IDLE_RATE_WEIGHT = 0.1
+OUTCOMES = ("completed", "stalled", "aborted", "abandoned", "lost")
+USUAL_RATES = 30
+"""Windows of a mount's write rate outside checkpoints whose median is its usual rate (a median: the
+first burst of a checkpoint into the page cache must not raise it)."""
+UNFLUSHED_FLOOR = 1 << 20
+"""Bytes written by the job and not yet on the server that still count as "flushed" (rounding)."""
+FORGET_AFTER = 600.0
+"""A checkpoint mount gone this long (and no checkpoint open) is forgotten with its series."""
 
 
 class HintError(ValueError):
@@ -37,26 +59,37 @@ class HintError(ValueError):
 class Active:
     started: float  # wall clock
     source: str  # hint | detected
-    start_bytes: float
-    last_bytes: float
+    start_server: float
+    start_client: float
+    last_server: float
     progress: float  # wall clock of the last byte that reached the server
     expected_bytes: float | None = None
     stalled: bool = False
     quiet_since: float | None = None
+    writing: bool = True
+    unflushed: float = 0.0  # bytes the job wrote that the server has not got yet
 
 
 @dataclass
 class MountCheckpoints:
     mountpoint: str
-    role: str = "checkpoint"
     active: Active | None = None
     written_bytes: float | None = None
     last_started: float | None = None
     last_progress: float | None = None
     last_duration: float | None = None
     outcomes: dict[str, int] = field(default_factory=lambda: {o: 0 for o in OUTCOMES})
-    idle_write_rate: float = 0.0
-    write_bytes: float | None = None  # the mount's serverwrite total at the last update
+    rates: deque[float] = field(default_factory=lambda: deque(maxlen=USUAL_RATES))
+    server: float | None = None  # the mount's totals in the last distinct snapshot
+    client: float | None = None
+    quiet: tuple[float, float] | None = None  # totals when it last had no write: where a checkpoint starts
+    candidate: float | None = None  # sustained writes while the GPUs wait, since when
+    settling: bool = False  # a checkpoint just ended: its last bytes may still be on their way
+    missing_since: float | None = None
+
+    @property
+    def usual_rate(self) -> float:
+        return statistics.median(self.rates) if self.rates else 0.0
 
 
 class CheckpointTracker:
@@ -64,7 +97,9 @@ class CheckpointTracker:
         self.config = config
         self._wall = wall
         self.mounts: dict[str, MountCheckpoints] = {}
-        self._known: dict[str, float | None] = {}  # every NFS mountpoint -> its write bytes
+        self._known: dict[str, NfsSample] = {}  # every NFS mount in the last snapshot
+        self._snapshot: NfsSnapshot | None = None
+        self._snapshot_at: float | None = None
 
     # -- hints ---------------------------------------------------------------------------
 
@@ -82,13 +117,12 @@ class CheckpointTracker:
 
     def hint_start(self, mountpoint: str, expected_bytes: float | None = None) -> None:
         m = self._mount(mountpoint)
-        now = self._wall()
         if m.active is not None:
             m.active.source = "hint"  # the job confirms what was detected: keep its start
             m.active.expected_bytes = expected_bytes or m.active.expected_bytes
             return
-        written = self._known.get(mountpoint) or 0.0
-        self._start(m, now, "hint", written, expected_bytes)
+        server = m.server or 0.0
+        self._start(m, self._wall(), "hint", server, server if m.client is None else m.client, expected_bytes)
 
     def hint_end(self, mountpoint: str, outcome: str) -> None:
         m = self._mount(mountpoint)
@@ -98,64 +132,115 @@ class CheckpointTracker:
 
     # -- observation -------------------------------------------------------------------------
 
-    def update(self, nfs: NfsSnapshot | None, dt: float, gpus_working: bool) -> None:
-        if nfs is None:
-            return
+    def update(self, nfs: NfsSnapshot | None, gpus_waiting: bool) -> None:
+        """Each verdict tick. Rates come from distinct NFS snapshots only; the clocks of stalls,
+        abandonment and lost mounts run even while the NFS collector fails."""
         now = self._wall()
-        self._known = {m.mountpoint: m.write_bytes for m in nfs.mounts}
-        for sample in nfs.mounts:
-            if sample.role == "checkpoint":
-                self._mount(sample.mountpoint)
-        for m in self.mounts.values():
-            written = self._known.get(m.mountpoint)
-            if written is None:
-                continue
-            rate = 0.0 if m.write_bytes is None or dt <= 0 else max(0.0, written - m.write_bytes) / dt
-            before, m.write_bytes = m.write_bytes, written
-            if m.active is None:
-                if before is not None and rate > max(self.config.burst_bytes_per_second,
-                                                     self.config.burst_factor * m.idle_write_rate):
-                    self._start(m, now - dt, "detected", before, None)
-                else:
-                    m.idle_write_rate += IDLE_RATE_WEIGHT * (rate - m.idle_write_rate)
-                    continue
-            self._observe(m, now, written, rate, gpus_working)
+        fresh = nfs is not None and nfs is not self._snapshot
+        dt = 0.0
+        if fresh:
+            dt = 0.0 if self._snapshot_at is None else max(0.0, now - self._snapshot_at)
+            self._snapshot, self._snapshot_at = nfs, now
+            self._known = {s.mountpoint: s for s in nfs.mounts}
+            for s in nfs.mounts:
+                if s.role == "checkpoint":
+                    self._mount(s.mountpoint)
+        for m in list(self.mounts.values()):
+            sample = self._known.get(m.mountpoint) if self._snapshot is not None else None
+            if sample is None or sample.write_bytes is None:
+                self._missing(m, now)
+            elif fresh:
+                m.missing_since = None
+                self._observe(m, sample, now, dt, gpus_waiting)
+            if m.active is not None:
+                self._check(m, now)
 
-    def _observe(self, m: MountCheckpoints, now: float, written: float, rate: float, gpus_working: bool) -> None:
+    def _observe(self, m: MountCheckpoints, s: NfsSample, now: float, dt: float, gpus_waiting: bool) -> None:
+        server = s.write_bytes
+        client = s.client_write_bytes if s.client_write_bytes is not None else server
+        before_server, before_client = m.server, m.client
+        m.server, m.client = server, client
+        if before_server is None or dt <= 0:
+            return
+        server_rate = max(0.0, server - before_server) / dt
+        client_rate = max(0.0, client - before_client) / dt
+        c = self.config
+        if m.active is None:
+            quiet = max(server_rate, client_rate) < self.config.write_floor_bytes_per_second
+            if m.quiet is None or quiet:
+                m.quiet = (before_server, before_client)
+            m.settling = m.settling and not quiet
+            if not m.settling:  # the flush that follows a checkpoint's end is not another one
+                self._detect(m, now, dt, server_rate, max(server_rate, client_rate), gpus_waiting)
+            return
         a = m.active
-        if written > a.last_bytes:
-            a.last_bytes, a.progress = written, now
+        if server > a.last_server:
+            a.last_server, a.progress = server, now
             if a.stalled:
                 a.stalled = False
                 log.info("checkpoint resumed", mountpoint=m.mountpoint)
-        m.written_bytes = a.last_bytes - a.start_bytes
-        m.last_progress = a.progress
-        finishing = False
+        written = server - a.start_server
+        a.unflushed = max(0.0, (client - a.start_client) - written)
+        a.writing = max(server_rate, client_rate) >= c.write_floor_bytes_per_second
+        m.written_bytes, m.last_progress = written, a.progress
         if a.source == "detected":
-            quiet = rate < self.config.burst_bytes_per_second
-            a.quiet_since = (a.quiet_since or now) if quiet else None
-            finishing = quiet and gpus_working  # writes done, training resumed: not a stall
-            if finishing and now - a.quiet_since >= self.config.quiet_after:
-                self._end(m, a.quiet_since, None)
-                return
-        if not a.stalled and not finishing and now - a.progress > self.config.stall_after:
+            done = not a.writing and a.unflushed <= max(UNFLUSHED_FLOOR, 0.01 * written)
+            a.quiet_since = (a.quiet_since or now - dt) if done else None
+
+    def _detect(self, m: MountCheckpoints, now: float, dt: float, server_rate: float, rate: float,
+                gpus_waiting: bool) -> None:
+        c = self.config
+        floor = c.burst_factor * m.usual_rate
+        if server_rate > max(c.burst_bytes_per_second, floor):
+            m.candidate = None
+            self._start(m, now - dt, "detected", *m.quiet, None)
+        elif rate > max(c.write_floor_bytes_per_second, floor) and gpus_waiting:
+            m.candidate = now - dt if m.candidate is None else m.candidate
+            if now - m.candidate >= c.detect_after:
+                self._start(m, m.candidate, "detected", *m.quiet, None)
+                m.candidate = None
+        else:
+            m.candidate = None
+            m.rates.append(rate)
+
+    def _check(self, m: MountCheckpoints, now: float) -> None:
+        """The clocks: a finished detected checkpoint ends, a silent one stalls, a forgotten one is closed."""
+        a, c = m.active, self.config
+        if a.quiet_since is not None and now - a.quiet_since >= c.quiet_after:
+            self._end(m, a.quiet_since, None)
+            return
+        open_or_waiting = a.source == "hint" or a.unflushed > UNFLUSHED_FLOOR or a.writing
+        if not a.stalled and open_or_waiting and now - a.progress > c.stall_after:
             a.stalled = True
             log.warning("checkpoint stalled", mountpoint=m.mountpoint, written_bytes=m.written_bytes,
-                        seconds_without_progress=round(now - a.progress, 1))
-        if now - a.started > self.config.abandon_after:
+                        waiting_bytes=a.unflushed, seconds_without_progress=round(now - a.progress, 1))
+        if now - a.started > c.abandon_after:
             log.warning("checkpoint abandoned: nobody ended it", mountpoint=m.mountpoint)
-            self._end(m, now, "aborted")
+            self._end(m, now, "abandoned")
+
+    def _missing(self, m: MountCheckpoints, now: float) -> None:
+        m.missing_since = m.missing_since or now
+        m.server = m.client = None
+        gone = now - m.missing_since
+        if m.active is not None and gone > self.config.stall_after:
+            log.warning("checkpoint lost: its mount is gone", mountpoint=m.mountpoint)
+            self._end(m, m.missing_since, "lost")
+        elif m.active is None and gone > FORGET_AFTER:
+            del self.mounts[m.mountpoint]
 
     def _mount(self, mountpoint: str) -> MountCheckpoints:
         m = self.mounts.get(mountpoint)
         if m is None:
             m = self.mounts[mountpoint] = MountCheckpoints(mountpoint)
-            m.write_bytes = self._known.get(mountpoint)
+            sample = self._known.get(mountpoint)
+            if sample is not None:
+                m.server = sample.write_bytes
+                m.client = sample.client_write_bytes if sample.client_write_bytes is not None else m.server
         return m
 
-    def _start(self, m: MountCheckpoints, now: float, source: str, start_bytes: float,
+    def _start(self, m: MountCheckpoints, now: float, source: str, start_server: float, start_client: float,
                expected: float | None) -> None:
-        m.active = Active(now, source, start_bytes, start_bytes, now, expected)
+        m.active = Active(now, source, start_server, start_client, m.server or start_server, now, expected)
         m.last_started, m.last_progress, m.written_bytes = now, now, 0.0
         log.info("checkpoint started", mountpoint=m.mountpoint, source=source, expected_bytes=expected)
 
@@ -164,10 +249,24 @@ class CheckpointTracker:
         outcome = outcome or ("stalled" if a.stalled else "completed")
         m.outcomes[outcome] += 1
         m.last_duration = max(0.0, now - a.started)
-        m.written_bytes = a.last_bytes - a.start_bytes
-        m.active = None
+        m.written_bytes = a.last_server - a.start_server
+        m.active, m.settling, m.candidate = None, True, None
         log.info("checkpoint ended", mountpoint=m.mountpoint, outcome=outcome,
                  duration_seconds=round(m.last_duration, 1), written_bytes=m.written_bytes)
+
+    # -- what the verdicts read ---------------------------------------------------------------
+
+    def signals(self) -> list[Signal]:
+        """Checkpoints that explain a wait: open by a hint, writing, or with data waiting for the server."""
+        now, out = self._wall(), []
+        for m in self.mounts.values():
+            a = m.active
+            if a is None or not (a.source == "hint" or a.writing or a.unflushed > UNFLUSHED_FLOOR or a.stalled):
+                continue
+            state = (f"stalled: no byte reached the NAS for {now - a.progress:.0f} s" if a.stalled
+                     else f"{(m.written_bytes or 0) / 1e9:.2f} GB written in {now - a.started:.0f} s")
+            out.append(Signal("checkpoint", m.mountpoint, 1.0, f"checkpoint on {m.mountpoint} ({a.source}): {state}"))
+        return out
 
     def any_active(self) -> bool:
         return any(m.active is not None for m in self.mounts.values())

@@ -1,36 +1,44 @@
 """Are the node's GPUs starved, and by what?
 
-Starved: a job is on the GPUs and their busy ratio (GPM SM activity, the
-average over the last sampling window) falls below `drop_ratio` of the level
-that job sustains (the 90th percentile of its recent healthy samples), or below
-`idle_floor` whatever its history. Relative, because a small model never
-saturates an H100 and would otherwise look starved all the time.
+Low: a job is on the GPUs and their busy ratio (GPM SM activity, the average
+over the last sampling window) is below `drop_ratio` of the level that job
+sustains (job.py), or below `idle_floor` once that level is known. Relative,
+because a small model never saturates an H100 and would otherwise look starved
+all the time.
+
+Cold start: before the job's level is known (the agent just started, or a new
+job did), a busy ratio below the absolute `cold_floor` is starved only when
+fresh, strong evidence explains it (a NAS crawling, a congested fabric, CPU
+pressure, a checkpoint). A small model on healthy infrastructure has no such
+evidence and stays unflagged; such a verdict ends when the GPUs reach twice
+its starved level (or the cold floor) or when its evidence goes away.
+
+Cause: the best-ranked explanation (attribution.py); `host` when nothing
+explains the drop (the input pipeline or the CPU), after one more low sample,
+since evidence can trail the GPUs by a sampling interval.
 
 Hysteresis: the verdict clears only after `recover_after` seconds above
-`recover_ratio` of the baseline, and a cause changes only after the new cause
-has held for `recover_after` seconds; so a noisy signal does not flap it.
-
-Evidence can trail the GPUs by a sampling interval (mountstats and the GPUs are
-sampled on their own ticks): with no evidence at all, the verdict waits one
-more low sample before saying `host`, and during its first `recover_after`
-seconds a `host` verdict gives way at once to the first real evidence.
-
-Cause, from the same window, first that applies: `checkpoint` (one is in
-progress), `network` (a used rail down, or congestion, PFC pause or
-retransmissions above thresholds), `storage` (NFS READ latency or queueing,
-reads stopped, NAS probe slow or hung), else `host` (input pipeline or CPU).
+`recover_ratio` of the level; a verdict that came back less than
+`flap_window` seconds after the same cause cleared needs a recovery
+`flap_factor` times longer (an intermittent fault reads as one starvation,
+not a flapping one). While
+starved, `host` yields at once to a cause with evidence, a cause whose
+evidence is gone yields to the best remaining one, and in the first
+`recover_after` seconds the best-ranked cause is taken at once (evidence can
+arrive a tick after the drop); later one cause replaces another after
+outranking it by `SWITCH_MARGIN` for `recover_after` seconds, or after two
+samples in which it is present and outranks a cause only remembered. Nothing
+switches while the GPUs are recovering.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from stoker.config import DetectConfig
-from stoker.detect.view import Evidence
+from stoker.detect.attribution import CAUSES, MIN_SCORE, STRONG
 
-CAUSES = ("storage", "network", "checkpoint", "host")
-MIN_BASELINE_SAMPLES = 10
+SWITCH_MARGIN = 1.5
 
 
 @dataclass
@@ -41,87 +49,125 @@ class Verdict:
     evidence: list[str] = field(default_factory=list)
 
 
-def attribute(evidence: Evidence, checkpoint_active: bool) -> tuple[str, list[str]]:
-    if checkpoint_active:
-        return "checkpoint", ["a checkpoint is in progress"]
-    if evidence.network:
-        return "network", evidence.network
-    if evidence.storage:
-        return "storage", evidence.storage
-    return "host", ["no network, storage or checkpoint evidence: input pipeline or CPU"]
+@dataclass
+class _Starved:
+    cause: str
+    since: float
+    cold: bool  # entered before the job's level was known
+    reentered: bool = False  # the same cause cleared less than flap_window ago
+    levels: list[float] = field(default_factory=list)  # busy while starved, for a cold recovery
+    recovering_since: float | None = None
+    pending: tuple[str, float, int] | None = None  # a cause outranking this one: since when, samples
 
 
 class StarvationDetector:
     def __init__(self, config: DetectConfig):
         self.config = config
-        self._history: deque[tuple[float, float]] = deque()  # (t, busy) while not starved
-        self.cause: str | None = None
-        self.evidence: list[str] = []
-        self._above_since: float | None = None
-        self._pending: tuple[str, float] | None = None  # a different cause, since when
-        self._entered: float | None = None
+        self.state: _Starved | None = None
         self._unexplained_lows = 0
+        self._ended: tuple[str, float] | None = None  # the last verdict's cause and end
         self.seconds: dict[str, float] = {c: 0.0 for c in CAUSES}
         self._last_t: float | None = None
 
-    def baseline(self) -> float | None:
-        if len(self._history) < MIN_BASELINE_SAMPLES:
-            return None
-        ordered = sorted(b for _, b in self._history)
-        return ordered[int(0.9 * (len(ordered) - 1))]
+    @property
+    def cause(self) -> str | None:
+        return self.state.cause if self.state else None
 
-    def update(self, t: float, busy: float | None, job: bool, evidence: Evidence,
-               checkpoint_active: bool) -> Verdict:
-        if self.cause is not None and self._last_t is not None:
-            self.seconds[self.cause] += max(0.0, t - self._last_t)
+    def low(self, busy: float, baseline: float | None) -> bool:
+        """Below the job's level by the drop ratio, or idle once that level is known."""
+        return baseline is not None and (busy < self.config.idle_floor or busy < self.config.drop_ratio * baseline)
+
+    def at_level(self, busy: float | None, baseline: float | None) -> bool:
+        """Working as this job does: evidence present now did not starve it."""
+        if busy is None or self.state is not None:
+            return False
+        if baseline is None:
+            return busy >= self.config.cold_floor
+        return busy >= self.config.recover_ratio * baseline
+
+    def update(self, t: float, busy: float | None, job: bool, baseline: float | None,
+               scores: dict[str, float], fresh: dict[str, float]) -> str | None:
+        """One tick; `scores` weigh every remembered signal by cause, `fresh` only this window's."""
+        if self.state is not None and self._last_t is not None:
+            self.seconds[self.state.cause] += max(0.0, t - self._last_t)
         self._last_t = t
-        c = self.config
         if busy is None or not job:
-            self._clear()
-            return Verdict(None, busy, self.baseline())
-        baseline = self.baseline()
-        low = busy < c.idle_floor or (baseline is not None and busy < c.drop_ratio * baseline)
-        high = busy >= 2 * c.idle_floor and (baseline is None or busy >= c.recover_ratio * baseline)
-        cause, why = attribute(evidence, checkpoint_active)
-        if self.cause is None:
-            if low and (cause != "host" or self._unexplained_lows >= 1):
-                self.cause, self.evidence, self._above_since, self._pending = cause, why, None, None
-                self._entered, self._unexplained_lows = t, 0
-            elif low:
-                self._unexplained_lows += 1
-            else:
-                self._unexplained_lows = 0
-                self._remember(t, busy)
+            self.clear(t)
+            return None
+        best = max(CAUSES, key=lambda k: scores[k])
+        explained = best if scores[best] >= MIN_SCORE else None
+        if self.state is None:
+            self._enter(t, busy, baseline, explained, fresh)
         else:
-            if high:
-                self._above_since = self._above_since if self._above_since is not None else t
-                if t - self._above_since >= c.recover_after:
-                    self._clear()
-                    self._remember(t, busy)
-                    return Verdict(None, busy, baseline)
+            self._follow(t, busy, baseline, scores, fresh, explained)
+        return self.cause
+
+    def _enter(self, t: float, busy: float, baseline: float | None, explained: str | None,
+               fresh: dict[str, float]) -> None:
+        c = self.config
+        if self.low(busy, baseline):
+            if explained is not None or self._unexplained_lows >= 1:
+                self._start(t, explained or "host", cold=False)
             else:
-                self._above_since = None
-            self._switch(t, cause, why)
-        return Verdict(self.cause, busy, baseline, list(self.evidence))
-
-    def _switch(self, t: float, cause: str, why: list[str]) -> None:
-        if cause == self.cause:
-            self._pending = None
-            self.evidence = why
+                self._unexplained_lows += 1
             return
-        if self.cause == "host" and t - self._entered < self.config.recover_after:
-            self.cause, self.evidence, self._pending = cause, why, None  # the evidence arrived late
+        self._unexplained_lows = 0
+        if baseline is None and busy < c.cold_floor:
+            cause = max(CAUSES, key=lambda k: fresh[k])
+            if fresh[cause] >= STRONG:
+                self._start(t, cause, cold=True)
+                self.state.levels.append(busy)
+
+    def _start(self, t: float, cause: str, cold: bool) -> None:
+        ended = self._ended
+        reentered = ended is not None and ended[0] == cause and t - ended[1] < self.config.flap_window
+        self.state = _Starved(cause, t, cold, reentered)
+        self._unexplained_lows = 0
+
+    def _follow(self, t: float, busy: float, baseline: float | None, scores: dict[str, float],
+                fresh: dict[str, float], explained: str | None) -> None:
+        s, c = self.state, self.config
+        if s.cold and baseline is None:
+            s.levels.append(busy)
+            typical = sorted(s.levels)[len(s.levels) // 2]
+            recovered = (busy >= min(c.cold_floor, max(2 * typical, 2 * c.idle_floor))
+                         or scores[s.cause] < MIN_SCORE)
+            starved = not recovered
+        else:
+            recovered = baseline is not None and busy >= c.recover_ratio * baseline
+            starved = baseline is not None and self.low(busy, baseline)
+        if recovered:
+            s.recovering_since = t if s.recovering_since is None else s.recovering_since
+            needed = c.recover_after * (c.flap_factor if s.reentered else 1.0)
+            if t - s.recovering_since >= needed:
+                self.clear(t)
             return
-        if self._pending is None or self._pending[0] != cause:
-            self._pending = (cause, t)
-        elif t - self._pending[1] >= self.config.recover_after:
-            self.cause, self.evidence, self._pending = cause, why, None
+        s.recovering_since = None
+        if starved:
+            self._switch(t, scores, fresh, explained)
 
-    def _remember(self, t: float, busy: float) -> None:
-        self._history.append((t, busy))
-        while self._history and self._history[0][0] < t - self.config.baseline_window:
-            self._history.popleft()
+    def _switch(self, t: float, scores: dict[str, float], fresh: dict[str, float], explained: str | None) -> None:
+        s = self.state
+        if explained is None or explained == s.cause:
+            s.pending = None
+            if explained is None and s.cause != "host" and scores[s.cause] < MIN_SCORE:
+                s.cause = "host"  # its evidence is gone and nothing else explains the wait
+            return
+        if s.cause == "host" or scores[s.cause] < MIN_SCORE or t - s.since < self.config.recover_after:
+            s.cause, s.pending = explained, None
+            return
+        outranks = scores[explained] >= SWITCH_MARGIN * scores[s.cause]
+        replaces = fresh[s.cause] == 0 and fresh[explained] > scores[s.cause]  # present against remembered
+        if not (outranks or replaces):
+            s.pending = None
+            return
+        since, samples = (s.pending[1], s.pending[2] + 1) if s.pending and s.pending[0] == explained else (t, 1)
+        s.pending = (explained, since, samples)
+        if (replaces and samples >= 2) or t - since >= self.config.recover_after:
+            s.cause, s.pending = explained, None
 
-    def _clear(self) -> None:
-        self.cause, self.evidence, self._above_since, self._pending = None, [], None, None
+    def clear(self, t: float) -> None:
+        if self.state is not None:
+            self._ended = (self.state.cause, t)
+        self.state = None
         self._unexplained_lows = 0

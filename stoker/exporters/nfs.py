@@ -26,14 +26,19 @@ def families(snapshot: NfsSnapshot):
     scale = {f: k for f, _, _, k in PER_OP}
     read = CounterMetricFamily("stoker_nfs_read_bytes", "Bytes read from the server.", labels=["mountpoint"])
     write = CounterMetricFamily("stoker_nfs_write_bytes", "Bytes written to the server.", labels=["mountpoint"])
+    client_write = CounterMetricFamily("stoker_nfs_client_write_bytes", "Bytes applications wrote to the mount "
+                                       "(page cache and O_DIRECT); those not yet in stoker_nfs_write_bytes_total "
+                                       "wait for the server.", labels=["mountpoint"])
     for m in snapshot.mounts:
         info.add_metric([m.mountpoint, m.export, m.version, m.protocol, str(m.nconnect), m.role], 1)
         if m.read_bytes is not None:
             read.add_metric([m.mountpoint], m.read_bytes)
         if m.write_bytes is not None:
             write.add_metric([m.mountpoint], m.write_bytes)
+        if m.client_write_bytes is not None:
+            client_write.add_metric([m.mountpoint], m.client_write_bytes)
         for op, values in m.ops.items():
             for f, value in values.items():
                 if f in per_op:  # per-op bytes are not exported: they would double the series
                     per_op[f].add_metric([m.mountpoint, op], value * scale[f])
-    return [info, *per_op.values(), read, write]
+    return [info, *per_op.values(), read, write, client_write]

@@ -1,4 +1,4 @@
-"""Verdicts as the `stoker_gpu_busy_ratio`, `stoker_starved*` and `stoker_checkpoint*` families."""
+"""Verdicts as the `stoker_gpu_busy_ratio`, `stoker_starved*`, evidence and `stoker_checkpoint*` families."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from stoker.detect.attribution import CAUSES
 from stoker.detect.checkpoint import OUTCOMES
-from stoker.detect.starvation import CAUSES
 
 if TYPE_CHECKING:
     from stoker.agent.verdicts import VerdictCollector
@@ -25,10 +25,19 @@ def families(v: VerdictCollector):
     starved = GaugeMetricFamily("stoker_starved", "1 while the node's GPUs are starved for that cause.",
                                 labels=["cause"])
     seconds = CounterMetricFamily("stoker_starved_seconds", "Time spent starved, by cause.", labels=["cause"])
+    score = GaugeMetricFamily("stoker_cause_evidence_score", "Weight of the evidence for each cause: 0 none, "
+                              "1 at a threshold, more when stronger, less when stale or older than the drop.",
+                              labels=["cause"])
     for cause in CAUSES:
         starved.add_metric([cause], 1 if v.verdict.cause == cause else 0)
         seconds.add_metric([cause], v.starvation.seconds[cause])
-    return [busy, baseline, starved, seconds, *checkpoint_families(v)]
+        score.add_metric([cause], round(v.scores.get(cause, 0.0), 3))
+    strength = GaugeMetricFamily("stoker_evidence_strength", "Each signal seen in the last window, as its "
+                                 "measured value over its threshold.", labels=["cause", "signal", "source"])
+    for s in sorted(v.attribution.current(), key=lambda s: s.key):
+        if s.kind != "checkpoint":
+            strength.add_metric([s.cause, s.kind, s.source], round(s.strength, 3))
+    return [busy, baseline, starved, seconds, score, strength, *checkpoint_families(v)]
 
 
 def checkpoint_families(v: VerdictCollector):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pynvml as N
 
-from stoker.sim.node import SimNode
+from stoker.sim.node import SimNode, job_memory_mib, job_pid
 
 MIB = 1 << 20
 MODEL = "NVIDIA H100 80GB HBM3"
@@ -28,7 +28,6 @@ POWER_LIMIT_MW = 700_000
 DRIVER = "580.159.04"
 NVML_VERSION = "13.580.159.04"
 NVLINK_MIB_PER_TENSOR_PERCENT = 1200.0  # ~125 GB/s of all-reduce traffic at full tensor load
-NO_JOB_PHASES = {"idle_after"}
 
 GPM_COLUMNS = {
     N.NVML_GPM_METRIC_SM_UTIL: "gpm_sm_util",
@@ -191,14 +190,18 @@ class FakeNVML:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle) -> list:
         gpu = self._gpu(handle, "nvmlDeviceGetComputeRunningProcesses")
-        if self.node.gpu_phase() in NO_JOB_PHASES:
+        job = self.node.job()
+        if not job:
             return []
-        row = self._row(gpu)
-        return [N.nvmlFriendlyObject({"pid": 4242 + gpu.index, "usedGpuMemory": int(row["mem_used_mib"] * MIB),
+        return [N.nvmlFriendlyObject({"pid": job_pid(job, gpu.index), "usedGpuMemory": self._memory_used(gpu),
                                       "gpuInstanceId": 0xFFFFFFFF, "computeInstanceId": 0xFFFFFFFF})]
 
+    def _memory_used(self, gpu: _FakeGpu) -> int:
+        """The recorded context and phase, plus what the job holding the GPUs keeps allocated."""
+        return int((self._row(gpu)["mem_used_mib"] + job_memory_mib(self.node.job())) * MIB)
+
     def nvmlDeviceGetMemoryInfo(self, handle):
-        used = int(self._row(self._gpu(handle, "nvmlDeviceGetMemoryInfo"))["mem_used_mib"] * MIB)
+        used = self._memory_used(self._gpu(handle, "nvmlDeviceGetMemoryInfo"))
         return N.c_nvmlMemory_t(total=MEMORY_TOTAL, free=MEMORY_TOTAL - used, used=used)
 
     def nvmlDeviceGetPowerUsage(self, handle) -> int:

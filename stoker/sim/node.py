@@ -1,14 +1,23 @@
-"""The simulated XE9680: 8 GPUs in one job, walking through a scenario."""
+"""The simulated XE9680: 8 GPUs held by one job at a time, walking through a scenario."""
 
 from __future__ import annotations
 
+import random
 import time
+import zlib
 from typing import Callable
 
 from stoker.sim import scenarios, trace
 
 GPU_COUNT = 8
 ROW_STAGGER = 7  # rows between neighbouring GPUs, so they move alike but not in lockstep
+ACTIVITY = ("gpm_sm_util", "gpm_sm_occupancy", "gpm_any_tensor_util", "gpm_dram_bw_util", "gpm_graphics_util",
+            "util_gpu", "gpm_pcie_tx_per_sec", "gpm_pcie_rx_per_sec")
+PERCENT = {"gpm_sm_util", "gpm_sm_occupancy", "gpm_any_tensor_util", "gpm_dram_bw_util", "gpm_graphics_util",
+           "util_gpu"}
+IDLE_POWER_W = 121.0  # the recorded H200 with nothing running
+NOISE = tuple(random.Random(11).gauss(0.0, 1.0) for _ in range(4093))
+"""One draw per second, the same on every GPU: a job's step time jitters for all its ranks at once."""
 
 
 class SimNode:
@@ -34,9 +43,35 @@ class SimNode:
     def lost_gpus(self) -> tuple[int, ...]:
         return self.step().lost_gpus
 
+    def job(self) -> str:
+        """The job holding the GPUs now; "" when none does."""
+        step = self.step()
+        return step.job if step.has_job else ""
+
     def gpu_row(self, gpu: int, t: float) -> dict[str, float]:
         step, into = self.scenario.at(t)
-        return trace.row_at(trace.phases()[step.gpu_phase], into, gpu * ROW_STAGGER)
+        row = trace.row_at(trace.phases()[step.gpu_phase], into, gpu * ROW_STAGGER)
+        factor = step.level
+        if step.noise:
+            factor *= max(0.0, 1.0 + step.noise * NOISE[int(t) % len(NOISE)])
+        if factor == 1.0:
+            return row
+        out = dict(row)
+        for column in ACTIVITY:
+            value = row[column] * factor
+            out[column] = min(100.0, value) if column in PERCENT else value
+        out["power_w"] = IDLE_POWER_W + max(0.0, row["power_w"] - IDLE_POWER_W) * min(factor, 1.0)
+        return out
+
+
+def job_pid(job: str, gpu: int) -> int:
+    """The PID of a job's rank on a GPU: a new job id gives new PIDs, as a new launch does."""
+    return 10_000 + zlib.crc32(job.encode()) % 3_000_000 + gpu
+
+
+def job_memory_mib(job: str) -> float:
+    """Framebuffer a job holds on each GPU beyond the recorded context: 40-70 GiB, as 7B-70B training does."""
+    return 0.0 if not job else 40_960.0 + zlib.crc32(job.encode()) % 30_720
 
 
 class Ticker:

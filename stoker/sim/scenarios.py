@@ -1,26 +1,73 @@
-"""Scenarios of the simulated node: which recorded GPU phase plays when.
+"""Scenarios of the simulated node, as data: TOML files of steps.
 
-A scenario is a loop of steps; each step names the recorded GPU phase the
-eight simulated GPUs replay, the condition of the network, and how long it
-lasts. A starved step replays `input_starved`: the GPUs wait, whatever for.
+A step names the recorded GPU phase the eight simulated GPUs replay, how long
+it lasts, and any mix of conditions: the network's, the storage's, the host's,
+GPUs fallen off the bus, which job holds the GPUs (a new job id is a new job:
+new PIDs, its own framebuffer), the level that job reaches (a smaller model
+replays the recording scaled down), step-to-step noise, and whether the job
+hints its checkpoints. The built-in scenarios are such files
+(`stoker/sim/data/scenarios/*.toml`); operators write their own to reproduce an
+incident, and `stoker replay FILE` judges the verdicts against the file's
+expectations. docs/SCENARIOS.md describes the format.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 
-from stoker.sim import trace
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
 
-WARMUP = 10.0  # seconds of healthy training before a scenario's fault, so the job's level is known
+WARMUP = 10.0
+"""Seconds of healthy training the built-in fault scenarios start with, so the job's level is known."""
+
+GPU_PHASES = ("idle", "saturated", "input_starved", "pcie_bound", "checkpoint", "idle_after")
+NETWORK = ("normal", "congested", "lossy", "port-down")
+STORAGE = ("normal", "slow-read", "slow-write", "write-stall", "hung")
+HOST = ("normal", "cpu-bound", "memory-pressure")
+VERDICTS = ("none", "storage", "network", "checkpoint", "host")
+CHECKPOINT_STATES = ("none", "in_progress", "stalled")
+DEFAULT_JOB = "train"
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be played; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
 class Step:
     gpu_phase: str
     duration: float
-    network: str = "normal"  # normal | congested | lossy | port-down
-    storage: str = "normal"  # normal | slow-read | slow-write | write-stall | hung
+    network: str = "normal"
+    storage: str = "normal"
     lost_gpus: tuple[int, ...] = ()  # GPUs fallen off the bus (XID 79)
+    host: str = "normal"
+    job: str = DEFAULT_JOB  # "" while no job holds the GPUs
+    level: float = 1.0  # the job's activity relative to the recording (a smaller model: below 1)
+    noise: float = 0.0  # relative step-to-step jitter of the activity (standard deviation)
+    hint: bool = False  # the job tells the agent about this checkpoint (start and end)
+
+    @property
+    def has_job(self) -> bool:
+        return bool(self.job) and self.gpu_phase != "idle_after"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the verdicts should be from `start` to `end` (scenario seconds), reached within `within`."""
+
+    start: float
+    end: float
+    verdict: str | None = None  # a cause, or "none"
+    checkpoint: str | None = None  # none | in_progress | stalled
+    within: float = 3.0
+    share: float = 1.0  # of the samples after `start + within` that must match
+    never: tuple[str, ...] = ()  # verdicts that must not appear from `start` to `end`
 
 
 @dataclass(frozen=True)
@@ -28,84 +75,149 @@ class Scenario:
     name: str
     steps: tuple[Step, ...]
     description: str
+    loop: bool = True
+    fault_at: float = 0.0  # `stoker check --simulate` starts here
+    expect: tuple[Expectation, ...] = ()
+    outcomes: dict[str, int] = field(default_factory=dict)  # checkpoint outcomes expected by the end
+    restarts: tuple[float, ...] = ()  # `stoker replay` restarts the agent at these scenario seconds
 
     @property
     def period(self) -> float:
         return sum(s.duration for s in self.steps)
 
     def at(self, t: float) -> tuple[Step, float]:
-        """The step in force `t` seconds after start, and how far into it we are."""
-        t %= self.period
+        """The step in force `t` seconds after start, and how far into it we are. Past the
+        end a looping scenario starts over; any other holds its last step."""
+        if self.loop:
+            t %= self.period
         for step in self.steps:
             if t < step.duration:
                 return step, t
             t -= step.duration
-        return self.steps[-1], self.steps[-1].duration
+        last = self.steps[-1]
+        return last, last.duration + t
 
 
-def _recorded() -> tuple[Step, ...]:
-    return tuple(Step(p.name, p.duration) for p in trace.phases().values())
+def _check(value, allowed: tuple[str, ...], key: str) -> str:
+    if value not in allowed:
+        raise ScenarioError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
-def _after_warmup(*steps: Step) -> tuple[Step, ...]:
-    return (Step("saturated", WARMUP),) + steps
+def _number(table: dict, key: str, where: str, default: float | None = None, low: float = 0.0,
+            high: float = float("inf")) -> float:
+    value = table.get(key, default)
+    if value is None:
+        raise ScenarioError(f"{where}.{key}: required")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ScenarioError(f"{where}.{key}: expected a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
 
 
-SCENARIOS = {
-    "cycle": lambda: Scenario("cycle", _recorded() + (
-        Step("input_starved", 15.0, network="congested"),
-        Step("input_starved", 15.0, network="lossy"),
-        Step("input_starved", 15.0, network="port-down"),
-        Step("input_starved", 15.0, storage="slow-read"),
-        Step("checkpoint", 15.0, storage="slow-write"),
-        Step("input_starved", 15.0, storage="hung"),
-        Step("checkpoint", 15.0, storage="write-stall"),
-        Step("saturated", 15.0, lost_gpus=(5,))),
-        "walks through every recorded phase, then the network faults, in turn"),
-    "healthy": lambda: Scenario("healthy", (Step("saturated", 60.0),), "a training job keeping the GPUs busy"),
-    "network-congested": lambda: Scenario("network-congested", _after_warmup(
-        Step("input_starved", 600.0, network="congested")),
-        "ECN marks, CNPs and PFC pauses rise on every rail while SM activity falls"),
-    "network-lossy": lambda: Scenario("network-lossy", _after_warmup(
-        Step("input_starved", 600.0, network="lossy")),
-        "out-of-sequence packets, local ACK timeouts and retransmissions rise"),
-    "port-down": lambda: Scenario("port-down", _after_warmup(
-        Step("input_starved", 600.0, network="port-down")),
-        "rail 3's RoCE port goes down"),
-    "storage-starved": lambda: Scenario("storage-starved", _after_warmup(
-        Step("input_starved", 600.0, storage="slow-read")),
-        "NFS READ latency and queueing rise on the data mount while SM activity falls"),
-    "checkpoint": lambda: Scenario("checkpoint", _after_warmup(
-        Step("checkpoint", 13.0), Step("saturated", 600.0)),
-        "a checkpoint written to the NAS at full speed, then training resumes"),
-    "checkpoint-slow": lambda: Scenario("checkpoint-slow", _after_warmup(
-        Step("checkpoint", 600.0, storage="slow-write")),
-        "a checkpoint whose writes crawl: the NAS takes 4 MB/s"),
-    "checkpoint-stall": lambda: Scenario("checkpoint-stall", _after_warmup(
-        Step("checkpoint", 4.0), Step("checkpoint", 600.0, storage="write-stall")),
-        "a checkpoint starts, then no byte reaches the NAS while the GPUs wait"),
-    "host-starved": lambda: Scenario("host-starved", _after_warmup(
-        Step("input_starved", 600.0)),
-        "the input pipeline cannot keep up (CPU-bound data loading): network and storage are fine"),
-    "gpu-lost": lambda: Scenario("gpu-lost", _after_warmup(
-        Step("saturated", 600.0, lost_gpus=(5,))),
-        "GPU 5 falls off the bus (XID 79); the other seven carry on in this simulation"),
-    "nas-hang": lambda: Scenario("nas-hang", _after_warmup(
-        Step("input_starved", 600.0, storage="hung")),
-        "the NAS stops answering: no RPC completes, probes block"),
-}
+def _known(table: dict, allowed: set[str], where: str) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+STEP_KEYS = {"gpu", "seconds", "network", "storage", "host", "lost_gpus", "job", "level", "noise", "hint"}
+EXPECT_KEYS = {"from", "to", "verdict", "checkpoint", "within", "share", "never"}
+
+
+def _step(table: dict, where: str) -> Step:
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{where}: expected a table")
+    _known(table, STEP_KEYS, where)
+    lost = table.get("lost_gpus", [])
+    if not isinstance(lost, list) or not all(isinstance(i, int) and 0 <= i < 8 for i in lost):
+        raise ScenarioError(f"{where}.lost_gpus: expected a list of GPU indexes 0-7")
+    job = table.get("job", DEFAULT_JOB)
+    if not isinstance(job, str):
+        raise ScenarioError(f"{where}.job: expected a string")
+    if not isinstance(table.get("hint", False), bool):
+        raise ScenarioError(f"{where}.hint: expected true or false")
+    return Step(gpu_phase=_check(table.get("gpu"), GPU_PHASES, f"{where}.gpu"),
+                duration=_number(table, "seconds", where, low=0.1),
+                network=_check(table.get("network", "normal"), NETWORK, f"{where}.network"),
+                storage=_check(table.get("storage", "normal"), STORAGE, f"{where}.storage"),
+                host=_check(table.get("host", "normal"), HOST, f"{where}.host"),
+                lost_gpus=tuple(lost), job=job,
+                level=_number(table, "level", where, 1.0, 0.0, 1.0),
+                noise=_number(table, "noise", where, 0.0, 0.0, 0.5),
+                hint=table.get("hint", False))
+
+
+def _expectation(table: dict, where: str) -> Expectation:
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{where}: expected a table")
+    _known(table, EXPECT_KEYS, where)
+    verdict = table.get("verdict")
+    checkpoint = table.get("checkpoint")
+    if verdict is None and checkpoint is None and not table.get("never"):
+        raise ScenarioError(f"{where}: give `verdict`, `checkpoint` or `never`")
+    never = table.get("never", [])
+    if not isinstance(never, list):
+        raise ScenarioError(f"{where}.never: expected a list")
+    start = _number(table, "from", where)
+    return Expectation(
+        start=start, end=_number(table, "to", where, low=start),
+        verdict=None if verdict is None else _check(verdict, VERDICTS, f"{where}.verdict"),
+        checkpoint=None if checkpoint is None else _check(checkpoint, CHECKPOINT_STATES, f"{where}.checkpoint"),
+        within=_number(table, "within", where, 3.0), share=_number(table, "share", where, 1.0, 0.0, 1.0),
+        never=tuple(_check(v, VERDICTS, f"{where}.never") for v in never))
+
+
+def parse(text: str, name: str) -> Scenario:
+    """A scenario from TOML text; ScenarioError names the key that is wrong."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{name}: not valid TOML: {exc}") from None
+    _known(table, {"description", "loop", "fault_at", "restarts", "steps", "expect", "outcomes"}, name)
+    steps = table.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise ScenarioError(f"{name}: needs at least one [[steps]] table")
+    outcomes = table.get("outcomes", {})
+    if not isinstance(outcomes, dict) or not all(isinstance(v, int) for v in outcomes.values()):
+        raise ScenarioError(f"{name}.outcomes: expected a table of outcome = count")
+    loop = table.get("loop", False)
+    if not isinstance(loop, bool):
+        raise ScenarioError(f"{name}.loop: expected true or false")
+    restarts = table.get("restarts", [])
+    if not isinstance(restarts, list) or not all(isinstance(r, (int, float)) and r > 0 for r in restarts):
+        raise ScenarioError(f"{name}.restarts: expected a list of positive scenario seconds")
+    return Scenario(
+        name=name,
+        steps=tuple(_step(s, f"{name}.steps[{i}]") for i, s in enumerate(steps)),
+        description=str(table.get("description", "")),
+        loop=loop,
+        fault_at=_number(table, "fault_at", name, 0.0),
+        expect=tuple(_expectation(e, f"{name}.expect[{i}]") for i, e in enumerate(table.get("expect", []))),
+        outcomes=dict(outcomes), restarts=tuple(sorted(float(r) for r in restarts)))
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name[:-5] for p in (resources.files("stoker.sim") / "data" / "scenarios").iterdir()
+                  if p.name.endswith(".toml"))
+
 
 DEFAULT = "cycle"
 
 
-def fault_start(name: str) -> float:
-    """Seconds before a scenario's fault begins: its warm-up, when it has one."""
-    steps = get(name).steps
-    return WARMUP if len(steps) > 1 and steps[0] == Step("saturated", WARMUP) and name != "cycle" else 0.0
-
-
 def get(name: str) -> Scenario:
-    try:
-        return SCENARIOS[name]()
-    except KeyError:
-        raise ValueError(f"unknown scenario {name!r} (known: {', '.join(sorted(SCENARIOS))})") from None
+    """A built-in scenario by name, or a scenario file by path."""
+    if name.endswith(".toml") or "/" in name:
+        try:
+            text = Path(name).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ScenarioError(f"{name}: cannot read: {exc}") from None
+        return parse(text, Path(name).stem)
+    if name not in builtin_names():
+        raise ScenarioError(f"unknown scenario {name!r} (built in: {', '.join(builtin_names())}; or a .toml file)")
+    return parse((resources.files("stoker.sim") / "data" / "scenarios" / f"{name}.toml").read_text(), name)
+
+
+def fault_start(name: str) -> float:
+    """Seconds before a scenario's fault begins (`stoker check --simulate` skips them)."""
+    return get(name).fault_at
+

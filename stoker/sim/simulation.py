@@ -1,4 +1,4 @@
-"""The whole simulated XE9680: one scenario driving the fake NVML and the NICs."""
+"""The whole simulated XE9680: one scenario driving the fake NVML, the NICs, the mounts and the host."""
 
 from __future__ import annotations
 
@@ -7,17 +7,31 @@ import dataclasses
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
-from stoker.config import Config, ProbeTarget
-
+from stoker import logs
 from stoker.agent.platform import Platform
+from stoker.config import CheckpointConfig, Config, DetectConfig, ProbesConfig, ProbeTarget
 from stoker.sim.fake_nvml import FakeNVML
+from stoker.sim.host import SimHost
 from stoker.sim.network import FakeEthtool, SimLinks, SimNetwork
 from stoker.sim.node import SimNode
 from stoker.sim.storage import SimStorage
 
+if TYPE_CHECKING:
+    from stoker.agent.runtime import Agent
+    from stoker.detect.checkpoint import CheckpointTracker
+
+log = logs.get("sim")
+
 ADVANCE_EVERY = 0.25  # seconds between counter-file updates of the simulated kernel
 SIM_TOKEN = "simulated-node-hint-token"  # the hint API's token on the simulated node (a demo, not a secret)
+CHECKPOINT_MOUNT = "/mnt/checkpoints"
+# Thresholds shortened so that every built-in scenario reaches its verdict within 30 s; only those
+# left at their defaults are shortened (a test or a demo can still ask for production values).
+SHORTENED = {"probes": {"interval": 2.0, "timeout": 4.0}, "detect": {"probe_hung_seconds": 3.0},
+             "checkpoint": {"stall_after": 8.0, "quiet_after": 3.0}}
+DEFAULTS = {"probes": ProbesConfig(), "detect": DetectConfig(), "checkpoint": CheckpointConfig()}
 
 
 class Simulation:
@@ -27,41 +41,71 @@ class Simulation:
         self.root = root
         self.sysfs_root = os.path.join(root, "sys")
         self.procfs_root = os.path.join(root, "proc")
+        self.token_file = os.path.join(root, "hint-token")
+        self.hint_url_file = os.path.join(root, "hint-url")
         self.node = SimNode(scenario, clock=clock, skip=skip)
         self.nvml = FakeNVML(self.node)
         self.network = SimNetwork(self.node, self.sysfs_root, rdma_ports)
         self.storage = SimStorage(self.node, self.procfs_root, os.path.join(root, "nas"), socket.gethostname())
+        self.host = SimHost(self.node, self.procfs_root)
         self.network.build()
         self.storage.build()
+        self.host.build()
+        self._hinting = False
+        self._hints: list[str] = []  # start | end, for the job's hinted checkpoints, not yet delivered
 
     def configure(self, cfg: Config) -> Config:
-        """The configuration pointed at the simulated kernel, its mounts and their roles, with the
-        time thresholds shortened so that every scenario reaches its verdict within 30 s
-        (README: "The simulated node")."""
+        """The configuration pointed at the simulated kernel, its mounts and their roles; the hint
+        API on a free loopback port unless one was chosen (several simulated nodes fit on a machine)."""
         targets = tuple(ProbeTarget(m.mountpoint, m.probe_dir) for m in self.storage.mounts)
         token_file = cfg.checkpoint.token_file
         if not token_file:
-            token_file = os.path.join(self.root, "hint-token")
+            token_file = self.token_file
             with open(token_file, "w") as fh:
                 fh.write(SIM_TOKEN + "\n")
+        listen = cfg.checkpoint.listen
+        if listen == CheckpointConfig().listen:
+            listen = "127.0.0.1:0"
+        shortened = {section: dataclasses.replace(getattr(cfg, section), **{
+            key: short for key, short in keys.items()
+            if getattr(getattr(cfg, section), key) == getattr(DEFAULTS[section], key)})
+            for section, keys in SHORTENED.items()}
         return dataclasses.replace(
             cfg,
             agent=dataclasses.replace(cfg.agent, sysfs_root=self.sysfs_root, procfs_root=self.procfs_root),
-            nfs=dataclasses.replace(cfg.nfs, data_mounts=("/mnt/data",), checkpoint_mounts=("/mnt/checkpoints",)),
-            probes=dataclasses.replace(cfg.probes, targets=cfg.probes.targets or targets,
-                                       interval=min(cfg.probes.interval, 2.0), timeout=min(cfg.probes.timeout, 4.0)),
-            detect=dataclasses.replace(cfg.detect, probe_hung_seconds=min(cfg.detect.probe_hung_seconds, 3.0)),
-            checkpoint=dataclasses.replace(cfg.checkpoint, token_file=token_file,
-                                           stall_after=min(cfg.checkpoint.stall_after, 8.0),
-                                           quiet_after=min(cfg.checkpoint.quiet_after, 3.0)))
+            nfs=dataclasses.replace(cfg.nfs, data_mounts=("/mnt/data",), checkpoint_mounts=(CHECKPOINT_MOUNT,)),
+            probes=dataclasses.replace(shortened["probes"], targets=cfg.probes.targets or targets),
+            detect=shortened["detect"],
+            checkpoint=dataclasses.replace(shortened["checkpoint"], token_file=token_file, listen=listen))
 
     def advance(self) -> None:
         self.network.advance()
         self.storage.advance()
+        self.host.advance()
+        hinting = self.node.step().hint
+        if hinting != self._hinting:
+            self._hints.append("start" if hinting else "end")
+            self._hinting = hinting
 
-    async def _drive(self) -> None:
+    def deliver_hints(self, tracker: CheckpointTracker) -> None:
+        """What the simulated job tells the agent about its checkpoints, as `stoker.hints` would."""
+        hints, self._hints = self._hints, []
+        for hint in hints:
+            if hint == "start":
+                tracker.hint_start(CHECKPOINT_MOUNT)
+            elif tracker.mounts.get(CHECKPOINT_MOUNT) and tracker.mounts[CHECKPOINT_MOUNT].active:
+                tracker.hint_end(CHECKPOINT_MOUNT, "completed")
+
+    async def _drive(self, agent: Agent) -> None:
+        if agent.hint_url:
+            with open(self.hint_url_file, "w") as fh:
+                fh.write(agent.hint_url + "\n")
+        log.info("simulated node", scenario=self.node.scenario.name, root=self.root,
+                 token_file=agent.config.checkpoint.token_file, hint_url=agent.hint_url)
         while True:
             await asyncio.to_thread(self.advance)
+            if agent.verdicts is not None:
+                self.deliver_hints(agent.verdicts.checkpoints)
             await asyncio.sleep(ADVANCE_EVERY)
 
     def platform(self) -> Platform:

@@ -2,11 +2,14 @@
 
 Two NFS mounts, as on the XE9680 nodes: training data (NFSv4.1 over TCP,
 nconnect=8) and checkpoints (NFSv4.1 over RDMA). Reads follow the GPU phase
-(the input pipeline reads while the GPUs compute), checkpoint writes follow the
-`checkpoint` phase, and the scenario's storage condition slows reads, slows
-checkpoint writes, or hangs the NAS (no RPC completes; the probe directories
-get a FIFO where the probe opens its file, so a probe blocks in open() as on a
-hung hard mount).
+(the input pipeline reads while the GPUs compute). Checkpoint writes follow
+the `checkpoint` phase as the kernel sees them: the job's writes land in the
+page cache (`bytes:` normalwrite) and write-back sends them to the server
+(serverwrite) as fast as the NAS takes them; once `DIRTY_LIMIT` bytes are
+waiting, the job's writes block. The scenario's storage condition slows reads,
+slows or stops write-back, or hangs the NAS (no RPC completes). Where the NAS
+does not answer, the probe directory gets a FIFO where the probe opens its
+file, so a probe blocks in open() as on a hung hard mount.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ LATENCY = {
     "slow-write": {"READ": (0.05, 1.4, 1.6), "WRITE": (180.0, 120.0, 310.0), "COMMIT": (60.0, 900.0, 960.0), "*": (0.5, 2.0, 2.6)},
 }
 READ_BYTES_PER_BUSY_S = 2.4e9  # input pipeline at full GPU load, bytes/s from the data mount
-CHECKPOINT_BYTES_PER_S = {"normal": 1.25e9, "slow-write": 4e6, "slow-read": 1.25e9, "write-stall": 0.0}
+CHECKPOINT_BYTES_PER_S = 1.25e9  # what the job hands to the page cache while it writes a checkpoint
+SERVER_WRITE_BYTES_PER_S = {"slow-write": 4e6, "write-stall": 0.0}  # else the NAS keeps up
+DIRTY_LIMIT = 512 * MIB  # NFS write-back throttles a writer once this much waits for the server
 PROBE_FILE = ".stoker-probe-{node}"
 
 
@@ -46,6 +51,7 @@ class SimMount:
     probe_dir: str = ""
     ops: dict[str, list[float]] = field(default_factory=dict)
     bytes: list[float] = field(default_factory=lambda: [0.0] * 8)
+    dirty: float = 0.0  # written by the job, not yet by the server
 
 
 def _opts(vers: str, proto: str, nconnect: int) -> str:
@@ -74,7 +80,7 @@ class SimStorage:
             m.ops["LOOKUP"][0] = m.ops["LOOKUP"][1] = 12_500.0
         self._lock = threading.Lock()
         self._ticker = Ticker(node)
-        self._hung = False
+        self._blocked: set[str] = set()  # mountpoints whose probes block
 
     def build(self) -> None:
         proc = os.path.join(self.procfs_root, PID)
@@ -91,7 +97,8 @@ class SimStorage:
         with self._lock:
             t, dt = self._ticker.tick()
             condition = self.node.step().storage
-            self._set_hung(condition == "hung")
+            blocked = {"hung": self.mounts, "write-stall": [m for m in self.mounts if m.role == "checkpoint"]}
+            self._block({m.mountpoint for m in blocked.get(condition, [])})
             if condition != "hung":
                 self._move(t, dt, condition)
             self._write()
@@ -105,21 +112,31 @@ class SimStorage:
             read_rate = min(read_rate, 0.25e9)  # the NAS cannot keep up: the GPUs wait
         self._io(data, "READ", read_rate * dt, condition)
         self._meta(data, dt, condition)
-        if phase == "checkpoint" and condition != "write-stall":
-            self._io(ckpt, "WRITE", CHECKPOINT_BYTES_PER_S.get(condition, 1.25e9) * dt, condition)
-            self._ops(ckpt, "COMMIT", 2 * dt, 0, condition)
+        self._write_back(ckpt, dt, phase == "checkpoint", condition)
         self._meta(ckpt, dt * 0.2, condition)
         for extra in self.mounts[2:]:
             self._meta(extra, dt * 0.1, condition)
 
+    def _write_back(self, m: SimMount, dt: float, writing: bool, condition: str) -> None:
+        """The job's checkpoint writes into the page cache, and write-back to the server."""
+        if writing and m.dirty < DIRTY_LIMIT:
+            handed = min(CHECKPOINT_BYTES_PER_S * dt, DIRTY_LIMIT - m.dirty)
+            m.bytes[1] += handed
+            m.dirty += handed
+        flushed = min(m.dirty, SERVER_WRITE_BYTES_PER_S.get(condition, CHECKPOINT_BYTES_PER_S) * dt)
+        if flushed > 0:
+            m.dirty -= flushed
+            self._io(m, "WRITE", flushed, condition)
+            self._ops(m, "COMMIT", 2 * dt, 0, condition)
+
     def _io(self, m: SimMount, op: str, nbytes: float, condition: str) -> None:
+        """RPCs that moved `nbytes` to or from the server (reads bypass the page cache here)."""
         count = nbytes / MIB
         if op == "READ":
             m.bytes[0] += nbytes
             m.bytes[4] += nbytes
             self._ops(m, op, count, nbytes, condition, received=True)
         else:
-            m.bytes[1] += nbytes
             m.bytes[5] += nbytes
             self._ops(m, op, count, nbytes, condition)
 
@@ -138,18 +155,19 @@ class SimStorage:
         row[6] += rtt * count
         row[7] += execute * count
 
-    def _set_hung(self, hung: bool) -> None:
-        if hung == self._hung:
+    def _block(self, mountpoints: set[str]) -> None:
+        """Make the probes of these mounts block (and only these)."""
+        if mountpoints == self._blocked:
             return
-        self._hung = hung
         for m in self.mounts:
+            if (m.mountpoint in mountpoints) == (m.mountpoint in self._blocked):
+                continue
             path = os.path.join(m.probe_dir, PROBE_FILE.format(node=self.hostname))
-            if hung:
-                if os.path.lexists(path):
-                    os.unlink(path)
-                os.mkfifo(path)
-            elif os.path.lexists(path):
+            if os.path.lexists(path):
                 os.unlink(path)
+            if m.mountpoint in mountpoints:
+                os.mkfifo(path)
+        self._blocked = mountpoints
 
     def _write(self) -> None:
         lines = ["device rootfs mounted on / with fstype rootfs",

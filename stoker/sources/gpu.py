@@ -118,6 +118,7 @@ class GpuSample:
     up: bool = True
     utilization: float | None = None
     processes: int | None = None
+    pids: tuple[int, ...] = ()  # of the compute processes: a new set is a new job
     gpm: dict[str, float] = field(default_factory=dict)  # GPM_RATIOS keys, as ratios 0..1
     pcie_tx_bytes: float | None = None
     pcie_rx_bytes: float | None = None
@@ -477,6 +478,7 @@ class GpuSource:
         procs = self._call(gpu, "processes", problems, nvml.nvmlDeviceGetComputeRunningProcesses)
         if procs is not None:
             s.processes = len(procs)
+            s.pids = tuple(sorted(int(p.pid) for p in procs))
         mem = self._call(gpu, "memory", problems, nvml.nvmlDeviceGetMemoryInfo)
         if mem is not None:
             s.memory_used_bytes = float(mem.used)

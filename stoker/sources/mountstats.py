@@ -45,6 +45,7 @@ class NfsMount:
     transports: list[str] = field(default_factory=list)
     server_read_bytes: int | None = None
     server_write_bytes: int | None = None
+    client_write_bytes: int | None = None  # what applications wrote (page cache + O_DIRECT)
     ops: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped_fields: int = 0  # implausible values left out
 
@@ -145,6 +146,9 @@ def _mount(head: tuple[str, str, str, str], lines: list[str]) -> NfsMount:
             if len(values) >= 6:
                 m.server_read_bytes = _number(values[4], m)
                 m.server_write_bytes = _number(values[5], m)
+                normal, direct = _number(values[1], m), _number(values[3], m)
+                if normal is not None and direct is not None:
+                    m.client_write_bytes = normal + direct
             else:
                 raise MountstatsError("short bytes line")
         elif key == "xprt":

@@ -21,6 +21,7 @@ class NfsSample:
     role: str
     read_bytes: float | None = None
     write_bytes: float | None = None
+    client_write_bytes: float | None = None  # handed to the client by applications; minus write_bytes: not yet on the server
     ops: dict[str, dict[str, float]] = field(default_factory=dict)  # operation -> field -> monotonic total
 
 
@@ -70,6 +71,8 @@ class NfsSource:
             s.read_bytes = self._counters.update((key, "read_bytes"), m.server_read_bytes)
         if m.server_write_bytes is not None:
             s.write_bytes = self._counters.update((key, "write_bytes"), m.server_write_bytes)
+        if m.client_write_bytes is not None:
+            s.client_write_bytes = self._counters.update((key, "client_write_bytes"), m.client_write_bytes)
         for op, values in m.ops.items():
             if op not in self.operations:
                 continue

@@ -1,0 +1,228 @@
+"""Evidence: each signal of the node that could explain starved GPUs, with its strength.
+
+A `Signal` is one measurement over its threshold on one source ("mlx5_3/1
+down", "/mnt/data: READ takes 95 ms"), with the cause it points at and its
+strength: the measured value over the threshold, 1 at the threshold. The
+attribution (attribution.py) weighs signals by strength and by timing; this
+module only measures, each source over its own last two distinct samples (the
+collectors sample on their own ticks, so a snapshot the verdict already saw is
+not a new window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stoker.config import DetectConfig
+from stoker.detect.view import NodeView
+from stoker.sources.nfs import MS
+
+CONGESTION = ("np_ecn_marked_roce_packets", "np_cnp_sent", "rp_cnp_handled")
+RETRANSMITS = ("out_of_sequence", "packet_seq_err", "local_ack_timeout_err", "roce_adp_retrans",
+               "req_transport_retries_exceeded")
+PORT_DOWN = 4.0
+"""Strength of a port or link that was up and went down: well past any threshold."""
+PORT_NEVER_UP = 2.0
+"""A port down since the agent started while most of its siblings are up: on a rail-optimised node
+every port carries a GPU's traffic, but the agent cannot tell an uncabled spare from a lost rail."""
+
+KINDS = {
+    "port_down": "network", "link_down": "network", "congestion": "network", "retransmits": "network",
+    "pfc_pause": "network",
+    "read_latency": "storage", "read_queue": "storage", "reads_stalled": "storage", "write_latency": "storage",
+    "probe_slow": "storage", "probe_hung": "storage",
+    "cpu_pressure": "host", "memory_pressure": "host",
+    "checkpoint": "checkpoint",
+}
+"""Every signal kind and the cause it points at (the `signal` label of stoker_evidence_strength)."""
+
+
+@dataclass(frozen=True)
+class Signal:
+    kind: str
+    source: str  # device/port, interface, mountpoint, or "node"
+    strength: float  # measured / threshold
+    text: str  # for the operator
+
+    @property
+    def cause(self) -> str:
+        return KINDS[self.kind]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.source
+
+
+class _Window:
+    """The last two distinct snapshots of one source, and when the verdict first saw each."""
+
+    def __init__(self):
+        self.old: tuple[Any, float] | None = None
+        self.new: tuple[Any, float] | None = None
+
+    def see(self, snapshot: Any, t: float) -> bool:
+        """True when `snapshot` is new (the collector sampled again)."""
+        if snapshot is None or (self.new is not None and self.new[0] is snapshot):
+            return False
+        self.old, self.new = self.new, (snapshot, t)
+        return self.old is not None
+
+    def pair(self) -> tuple[Any, Any, float]:
+        (old, t0), (new, t1) = self.old, self.new
+        return old, new, max(1e-6, t1 - t0)
+
+
+class EvidenceTracker:
+    """Measures signals each tick. Keeps what a signal needs beyond one window: which ports and
+    links were ever up, when each data mount last completed a READ, the previous window's
+    signals of a source that did not sample again."""
+
+    def __init__(self, config: DetectConfig):
+        self.config = config
+        self._ports_seen_up: set[tuple[str, str]] = set()
+        self._ifaces_seen_up: set[str] = set()
+        self._last_read: dict[str, tuple[float, float]] = {}  # mountpoint -> (READ ops, when it last grew)
+        self._windows = {name: _Window() for name in ("rdma", "net", "nfs", "host")}
+        self._held: dict[str, list[Signal]] = {name: [] for name in self._windows}
+
+    def new_job(self) -> None:
+        """A new job: whether the data mounts were being read is a question about this job."""
+        self._last_read.clear()
+
+    def signals(self, view: NodeView) -> list[Signal]:
+        out: list[Signal] = []
+        for name, measure in (("rdma", self._rdma), ("net", self._net), ("nfs", self._nfs), ("host", self._host)):
+            window = self._windows[name]
+            if window.see(getattr(view, name), view.t):
+                self._held[name] = measure(*window.pair())
+            elif getattr(view, name) is None:
+                self._held[name] = []
+            out += self._held[name]
+        out += self._probes(view)
+        return out
+
+    # -- network ----------------------------------------------------------------------------
+
+    def _rdma(self, old, new, dt: float) -> list[Signal]:
+        c, out = self.config, []
+        up = [p for p in new.ports if p.up]
+        before = {(p.device, p.port): p for p in old.ports}
+        for p in new.ports:
+            key, name = (p.device, p.port), f"{p.device}/{p.port}"
+            if p.up:
+                self._ports_seen_up.add(key)
+            elif p.up is False and key in self._ports_seen_up:
+                out.append(Signal("port_down", name, PORT_DOWN, f"{name} down"))
+            elif p.up is False and len(up) * 2 > len(new.ports):
+                out.append(Signal("port_down", name, PORT_NEVER_UP, f"{name} down (since the agent started)"))
+            prev = before.get(key)
+            if prev is None:
+                continue
+            congestion = max(_rate(prev.hw_counters, p.hw_counters, k, dt) for k in CONGESTION)
+            if congestion > c.cnp_per_second:
+                out.append(Signal("congestion", name, congestion / c.cnp_per_second,
+                                  f"{name}: {congestion:.0f} ECN/CNP per s"))
+            retrans = sum(_rate(prev.hw_counters, p.hw_counters, k, dt) for k in RETRANSMITS)
+            if retrans > c.retransmits_per_second:
+                out.append(Signal("retransmits", name, retrans / c.retransmits_per_second,
+                                  f"{name}: {retrans:.0f} retransmits per s"))
+        return out
+
+    def _net(self, old, new, dt: float) -> list[Signal]:
+        c, out = self.config, []
+        before = {i.name: i for i in old.interfaces}
+        for i in new.interfaces:
+            if i.up:
+                self._ifaces_seen_up.add(i.name)
+            elif i.up is False and i.name in self._ifaces_seen_up:
+                out.append(Signal("link_down", i.name, PORT_DOWN, f"{i.name} down"))
+            prev = before.get(i.name)
+            if prev is None:
+                continue
+            paused = sum(max(0.0, v - prev.pause_seconds.get(k, v)) for k, v in i.pause_seconds.items()
+                         if k[1] == "rx") / dt
+            if paused > c.pause_ratio:
+                out.append(Signal("pfc_pause", i.name, paused / c.pause_ratio,
+                                  f"{i.name}: PFC-paused {100 * paused:.0f}% of the time"))
+        return out
+
+    # -- storage ------------------------------------------------------------------------------
+
+    def _nfs(self, old, new, dt: float) -> list[Signal]:
+        c, out = self.config, []
+        t = self._windows["nfs"].new[1]
+        before = {m.mountpoint: m for m in old.mounts}
+        for m in new.mounts:
+            prev = before.get(m.mountpoint)
+            if m.role != "checkpoint":
+                out += self._reads(m, prev, t)
+            per_op = _per_op(prev, m, "WRITE")
+            if per_op is not None and per_op[0] > c.write_latency_seconds:
+                out.append(Signal("write_latency", m.mountpoint, per_op[0] / c.write_latency_seconds,
+                                  f"{m.mountpoint}: WRITE takes {1000 * per_op[0]:.0f} ms"))
+        return out
+
+    def _reads(self, m, prev, t: float) -> list[Signal]:
+        c, out = self.config, []
+        ops = m.ops.get("READ", {}).get("ops", 0.0)
+        last = self._last_read.get(m.mountpoint)
+        if last is None or ops > last[0]:
+            self._last_read[m.mountpoint] = (ops, t if last is not None else float("-inf"))
+        elif m.role == "data" and last[1] > float("-inf") and t - last[1] > c.reads_stalled_after:
+            stalled = t - last[1]
+            out.append(Signal("reads_stalled", m.mountpoint, stalled / c.reads_stalled_after,
+                              f"{m.mountpoint}: no READ completed for {stalled:.0f} s"))
+        per_op = _per_op(prev, m, "READ")
+        if per_op is None:
+            return out
+        execute, queue = per_op
+        if execute > c.read_latency_seconds:
+            out.append(Signal("read_latency", m.mountpoint, execute / c.read_latency_seconds,
+                              f"{m.mountpoint}: READ takes {1000 * execute:.0f} ms"))
+        if queue > c.read_queue_seconds:
+            out.append(Signal("read_queue", m.mountpoint, queue / c.read_queue_seconds,
+                              f"{m.mountpoint}: READ queued {1000 * queue:.0f} ms"))
+        return out
+
+    def _probes(self, view: NodeView) -> list[Signal]:
+        c, out = self.config, []
+        for p in view.probes:
+            if p.inflight_seconds > c.probe_hung_seconds:
+                out.append(Signal("probe_hung", p.mountpoint, p.inflight_seconds / c.probe_hung_seconds,
+                                  f"{p.mountpoint}: probe unanswered for {p.inflight_seconds:.0f} s"))
+            slowest = max(p.latest.items(), key=lambda kv: kv[1], default=None)
+            if slowest is not None and slowest[1] > c.probe_latency_seconds:
+                out.append(Signal("probe_slow", p.mountpoint, slowest[1] / c.probe_latency_seconds,
+                                  f"{p.mountpoint}: {slowest[0]} probe took {slowest[1]:.1f} s"))
+        return out
+
+    # -- host -----------------------------------------------------------------------------------
+
+    def _host(self, old, new, dt: float) -> list[Signal]:
+        c, out = self.config, []
+        for resource, kind, threshold in (("cpu", "cpu_pressure", c.cpu_pressure_ratio),
+                                          ("memory", "memory_pressure", c.memory_pressure_ratio)):
+            share = _rate(old.some_seconds, new.some_seconds, resource, dt)
+            if share > threshold:
+                out.append(Signal(kind, "node", share / threshold,
+                                  f"{resource} pressure: tasks waited {100 * share:.0f}% of the time"))
+        return out
+
+
+def _per_op(prev, m, op: str) -> tuple[float, float] | None:
+    """Seconds of execute and queue time per `op` completed in the window; None when none completed."""
+    if prev is None or op not in m.ops or op not in prev.ops:
+        return None
+    a, b = prev.ops[op], m.ops[op]
+    done = b.get("ops", 0) - a.get("ops", 0)
+    if done <= 0:
+        return None
+    return ((b.get("execute_ms", 0) - a.get("execute_ms", 0)) * MS / done,
+            (b.get("queue_ms", 0) - a.get("queue_ms", 0)) * MS / done)
+
+
+def _rate(before: dict[str, Any], after: dict[str, Any], key: str, dt: float) -> float:
+    if key not in before or key not in after:
+        return 0.0
+    return max(0.0, after[key] - before[key]) / dt

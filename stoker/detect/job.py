@@ -1,0 +1,70 @@
+"""Which job holds the GPUs, and the level it sustains.
+
+A job is on the node while a GPU runs a compute process or holds more than
+`job_memory_floor_bytes` of framebuffer (processes in another PID namespace
+are invisible to NVML; their memory is not). A new job begins when the GPUs
+were released in between, or when the set of compute PIDs changes entirely
+(a relaunch, a new allocation): its level is learned afresh, because a smaller
+model's normal is not a starved big one.
+
+The level is the 90th percentile of the busy ratio over `baseline_window`
+seconds of samples taken while the job was not starved; it is known once
+`MIN_BASELINE_SAMPLES` samples are in. It can be saved and restored across an
+agent restart (state.py), for the same job only.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from stoker.config import DetectConfig
+from stoker.sources.gpu import GpuSnapshot
+
+MIN_BASELINE_SAMPLES = 10
+
+
+class JobTracker:
+    def __init__(self, config: DetectConfig):
+        self.config = config
+        self.present = False
+        self.pids: frozenset[int] = frozenset()
+        self.started: float | None = None
+        self.history: deque[tuple[float, float]] = deque()  # (t, busy) while not starved
+
+    def update(self, t: float, gpu: GpuSnapshot | None) -> bool:
+        """Follow the GPUs' holder; True when a new job has just begun."""
+        present, pids = self._holder(gpu)
+        new = present and (not self.present or (bool(pids) and bool(self.pids) and not pids & self.pids))
+        if new:
+            self.history.clear()
+            self.started = t
+        if present and pids:
+            self.pids = pids
+        elif not present:
+            self.pids = frozenset()
+        self.present = present
+        return new
+
+    def _holder(self, gpu: GpuSnapshot | None) -> tuple[bool, frozenset[int]]:
+        if gpu is None:
+            return False, frozenset()
+        up = [g for g in gpu.gpus if g.up]
+        present = any((g.processes or 0) > 0 or (g.memory_used_bytes or 0) > self.config.job_memory_floor_bytes
+                      for g in up)
+        return present, frozenset(p for g in up for p in g.pids)
+
+    def baseline(self) -> float | None:
+        if len(self.history) < MIN_BASELINE_SAMPLES:
+            return None
+        ordered = sorted(b for _, b in self.history)
+        return ordered[int(0.9 * (len(ordered) - 1))]
+
+    def remember(self, t: float, busy: float) -> None:
+        self.history.append((t, busy))
+        while self.history and self.history[0][0] < t - self.config.baseline_window:
+            self.history.popleft()
+
+    def seed(self, t: float, level: float) -> None:
+        """The level a previous run of the agent learned for this very job."""
+        for i in reversed(range(MIN_BASELINE_SAMPLES)):
+            self.remember(t - i * 1e-3, level)

@@ -1,0 +1,119 @@
+"""Drive the simulated node and the detectors tick by tick on a manual clock.
+
+The same sources, collectors' parsing and detectors as the agent, without its
+schedules and threads: ten minutes of a scenario run in seconds, the same way
+every time. NAS probes are left out (they are real child processes on real
+time); the rest is what the agent sees. `restart()` replaces the agent's side
+(sources, counters, verdicts) while the node's kernel moves on, as an agent
+restarted in the middle of an incident does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stoker import config as config_mod
+from stoker.agent.verdicts import VerdictCollector
+from stoker.detect.view import NodeView
+from stoker.sim.simulation import Simulation
+from stoker.sources.gpu import GpuSource
+from stoker.sources.netdev import EthtoolReader, snapshot
+from stoker.sources.nfs import NfsSource
+from stoker.sources.pressure import PressureSource
+from stoker.sources.rdma import RdmaSource
+
+
+class ManualClock:
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float  # scenario seconds
+    cause: str | None
+    checkpoint: str  # none | in_progress | stalled
+    busy: float | None
+
+
+class SimDrive:
+    def __init__(self, scenario, root: str, interval: float = 1.0, skip: float = 0.0,
+                 cfg: config_mod.Config | None = None):
+        """`skip`: the agent starts that many seconds into the scenario (a restart during an incident)."""
+        self.clock = ManualClock(0.0)
+        self.interval = interval
+        self.sim = Simulation(scenario, root, clock=self.clock, skip=skip)
+        self.config = self.sim.configure(cfg or config_mod.load())
+        self.platform = self.sim.platform()
+        self.samples: list[Sample] = []
+        self.gpu: GpuSource | None = None
+        self.restart()
+
+    @property
+    def history(self) -> list[tuple[float, str | None]]:
+        return [(s.t, s.cause) for s in self.samples]
+
+    def restart(self) -> None:
+        """A fresh agent on the same node: new sources and counters, no learned level, no evidence."""
+        if self.gpu is not None:
+            self.gpu.close()
+        cfg = self.config
+        self.gpu = GpuSource(self.platform.nvml, clock=self.clock, wall=self.clock)
+        self.rdma = RdmaSource(cfg.agent.sysfs_root, clock=self.clock)
+        self.ethtool = EthtoolReader(self.platform.open_ethtool)
+        self.nfs = NfsSource(cfg.agent.procfs_root, cfg.nfs.operations, cfg.nfs.roles())
+        self.host = PressureSource(cfg.agent.procfs_root)
+        self.verdicts = VerdictCollector(self.interval, cfg.detect, cfg.checkpoint, view=None, clock=self.clock)
+        self.verdicts.checkpoints._wall = self.clock
+
+    def step(self):
+        self.clock.advance(self.interval)
+        self.sim.advance()
+        self.sim.deliver_hints(self.verdicts.checkpoints)
+        rdma = self.rdma.sample()
+        names = [p.interface for p in rdma.ports]
+        stats, problems = self.ethtool.read(names)
+        self.view = NodeView(self.clock(), gpu=self.gpu.sample(), rdma=rdma,
+                             net=snapshot(names, self.sim.network.operstates(), stats, problems),
+                             nfs=self.nfs.sample(), host=self.host.sample())
+        verdict = self.verdicts.update(self.view)
+        self.samples.append(Sample(self.sim.node.elapsed(), verdict.cause, self.checkpoint_state(), verdict.busy))
+        return verdict
+
+    def checkpoint_state(self) -> str:
+        active = [m.active for m in self.verdicts.checkpoints.mounts.values() if m.active is not None]
+        if any(a.stalled for a in active):
+            return "stalled"
+        return "in_progress" if active else "none"
+
+    def outcomes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.verdicts.checkpoints.mounts.values():
+            for outcome, n in m.outcomes.items():
+                out[outcome] = out.get(outcome, 0) + n
+        return out
+
+    def run(self, seconds: float) -> None:
+        """Step through `seconds`, restarting the agent where the scenario says so."""
+        restarts = [r for r in self.sim.node.scenario.restarts if r > self.sim.node.elapsed()]
+        for _ in range(int(round(seconds / self.interval))):
+            if restarts and self.sim.node.elapsed() + self.interval > restarts[0]:
+                restarts.pop(0)
+                self.restart()
+            self.step()
+
+    def first(self, cause: str | None, after: float = 0.0) -> float | None:
+        """Scenario time of the first verdict `cause` at or after `after`."""
+        return next((s.t for s in self.samples if s.t >= after and s.cause == cause), None)
+
+    def changes(self) -> int:
+        return sum(1 for a, b in zip(self.samples, self.samples[1:]) if a.cause != b.cause)
+
+    def close(self) -> None:
+        self.gpu.close()

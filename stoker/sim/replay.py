@@ -1,0 +1,41 @@
+"""`stoker replay`: a scenario played on a simulated clock, its verdict timeline printed and judged."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import TextIO
+
+from stoker.config import Config
+from stoker.sim.drive import SimDrive
+from stoker.sim.judge import Judgement, judge, run_length
+from stoker.sim.scenarios import Scenario
+
+
+def play(scenario: Scenario, cfg: Config, interval: float, seconds: float | None, out: TextIO) -> Judgement:
+    with tempfile.TemporaryDirectory(prefix="stoker-replay-") as root:
+        drive = SimDrive(scenario, root, interval, cfg=cfg)
+        try:
+            total = seconds if seconds is not None else run_length(scenario)
+            print(f"{scenario.name}: {scenario.description}", file=out)
+            print(f"{'t (s)':>7}  {'verdict':<11} {'checkpoint':<12} {'busy':>5}  evidence", file=out)
+            last = None
+            for _ in range(int(round(total / interval))):
+                before = len(drive.samples)
+                drive.run(interval)
+                for sample in drive.samples[before:]:
+                    state = (sample.cause, sample.checkpoint)
+                    if state != last:
+                        busy = "-" if sample.busy is None else f"{100 * sample.busy:.0f}%"
+                        evidence = "; ".join(drive.verdicts.verdict.evidence[:3])
+                        print(f"{sample.t:7.1f}  {sample.cause or 'none':<11} {sample.checkpoint:<12} {busy:>5}  "
+                              f"{evidence}", file=out)
+                        last = state
+            judgement = judge(scenario, drive.samples, drive.outcomes())
+        finally:
+            drive.close()
+    if scenario.expect or scenario.outcomes:
+        verdict = "RIGHT" if judgement.right else "WRONG"
+        print(f"\n{verdict}: {len(scenario.expect)} expectations, {judgement.flaps} verdict changes", file=out)
+        for failure in judgement.failures:
+            print(f"  - {failure}", file=out)
+    return judgement
