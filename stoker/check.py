@@ -4,6 +4,15 @@ It runs the agent's collectors (no HTTP) for a few seconds, prints what it saw
 per GPU, port and mount with the verdict and its evidence, and exits 0 when
 healthy, 1 when something is wrong, 2 when it could not check (no NVML on a
 node configured for GPUs, a collector that never completed a cycle).
+
+A few seconds are not enough to learn what the running job sustains, so the
+check judges the node's plumbing from the evidence itself: any network or
+storage signal over its threshold (a port down, congestion, retransmissions,
+PFC pauses, slow or queued NFS reads, slow writes, reads stopped, a slow or
+hung NAS probe) is a problem, whatever the GPUs do; so are lost GPUs, XIDs,
+pending row remaps and a stalled checkpoint. A starvation verdict is a problem
+when the agent reaches one (strong evidence with the GPUs well below their
+capacity); a checkpoint in progress is not.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ def report(agent: Agent) -> Report:
     _gpus(agent, r)
     _ports(agent, r)
     _mounts(agent, r)
+    _evidence(agent, r)
     _verdict(agent, r)
     return r
 
@@ -59,11 +69,15 @@ def _gpus(agent: Agent, r: Report) -> None:
         r.lines.append("  NVML did not answer")
         return
     busy = agent.verdicts.busy if agent.verdicts else {}
+    if any("gpm" in g.refused for g in snap.gpus):
+        r.lines.append("  note: GPU profiling (GPM) is restricted to administrators; busy is utilization.gpu bounded "
+                       "by power draw, weaker than GPM (docs/OPERATIONS.md: GPU profiling)")
     for g in snap.gpus:
         state = "up" if g.up else "LOST"
         b = busy.get((str(g.index), g.uuid))
         temp = g.temperature.get("gpu")
-        line = (f"  gpu {g.index}  {g.uuid[:12]}  {state:<4}  busy {_pct(b)}  "
+        source = {"gpm": "", "utilization": " (util)"}.get(g.activity_source, "")
+        line = (f"  gpu {g.index}  {g.uuid}  {state:<4}  busy {_pct(b)}{source}  "
                 f"{_num(temp, '°C')}  {_num(g.power_watts, ' W')}")
         if g.xid_counts:
             line += "  XID " + ",".join(f"{x}x{n}" for x, n in sorted(g.xid_counts.items()))
@@ -114,10 +128,24 @@ def _probe(p, agent: Agent, r: Report) -> str:
         return f"  probe HUNG {p.inflight_seconds:.0f} s"
     failed = next((m.failures for m in agent.probes.mounts if m.target.mountpoint == p.mountpoint), {})
     if any(failed.values()):
-        r.problems.append(f"{p.mountpoint}: probe failures {failed}")
+        r.problems.append(f"{p.mountpoint}: probes failed: " +
+                          ", ".join(f"{n} {reason}" for reason, n in sorted(failed.items()) if n))
     if not p.latest:
         return "  probe pending"
     return "  probe " + " ".join(f"{k} {v * 1000:.1f} ms" for k, v in p.latest.items())
+
+
+def _evidence(agent: Agent, r: Report) -> None:
+    """Network and storage signals seen during the check, each a problem of the node's plumbing."""
+    if agent.verdicts is None:
+        return
+    seen = [tr.signal for tr in agent.verdicts.attribution.traces.values() if tr.signal.cause in ("network", "storage")]
+    if not seen:
+        return
+    r.lines.append("Evidence")
+    for s in sorted(seen, key=lambda s: (s.cause, s.text)):
+        r.lines.append(f"  {s.cause:<8} {s.text}")
+        r.problems.append(f"{s.cause}: {s.text}")
 
 
 def _verdict(agent: Agent, r: Report) -> None:
@@ -126,15 +154,17 @@ def _verdict(agent: Agent, r: Report) -> None:
     v = agent.verdicts.verdict
     r.lines.append("Verdict")
     if v.cause:
-        r.lines.append(f"  STARVED by {v.cause}: busy {_pct(v.busy)} (job level {_pct(v.baseline)})")
+        level = "unknown yet" if v.baseline is None else _pct(v.baseline).strip()
+        r.lines.append(f"  STARVED by {v.cause}: busy {_pct(v.busy).strip()} (the job's level: {level})")
         r.lines += [f"    - {e}" for e in v.evidence]
-        r.problems.append(f"GPUs starved by {v.cause}")
+        if v.cause != "checkpoint":
+            r.problems.append(f"GPUs starved by {v.cause}")
     else:
-        r.lines.append(f"  not starved (busy {_pct(v.busy)})")
+        r.lines.append(f"  not starved (busy {_pct(v.busy).strip()})")
     for m in agent.verdicts.checkpoints.mounts.values():
         if m.active is not None:
             state = "STALLED" if m.active.stalled else "in progress"
-            r.lines.append(f"  checkpoint on {m.mountpoint}: {state}, {m.written_bytes or 0:.3g} bytes written")
+            r.lines.append(f"  checkpoint on {m.mountpoint}: {state}, {_bytes(m.written_bytes or 0)} written")
             if m.active.stalled:
                 r.problems.append(f"checkpoint on {m.mountpoint} stalled")
 
@@ -150,6 +180,14 @@ def print_report(r: Report, out: TextIO) -> None:
 
 def _pct(value: float | None) -> str:
     return "  -" if value is None else f"{100 * value:3.0f}%"
+
+
+def _bytes(value: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.2f} TB"
 
 
 def _num(value: float | None, unit: str) -> str:

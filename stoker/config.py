@@ -2,13 +2,18 @@
 
 Every key is declared once, as a dataclass field with its default; the loader
 walks those declarations, so an unknown key, a wrong type or a bad value is
-reported as one line that names the key (``gpu.interval: must be > 0``) and
-the agent exits with status 2 instead of starting half-configured.
+reported as one line that names the key (``agent.interval: must be between
+0.05 and 3600 seconds, got inf``) and the agent exits with status 2 instead of
+starting half-configured. Every duration and threshold has a finite range: an
+infinite interval would freeze a collector while /healthz still said ok, one of
+5e-324 s would overflow the scheduler's arithmetic.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import sys
 import types
 import typing
@@ -22,6 +27,19 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_PORT = 9477
 """Not used by node_exporter (9100), dcgm-exporter (9400) or nvidia_gpu_exporter (9835)."""
+
+# The ranges a number must fall in. Wide enough for any real node, narrow enough that no value
+# breaks the agent: an interval under 50 ms takes a whole core, one over an hour is not monitoring.
+INTERVAL = (0.05, 3600.0)
+CALL_TIMEOUT = (0.01, 600.0)
+WINDOW = (0.001, 86400.0)         # detection windows and delays: a millisecond to a day
+LATENCY = (1e-6, 3600.0)          # NFS over RDMA answers in tens of microseconds
+EVENT_RATE = (0.001, 1e9)
+BYTE_RATE = (1.0, 1e13)
+CHECKPOINT_TIME = (0.001, 7 * 86400.0)
+
+MAX_FILE_BYTES = 1 << 20
+"""Configuration, web configuration and token files are small; anything larger is the wrong file."""
 
 
 class ConfigError(ValueError):
@@ -42,7 +60,7 @@ class AgentConfig:
 
     def validate(self) -> None:
         parse_listen(self.listen, "agent.listen")
-        _positive(self.interval, "agent.interval")
+        _seconds(self.interval, "agent.interval", *INTERVAL)
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("agent.log_format: must be one of auto, json, console")
 
@@ -56,8 +74,8 @@ class GpuConfig:
     """Deadline for one NVML cycle; a driver call hung longer marks the cycle failed."""
 
     def validate(self) -> None:
-        _positive(self.slow_interval, "gpu.slow_interval")
-        _positive(self.call_timeout, "gpu.call_timeout")
+        _seconds(self.slow_interval, "gpu.slow_interval", *INTERVAL)
+        _seconds(self.call_timeout, "gpu.call_timeout", *CALL_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,7 @@ class RdmaConfig:
     """Deadline for one pass over class/infiniband; a hung firmware query fails the cycle, not the agent."""
 
     def validate(self) -> None:
-        _positive(self.call_timeout, "rdma.call_timeout")
+        _seconds(self.call_timeout, "rdma.call_timeout", *CALL_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -80,7 +98,7 @@ class NetdevConfig:
     call_timeout: float = 2.0
 
     def validate(self) -> None:
-        _positive(self.call_timeout, "netdev.call_timeout")
+        _seconds(self.call_timeout, "netdev.call_timeout", *CALL_TIMEOUT)
         for key, names in (("netdev.include", self.include), ("netdev.exclude", self.exclude)):
             for name in names:
                 if not name or len(name) > 15 or "/" in name or " " in name:
@@ -102,7 +120,7 @@ class NfsConfig:
     call_timeout: float = 2.0
 
     def validate(self) -> None:
-        _positive(self.call_timeout, "nfs.call_timeout")
+        _seconds(self.call_timeout, "nfs.call_timeout", *CALL_TIMEOUT)
         for key, prefixes in (("nfs.data_mounts", self.data_mounts), ("nfs.checkpoint_mounts", self.checkpoint_mounts)):
             for prefix in prefixes:
                 if not prefix.startswith("/"):
@@ -121,7 +139,7 @@ class HostConfig:
     call_timeout: float = 2.0
 
     def validate(self) -> None:
-        _positive(self.call_timeout, "host.call_timeout")
+        _seconds(self.call_timeout, "host.call_timeout", *CALL_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -147,8 +165,8 @@ class ProbesConfig:
     """Bytes written and read back: one rsize/wsize-sized RPC on PowerScale defaults."""
 
     def validate(self) -> None:
-        _positive(self.interval, "probes.interval")
-        _positive(self.timeout, "probes.timeout")
+        _seconds(self.interval, "probes.interval", 1.0, 3600.0)  # each probe is a child process and 1 MiB of I/O
+        _seconds(self.timeout, "probes.timeout", 0.1, 600.0)
         if self.size < 4096 or self.size > 64 << 20:
             raise ConfigError(f"probes.size: must be between 4096 and {64 << 20}, got {self.size}")
         for i, t in enumerate(self.targets):
@@ -187,19 +205,22 @@ class DetectConfig:
 
     def validate(self) -> None:
         for name in ("drop_ratio", "recover_ratio", "idle_floor", "cold_floor", "cpu_pressure_ratio",
-                     "memory_pressure_ratio"):
+                     "memory_pressure_ratio", "pause_ratio"):
             value = getattr(self, name)
             if not 0 < value < 1:
-                raise ConfigError(f"detect.{name}: must be between 0 and 1, got {value!r}")
+                raise ConfigError(f"detect.{name}: must be between 0 and 1 (exclusive), got {value!r}")
         if self.recover_ratio <= self.drop_ratio:
             raise ConfigError("detect.recover_ratio: must be above detect.drop_ratio (hysteresis)")
-        if self.flap_factor < 1:
-            raise ConfigError(f"detect.flap_factor: must be at least 1, got {self.flap_factor!r}")
+        _within(self.flap_factor, "detect.flap_factor", 1.0, 100.0)
+        _within(self.job_memory_floor_bytes, "detect.job_memory_floor_bytes", 0, 1 << 50, " bytes")
         for name in ("recover_after", "flap_window", "baseline_window", "evidence_memory", "tolerate_after",
-                     "reads_stalled_after", "cnp_per_second", "pause_ratio", "retransmits_per_second",
-                     "read_latency_seconds", "read_queue_seconds", "write_latency_seconds",
+                     "reads_stalled_after"):
+            _seconds(getattr(self, name), f"detect.{name}", *WINDOW)
+        for name in ("read_latency_seconds", "read_queue_seconds", "write_latency_seconds",
                      "probe_latency_seconds", "probe_hung_seconds"):
-            _positive(getattr(self, name), f"detect.{name}")
+            _seconds(getattr(self, name), f"detect.{name}", *LATENCY)
+        for name in ("cnp_per_second", "retransmits_per_second"):
+            _within(getattr(self, name), f"detect.{name}", *EVENT_RATE, " per second")
 
 
 @dataclass(frozen=True)
@@ -226,9 +247,11 @@ class CheckpointConfig:
     """A detected checkpoint ends once no write has gone out for this long and nothing waits for the server."""
 
     def validate(self) -> None:
-        for name in ("stall_after", "budget", "abandon_after", "burst_bytes_per_second", "burst_factor",
-                     "write_floor_bytes_per_second", "detect_after", "quiet_after"):
-            _positive(getattr(self, name), f"checkpoint.{name}")
+        for name in ("stall_after", "budget", "abandon_after", "detect_after", "quiet_after"):
+            _seconds(getattr(self, name), f"checkpoint.{name}", *CHECKPOINT_TIME)
+        for name in ("burst_bytes_per_second", "write_floor_bytes_per_second"):
+            _within(getattr(self, name), f"checkpoint.{name}", *BYTE_RATE, " bytes per second")
+        _within(self.burst_factor, "checkpoint.burst_factor", 1.0, 1e6)
         parse_listen(self.listen, "checkpoint.listen")
 
 
@@ -236,6 +259,9 @@ class CheckpointConfig:
 class SimConfig:
     rdma_ports: int = 8
     """ConnectX-7 ports of the simulated node: 8 (one per GPU, rail design) or 4."""
+    shorten: bool = True
+    """Shorten the probe, stall and quiet times left at their defaults, so that every built-in scenario
+    reaches its verdict within 30 s; false keeps the production values (to see the shipped alerts fire)."""
 
     def validate(self) -> None:
         if self.rdma_ports not in (4, 8):
@@ -262,14 +288,19 @@ class Config:
 
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT with a port in 0-65535 (0: any free port), got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _positive(value: float, key: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key}: must be > 0, got {value!r}")
+def _within(value: float, key: str, low: float, high: float, unit: str = "") -> None:
+    """`low <= value <= high`, which also refuses nan; the message gives the range."""
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be between {low:g} and {high:g}{unit}, got {value!r}")
+
+
+def _seconds(value: float, key: str, low: float, high: float) -> None:
+    _within(value, key, low, high, " seconds")
 
 
 def _coerce(value, annotation, key: str):
@@ -298,7 +329,10 @@ def _coerce(value, annotation, key: str):
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # TOML integers have no bound; 10**400 is not a float
+            raise ConfigError(f"{key}: out of range, got an integer of {len(str(value))} digits") from None
     if annotation is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got bool")
     if not isinstance(value, annotation):
@@ -339,13 +373,43 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> Confi
     """Read ``path`` (or the defaults), apply flag ``overrides``, validate."""
     table: dict = {}
     if path is not None:
+        text = read_text(path)
         try:
-            with open(path, "rb") as fh:
-                table = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+            table = tomllib.loads(text)
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+        except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     config = _build(Config, merge(table, overrides or {}))
     config.validate()
     return config
+
+
+def read_text(path: str | Path, key: str = "") -> str:
+    """The text of a file the operator points at (configuration, web configuration, token).
+
+    Opened without blocking and refused unless it is a regular file: a FIFO blocks open() and
+    read() until someone writes to it, on the event loop when a reload or the hint token reads
+    it, and then not even SIGTERM gets through. Capped at MAX_FILE_BYTES and decoded as UTF-8.
+    Every error names `key` (when the file is a setting's value) and the file."""
+    where = f"{key}: {path}" if key else str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path (TOML strings may hold one)
+        raise ConfigError(f"{where!r}: cannot read: the path holds a NUL byte") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{where}: not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES >> 20} MiB, not a configuration file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -49,15 +50,23 @@ async def fetch(url: str, **kwargs) -> tuple[int, bytes, dict]:
             return resp.status, await resp.read(), dict(resp.headers)
 
 
+AGENT_LOGS: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def remove_agent_logs():
+    """The agents' log files go when the session ends (a failing test still has them to show)."""
+    yield
+    for path in AGENT_LOGS:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def start_agent_process(*args: str, env: dict | None = None) -> subprocess.Popen:
     """The agent as its own process; its log goes to a file (`proc.log()` reads it),
     never to an unread pipe that would fill up and block it."""
     log = tempfile.NamedTemporaryFile(prefix="stoker-agent-", suffix=".log", delete=False)
-    if "--config" not in args:  # several agents on one machine: the hint API on any free port
-        config = tempfile.NamedTemporaryFile("w", prefix="stoker-", suffix=".toml", delete=False)
-        config.write('[checkpoint]\nlisten = "127.0.0.1:0"\n')
-        config.close()
-        args = ("--config", config.name, *args)
+    AGENT_LOGS.append(log.name)
     proc = subprocess.Popen([sys.executable, "-m", "stoker", "run", *args],
                             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
     log.close()

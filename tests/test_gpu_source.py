@@ -165,11 +165,11 @@ def test_transient_error_is_reported_and_series_skipped_this_cycle(fake, clock, 
     real = fake.nvmlDeviceGetTemperature
 
     def flaky(handle, sensor):
-        raise N.NVMLError(N.NVML_ERROR_NO_PERMISSION)
+        raise N.NVMLError(N.NVML_ERROR_TIMEOUT)
 
     monkeypatch.setattr(fake, "nvmlDeviceGetTemperature", flaky)
     s = tick(source, clock)
-    assert "gpu" not in s.gpus[0].temperature and s.problems.count("no_permission") == 8
+    assert "gpu" not in s.gpus[0].temperature and s.problems.count("timeout") == 8
     monkeypatch.setattr(fake, "nvmlDeviceGetTemperature", real)
     s = tick(source, clock)
     assert "gpu" in s.gpus[0].temperature, "a transient error is retried, not remembered"
@@ -186,3 +186,31 @@ def test_gpm_samples_are_freed_when_a_gpu_is_reacquired(fake, clock):
         tick(source, clock, 1.0)
     # two live samples per GPU, never more: the lost GPU's old pair went back to the driver
     assert len(fake._samples) <= 2 * len(fake.gpus)
+
+
+# -- the unprivileged service: profiling restricted to administrators --------------------------------
+
+def test_gpm_refused_falls_back_to_utilization_once_and_quietly(fake, clock, capsys):
+    fake.gpm_permission = False
+    source = make_source(fake, clock)
+    snaps = [tick(source, clock) for _ in range(5)]
+    last = snaps[-1]
+    assert all(g.activity_source == "utilization" and g.refused == ("gpm",) and not g.gpm for g in last.gpus)
+    assert all(g.utilization > 0.5 and g.pcie_rx_bytes > 0 for g in last.gpus), "PCIe bytes from the counters"
+    assert all("no_permission" not in s.problems for s in snaps), "a policy, not an error each cycle"
+    assert fake.calls["nvmlGpmSampleGet"] == 8, "refused once per GPU, then left alone"
+    assert capsys.readouterr().out.count("NVML refuses this call") == 1
+
+
+def test_gpm_granted_after_a_driver_reload_comes_back_without_a_restart(fake, clock):
+    from stoker.sources.gpu import REPROBE_AFTER
+    fake.gpm_permission = False
+    source = make_source(fake, clock)
+    for _ in range(3):
+        tick(source, clock)
+    before = tick(source, clock).gpus[0].pcie_rx_bytes
+    fake.gpm_permission = True  # NVreg_RestrictProfilingToAdminUsers=0 and a driver reload
+    tick(source, clock, REPROBE_AFTER)
+    back = tick(source, clock)
+    assert all(g.activity_source == "gpm" and 0.6 < g.gpm["sm_active"] <= 1.0 and not g.refused for g in back.gpus)
+    assert back.gpus[0].pcie_rx_bytes >= before, "the PCIe counter goes on from where the fallback left it"

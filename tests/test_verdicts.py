@@ -1,16 +1,12 @@
-"""Verdicts on the simulated node and on the recorded H200 trace."""
+"""Verdicts on the simulated node: the built-in scenarios, the recorded H200 trace, restarts."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from stoker.config import DetectConfig
-from stoker.detect.starvation import StarvationDetector
-from stoker.detect.view import Evidence
+from stoker import config
+from stoker.sim.drive import SimDrive
 from stoker.sim.scenarios import WARMUP, Scenario, Step
-from tests.simdrive import SimDrive
 
 INTERVAL = 1.0
 
@@ -24,11 +20,12 @@ INTERVAL = 1.0
     ("nas-hang", "storage"),
     ("checkpoint", "checkpoint"),
     ("checkpoint-stall", "checkpoint"),
+    ("checkpoint-slow", "checkpoint"),
 ])
 def test_each_scenario_reaches_its_cause_within_two_intervals(tmp_path, scenario, cause):
     drive = SimDrive(scenario, str(tmp_path), INTERVAL)
     drive.run(WARMUP + 12)
-    assert drive.first(None, after=2) is not None and all(c is None for t, c in drive.history if t <= WARMUP)
+    assert all(c is None for t, c in drive.history if t < WARMUP)
     when = drive.first(cause, after=WARMUP)
     assert when is not None, drive.history
     assert when - WARMUP <= 2 * INTERVAL, f"{scenario}: {cause} only at +{when - WARMUP:.0f} s"
@@ -42,18 +39,18 @@ def test_checkpoint_stall_flips_stalled_and_counts_the_outcome(tmp_path):
     m = drive.verdicts.checkpoints.mounts["/mnt/checkpoints"]
     assert m.active is not None and m.active.source == "detected" and not m.active.stalled
     drive.run(4 + drive.config.checkpoint.stall_after + 1)
-    assert m.active.stalled, "no byte reached the NAS for stall_after seconds"
-    assert m.written_bytes > 1e9
+    assert m.active.stalled, "no byte reached the NAS for stall_after seconds while data waits for it"
+    assert m.written_bytes > 1e9 and m.active.unflushed > 100e6
     drive.verdicts.checkpoints.hint_end("/mnt/checkpoints", "completed")
-    assert m.outcomes == {"completed": 0, "stalled": 1, "aborted": 0}
+    assert m.outcomes["stalled"] == 1 and m.outcomes["completed"] == 0
 
 
-def test_checkpoint_completes_when_writes_end_and_training_resumes(tmp_path):
+def test_checkpoint_completes_when_its_writes_end(tmp_path):
     drive = SimDrive("checkpoint", str(tmp_path), INTERVAL)
     drive.run(WARMUP + 13 + 10)
     m = drive.verdicts.checkpoints.mounts["/mnt/checkpoints"]
     assert m.active is None and m.outcomes["completed"] == 1
-    assert 12 <= m.last_duration <= 18 and m.written_bytes > 10e9
+    assert 12 <= m.last_duration <= 15 and m.written_bytes > 10e9
     assert drive.history[-1][1] is None
 
 
@@ -71,44 +68,35 @@ def test_gpu_lost_is_not_a_starvation(tmp_path):
     assert drive.changes() == 0
 
 
-def test_noisy_healthy_signal_does_not_flap():
-    detector = StarvationDetector(DetectConfig())
-    rng = random.Random(7)
-    causes = []
-    for t in range(3600):
-        busy = min(1.0, max(0.0, rng.gauss(0.62, 0.06)))  # a small model, never near saturation
-        causes.append(detector.update(float(t), busy, True, Evidence(), False).cause)
-    assert set(causes) == {None}
+# -- restarts ----------------------------------------------------------------------------------------
+
+def test_restart_during_host_starvation_keeps_the_verdict_with_the_saved_level(tmp_path):
+    """With no evidence at all, only the job's level tells a starved job from a small one: the
+    level saved by the last run, for the same PIDs, brings the verdict back after a restart."""
+    scenario = Scenario("host", (Step("saturated", 40.0), Step("input_starved", 600.0)), "", loop=False)
+    cfg = config.load(overrides={"agent": {"state_file": str(tmp_path / "state.json")}})
+    drive = SimDrive(scenario, str(tmp_path / "sim"), INTERVAL, cfg=cfg)
+    drive.run(50)
+    assert drive.history[-1][1] == "host"
+    drive.restart()
+    drive.run(10)
+    assert [c for _, c in drive.history[-7:]] == ["host"] * 7
+
+    (tmp_path / "state.json").unlink()
+    drive.restart()
+    drive.run(10)
+    assert {c for _, c in drive.history[-7:]} == {None}, "without the saved level, a steady 20% is a small model"
 
 
-def test_noisy_signal_around_the_threshold_changes_verdict_rarely():
-    detector = StarvationDetector(DetectConfig())
-    rng = random.Random(3)
-    for t in range(300):
-        detector.update(float(t), 0.9, True, Evidence(), False)
-    causes = []
-    for t in range(300, 900):
-        busy = rng.choice([0.3, 0.5, 0.6, 0.75, 0.8])  # hovering between the enter and exit levels
-        causes.append(detector.update(float(t), busy, True, Evidence(), False).cause)
-    changes = sum(1 for a, b in zip(causes, causes[1:]) if a != b)
-    assert changes <= 40, changes  # without hysteresis this flips on most of the 600 samples
-
-
-def test_no_job_no_verdict():
-    detector = StarvationDetector(DetectConfig())
-    assert detector.update(1.0, 0.0, False, Evidence(), False).cause is None
-
-
-def test_cause_is_sticky_for_recover_after_seconds():
-    detector = StarvationDetector(DetectConfig(recover_after=3.0))
-    for t in range(20):
-        detector.update(float(t), 0.9, True, Evidence(), False)
-    storage = Evidence(storage=["/mnt/data: READ takes 90 ms"])
-    network = Evidence(network=["mlx5_0/1 down"])
-    assert detector.update(20.0, 0.1, True, storage, False).cause == "storage"
-    assert detector.update(21.0, 0.1, True, network, False).cause == "storage"
-    assert detector.update(22.0, 0.1, True, network, False).cause == "storage"
-    assert detector.update(24.0, 0.1, True, network, False).cause == "network"
+def test_saved_level_is_not_used_for_another_job(tmp_path):
+    scenario = Scenario("jobs", (Step("saturated", 40.0), Step("saturated", 600.0, job="other", level=0.2)), "",
+                        loop=False)
+    cfg = config.load(overrides={"agent": {"state_file": str(tmp_path / "state.json")}})
+    drive = SimDrive(scenario, str(tmp_path / "sim"), INTERVAL, cfg=cfg)
+    drive.run(39)
+    drive.restart()
+    drive.run(30)
+    assert drive.changes() == 0 and drive.history[-1][1] is None
 
 
 # -- the recorded H200 trace ---------------------------------------------------------------------

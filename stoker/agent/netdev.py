@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from stoker.agent.collector import Collector
@@ -19,6 +20,7 @@ class NetdevCollector(Collector):
         self.interval = interval
         self.timeout = timeout
         self.snapshot: NetSnapshot | None = None
+        self.sampled_at: float | None = None  # monotonic: when the snapshot was taken
         self.wanted = wanted
         self._links = links
         self._reader = reader
@@ -34,6 +36,7 @@ class NetdevCollector(Collector):
             problems.append(f"netlink_{error_reason(exc)}")
         stats, read_problems = await self._worker.call(self._reader.read, names, timeout=self.timeout)
         self.snapshot = snapshot(names, states, stats, problems + read_problems)
+        self.sampled_at = time.monotonic()
         return self.snapshot.problems
 
     def families(self):

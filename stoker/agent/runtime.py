@@ -22,7 +22,7 @@ from stoker.agent.sourced import SourceCollector
 from stoker.agent.supervisor import Supervisor
 from stoker.agent.verdicts import VerdictCollector
 from stoker.agent.worker import within
-from stoker.config import Config, ConfigError, parse_listen
+from stoker.config import Config, ConfigError, parse_listen, read_text
 from stoker.detect.view import NodeView
 from stoker.exporters import nfs as nfs_families
 from stoker.exporters import pressure as pressure_families
@@ -30,7 +30,7 @@ from stoker.exporters import webconfig
 from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
 from stoker.exporters.hints import make_hint_app
-from stoker.exporters.http import bound_port, make_app, serve
+from stoker.exporters.http import log_loop_errors, make_app, raise_fd_limit, serve
 from stoker.sources.netdev import EthtoolReader
 from stoker.sources.nfs import NfsSource
 from stoker.sources.pressure import PressureSource
@@ -39,6 +39,8 @@ from stoker.sources.rdma import RdmaSource
 log = logs.get("agent")
 
 SHUTDOWN_GRACE = 3.0
+HINT_CONNECTIONS = 16
+"""The hint API serves one training job's hints on loopback: a few connections at a time."""
 
 
 class Agent:
@@ -77,8 +79,8 @@ class Agent:
         self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels, chained=chained)
         self.stop_event = asyncio.Event()
         self.port: int | None = None
-        self._runner = None
-        self._hint_runner = None
+        self._listener = None
+        self._hint_listener = None
         self.hint_url: str | None = None
         self._background: list[asyncio.Task] = []
 
@@ -91,6 +93,8 @@ class Agent:
             net=self.netdev.snapshot if self.netdev else None,
             nfs=self.nfs.snapshot if self.nfs else None,
             host=self.host.snapshot if self.host else None,
+            sampled={c.name: c.sampled_at for c in (self.rdma, self.netdev, self.nfs, self.host)
+                     if c is not None and c.sampled_at is not None},
             probes=self.probes.states() if self.probes else [])
 
     def _rdma_interfaces(self) -> list[str]:
@@ -106,32 +110,38 @@ class Agent:
     async def start(self, serve_http: bool = True) -> None:
         """Start sampling; `serve_http=False` (for `stoker check`) opens no port."""
         host, port = parse_listen(self.config.agent.listen)
+        open_files = None
         if serve_http:
+            open_files = raise_fd_limit()
+            log_loop_errors(asyncio.get_running_loop())
             web = webconfig.load(self.config.agent.web_config_file) if self.config.agent.web_config_file else None
             app = make_app(self.exposition, self.supervisor.stale, [webconfig.middleware(web)] if web else [])
-            self._runner = await serve(app, host, port, web.ssl_context if web else None)
-            self.port = bound_port(self._runner)
+            self._listener = await serve(app, host, port, web.ssl_context if web else None)
+            self.port = self._listener.port
             await self._serve_hints()
         self._background = [asyncio.create_task(job(self)) for job in self.platform.background]
         await self.supervisor.start()
         log.info("stoker started", version=__version__, listen=f"{host}:{self.port}",
-                 collectors=[c.name for c in self.collectors], interval=self.config.agent.interval)
+                 collectors=[c.name for c in self.collectors], interval=self.config.agent.interval,
+                 open_files=open_files)
 
     async def _serve_hints(self) -> None:
         """The checkpoint hint API, on its own (loopback) listener, when a token is configured."""
         cfg = self.config.checkpoint
         if self.verdicts is None or not cfg.token_file:
             return
-        try:
-            with open(cfg.token_file) as fh:
-                token = fh.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"checkpoint.token_file: cannot read {cfg.token_file}: {exc.strerror}") from None
+        # read_text refuses anything but a regular file: a FIFO would block this open() on the
+        # event loop, and SIGTERM with it.
+        token = read_text(cfg.token_file, "checkpoint.token_file").strip()
         if len(token) < 16:
-            raise ConfigError(f"checkpoint.token_file: the token in {cfg.token_file} is shorter than 16 characters")
+            raise ConfigError(f"checkpoint.token_file: {cfg.token_file}: the token is shorter than 16 characters")
+        if not (token.isascii() and token.isprintable()) or " " in token:
+            raise ConfigError(f"checkpoint.token_file: {cfg.token_file}: the token must be printable ASCII "
+                              "without spaces (it is sent in an HTTP header)")
         host, port = parse_listen(cfg.listen, "checkpoint.listen")
-        self._hint_runner = await serve(make_hint_app(self.verdicts.checkpoints, token), host, port)
-        self.hint_url = f"http://{host}:{bound_port(self._hint_runner)}"
+        self._hint_listener = await serve(make_hint_app(self.verdicts.checkpoints, token), host, port,
+                                          max_connections=HINT_CONNECTIONS)
+        self.hint_url = f"http://{host}:{self._hint_listener.port}"
         log.info("hint API listening", url=self.hint_url)
 
     async def stop(self) -> None:
@@ -141,9 +151,9 @@ class Agent:
             await within(self.supervisor.stop(), SHUTDOWN_GRACE)
         except asyncio.TimeoutError:
             log.warning("collectors did not close in time; exiting anyway")
-        for runner in (self._runner, self._hint_runner):
-            if runner is not None:
-                await runner.cleanup()
+        for listener in (self._listener, self._hint_listener):
+            if listener is not None:
+                await listener.close()
         log.info("stoker stopped")
 
     async def run(self, reload: Callable[[], Config] | None = None) -> None:
@@ -165,14 +175,19 @@ class Agent:
             await self.stop()
 
     def _on_hangup(self, reload: Callable[[], Config]) -> None:
+        """SIGHUP. Whatever fails (a bad file is a ConfigError; anything else is a bug, logged with
+        its traceback), the running configuration stays and READY=1 follows RELOADING=1: without
+        it systemd would consider the service reloading for ever."""
         systemd.notify("RELOADING=1")
         try:
-            new = reload()
+            self.apply(reload())
         except ConfigError as exc:
             log.error("configuration reload refused; keeping the running one", error=str(exc))
-        else:
-            self.apply(new)
-        systemd.notify("READY=1")
+        except Exception as exc:
+            log.error("configuration reload refused; keeping the running one", error=f"{type(exc).__name__}: {exc}",
+                      exc_info=True)
+        finally:
+            systemd.notify("READY=1")
 
     def apply(self, new: Config) -> None:
         """Take a new configuration without restarting: intervals, deadlines, thresholds, probe

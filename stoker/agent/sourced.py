@@ -6,6 +6,7 @@ cycle clears it, so stale readings never pass for current ones.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable
 
 from stoker.agent.collector import Collector
@@ -22,6 +23,7 @@ class SourceCollector(Collector):
         self.timeout = timeout
         self.source = source
         self.snapshot: Any = None
+        self.sampled_at: float | None = None  # monotonic: when the snapshot was taken (rates need it)
         self._to_families = to_families
         self._close = close
         self._worker = Worker(name)
@@ -38,7 +40,7 @@ class SourceCollector(Collector):
             if reason:  # a classified failure of the source (no driver, ...)
                 raise CollectorError(reason, str(exc)) from exc
             raise
-        self.snapshot = snapshot
+        self.snapshot, self.sampled_at = snapshot, time.monotonic()
         return snapshot.problems
 
     def families(self):

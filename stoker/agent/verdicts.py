@@ -46,6 +46,7 @@ class VerdictCollector(Collector):
         self.store = LevelStore(state_file, detect.baseline_window) if state_file else None
         self.busy: dict[tuple[str, str], float] = {}
         self.scores: dict[str, float] = {}
+        self.source = ""  # where the busy ratio comes from: gpm, utilization, or both (per GPU)
         self.verdict = Verdict(None, None, None)
         self._restore = False  # a new job: look up the level a previous run saved for it
 
@@ -58,23 +59,28 @@ class VerdictCollector(Collector):
 
     async def cycle(self) -> list[str]:
         self.update(self._view(self._clock()))
-        if self.store is None:
-            return []
+        if self.store is not None and (self._restore or (self.verdict.baseline is not None and self.store.due())):
+            await asyncio.to_thread(self.persist)
+        return []
+
+    def persist(self) -> None:
+        """Restore the level a previous run saved for the job that just appeared, or save this
+        job's level (file I/O: the agent calls it in a worker thread, between two updates)."""
         if self._restore:
             self._restore = False
-            level = await asyncio.to_thread(self.store.load, self.job.pids)
+            level = self.store.load(self.job.pids)
             if level is not None and self.job.baseline() is None:
                 self.job.seed(self._clock(), level)
                 log.info("job level restored from the last run", level=_round(level), path=self.store.path)
         elif self.verdict.baseline is not None and self.store.due():
-            await asyncio.to_thread(self.store.save, self.job.pids, self.verdict.baseline)
-        return []
+            self.store.save(self.job.pids, self.verdict.baseline)
 
     def update(self, view: NodeView) -> Verdict:
         t = view.t
         if self.job.update(t, view.gpu):
             self._new_job(t)
         self.busy = gpu_busy(view)
+        self._follow_source(view)
         busy = sum(self.busy.values()) / len(self.busy) if self.busy else None
         job, baseline = self.job.present, self.job.baseline()
         self.checkpoints.update(view.nfs, job and busy is not None and self._waiting(busy, baseline))
@@ -100,12 +106,24 @@ class VerdictCollector(Collector):
         self.evidence.new_job()
         self.attribution.reset()
         self.starvation.clear(t)
-        self._restore = bool(self.job.pids)
+        self._restore = self.store is not None and bool(self.job.pids)
         log.info("job on the GPUs", processes=len(self.job.pids))
+
+    def _follow_source(self, view: NodeView) -> None:
+        """The busy ratio's source (GPM or utilisation and power): levels measured by one are not
+        levels of the other, so a change of source makes the job's level be learned again."""
+        sources = sorted({g.activity_source for g in view.gpu.gpus if g.up}) if view.gpu else []
+        source = "+".join(sources)
+        if source and source != self.source:
+            if self.source:
+                self.job.history.clear()
+                log.warning("the busy ratio changes source; learning the job's level again", was=self.source,
+                            now=source)
+            self.source = source
 
     def _waiting(self, busy: float, baseline: float | None) -> bool:
         """The GPUs wait (what a synchronous checkpoint does to them), by the job's level when known."""
-        if baseline is None:
+        if self.starvation.usable(baseline) is None:
             return busy < 2 * self.config.idle_floor
         return self.starvation.low(busy, baseline)
 

@@ -42,7 +42,8 @@ USUAL_RATES = 30
 """Windows of a mount's write rate outside checkpoints whose median is its usual rate (a median: the
 first burst of a checkpoint into the page cache must not raise it)."""
 UNFLUSHED_FLOOR = 1 << 20
-"""Bytes written by the job and not yet on the server that still count as "flushed" (rounding)."""
+"""Bytes written by the job and not yet on the server that still count as "flushed": page rounding,
+and a thousandth of what was written (rewritten pages count twice on the client, once on the wire)."""
 FORGET_AFTER = 600.0
 """A checkpoint mount gone this long (and no checkpoint open) is forgotten with its series."""
 
@@ -184,7 +185,7 @@ class CheckpointTracker:
         a.writing = max(server_rate, client_rate) >= c.write_floor_bytes_per_second
         m.written_bytes, m.last_progress = written, a.progress
         if a.source == "detected":
-            done = not a.writing and a.unflushed <= max(UNFLUSHED_FLOOR, 0.01 * written)
+            done = not a.writing and not _waiting_for_server(a)
             a.quiet_since = (a.quiet_since or now - dt) if done else None
 
     def _detect(self, m: MountCheckpoints, now: float, dt: float, server_rate: float, rate: float,
@@ -209,7 +210,7 @@ class CheckpointTracker:
         if a.quiet_since is not None and now - a.quiet_since >= c.quiet_after:
             self._end(m, a.quiet_since, None)
             return
-        open_or_waiting = a.source == "hint" or a.unflushed > UNFLUSHED_FLOOR or a.writing
+        open_or_waiting = a.source == "hint" or _waiting_for_server(a) or a.writing
         if not a.stalled and open_or_waiting and now - a.progress > c.stall_after:
             a.stalled = True
             log.warning("checkpoint stalled", mountpoint=m.mountpoint, written_bytes=m.written_bytes,
@@ -261,7 +262,7 @@ class CheckpointTracker:
         now, out = self._wall(), []
         for m in self.mounts.values():
             a = m.active
-            if a is None or not (a.source == "hint" or a.writing or a.unflushed > UNFLUSHED_FLOOR or a.stalled):
+            if a is None or not (a.source == "hint" or a.writing or _waiting_for_server(a) or a.stalled):
                 continue
             state = (f"stalled: no byte reached the NAS for {now - a.progress:.0f} s" if a.stalled
                      else f"{(m.written_bytes or 0) / 1e9:.2f} GB written in {now - a.started:.0f} s")
@@ -273,3 +274,8 @@ class CheckpointTracker:
 
     def over_budget(self, m: MountCheckpoints) -> bool:
         return m.active is not None and self._wall() - m.active.started > self.config.budget
+
+
+def _waiting_for_server(a: Active) -> bool:
+    """Data the job wrote is still on its way to the server."""
+    return a.unflushed > max(UNFLUSHED_FLOOR, 0.001 * (a.last_server - a.start_server))

@@ -27,6 +27,9 @@ PORT_NEVER_UP = 2.0
 """A port down since the agent started while most of its siblings are up: on a rail-optimised node
 every port carries a GPU's traffic, but the agent cannot tell an uncabled spare from a lost rail."""
 
+SOURCES = {"rdma": "rdma", "net": "netdev", "nfs": "nfs", "host": "host"}
+"""NodeView field -> the collector that fills it."""
+
 KINDS = {
     "port_down": "network", "link_down": "network", "congestion": "network", "retransmits": "network",
     "pfc_pause": "network",
@@ -55,7 +58,7 @@ class Signal:
 
 
 class _Window:
-    """The last two distinct snapshots of one source, and when the verdict first saw each."""
+    """The last two distinct snapshots of one source, and when each was taken."""
 
     def __init__(self):
         self.old: tuple[Any, float] | None = None
@@ -83,7 +86,7 @@ class EvidenceTracker:
         self._ports_seen_up: set[tuple[str, str]] = set()
         self._ifaces_seen_up: set[str] = set()
         self._last_read: dict[str, tuple[float, float]] = {}  # mountpoint -> (READ ops, when it last grew)
-        self._windows = {name: _Window() for name in ("rdma", "net", "nfs", "host")}
+        self._windows = {name: _Window() for name in SOURCES}
         self._held: dict[str, list[Signal]] = {name: [] for name in self._windows}
 
     def new_job(self) -> None:
@@ -94,7 +97,7 @@ class EvidenceTracker:
         out: list[Signal] = []
         for name, measure in (("rdma", self._rdma), ("net", self._net), ("nfs", self._nfs), ("host", self._host)):
             window = self._windows[name]
-            if window.see(getattr(view, name), view.t):
+            if window.see(getattr(view, name), view.sampled.get(SOURCES[name], view.t)):
                 self._held[name] = measure(*window.pair())
             elif getattr(view, name) is None:
                 self._held[name] = []

@@ -15,7 +15,9 @@ its starved level (or the cold floor) or when its evidence goes away.
 
 Cause: the best-ranked explanation (attribution.py); `host` when nothing
 explains the drop (the input pipeline or the CPU), after one more low sample,
-since evidence can trail the GPUs by a sampling interval.
+since evidence can trail the GPUs by a sampling interval (and the GPUs can
+trail the evidence: a verdict whose evidence is gone turns `host` only on the
+second low sample without it).
 
 Hysteresis: the verdict clears only after `recover_after` seconds above
 `recover_ratio` of the level; a verdict that came back less than
@@ -54,7 +56,8 @@ class _Starved:
     cause: str
     since: float
     cold: bool  # entered before the job's level was known
-    reentered: bool = False  # the same cause cleared less than flap_window ago
+    came_back: bool = False  # the same cause had cleared less than flap_window before this verdict began
+    unexplained: int = 0  # low samples in a row since the cause's evidence went
     levels: list[float] = field(default_factory=list)  # busy while starved, for a cold recovery
     recovering_since: float | None = None
     pending: tuple[str, float, int] | None = None  # a cause outranking this one: since when, samples
@@ -73,12 +76,19 @@ class StarvationDetector:
     def cause(self) -> str | None:
         return self.state.cause if self.state else None
 
+    def usable(self, baseline: float | None) -> float | None:
+        """The job's level as a reference: a job whose level is itself idle (copy-bound, or holding
+        the GPUs without running kernels) cannot be judged by it, only by strong evidence."""
+        return baseline if baseline is not None and baseline >= 2 * self.config.idle_floor else None
+
     def low(self, busy: float, baseline: float | None) -> bool:
         """Below the job's level by the drop ratio, or idle once that level is known."""
+        baseline = self.usable(baseline)
         return baseline is not None and (busy < self.config.idle_floor or busy < self.config.drop_ratio * baseline)
 
     def at_level(self, busy: float | None, baseline: float | None) -> bool:
         """Working as this job does: evidence present now did not starve it."""
+        baseline = self.usable(baseline)
         if busy is None or self.state is not None:
             return False
         if baseline is None:
@@ -94,6 +104,7 @@ class StarvationDetector:
         if busy is None or not job:
             self.clear(t)
             return None
+        baseline = self.usable(baseline)
         best = max(CAUSES, key=lambda k: scores[k])
         explained = best if scores[best] >= MIN_SCORE else None
         if self.state is None:
@@ -119,10 +130,17 @@ class StarvationDetector:
                 self.state.levels.append(busy)
 
     def _start(self, t: float, cause: str, cold: bool) -> None:
-        ended = self._ended
-        reentered = ended is not None and ended[0] == cause and t - ended[1] < self.config.flap_window
-        self.state = _Starved(cause, t, cold, reentered)
+        self.state = _Starved(cause, t, cold)
+        self._came_back()
         self._unexplained_lows = 0
+
+    def _came_back(self) -> None:
+        s, ended = self.state, self._ended
+        s.came_back = ended is not None and ended[0] == s.cause and s.since - ended[1] < self.config.flap_window
+
+    def _set_cause(self, cause: str) -> None:
+        self.state.cause, self.state.pending, self.state.unexplained = cause, None, 0
+        self._came_back()
 
     def _follow(self, t: float, busy: float, baseline: float | None, scores: dict[str, float],
                 fresh: dict[str, float], explained: str | None) -> None:
@@ -138,7 +156,7 @@ class StarvationDetector:
             starved = baseline is not None and self.low(busy, baseline)
         if recovered:
             s.recovering_since = t if s.recovering_since is None else s.recovering_since
-            needed = c.recover_after * (c.flap_factor if s.reentered else 1.0)
+            needed = c.recover_after * (c.flap_factor if s.came_back else 1.0)
             if t - s.recovering_since >= needed:
                 self.clear(t)
             return
@@ -150,11 +168,13 @@ class StarvationDetector:
         s = self.state
         if explained is None or explained == s.cause:
             s.pending = None
-            if explained is None and s.cause != "host" and scores[s.cause] < MIN_SCORE:
-                s.cause = "host"  # its evidence is gone and nothing else explains the wait
+            gone = explained is None and s.cause != "host" and scores[s.cause] < MIN_SCORE
+            s.unexplained = s.unexplained + 1 if gone else 0
+            if s.unexplained >= 2:  # its evidence is gone and, one sample later, nothing else explains the wait
+                self._set_cause("host")
             return
         if s.cause == "host" or scores[s.cause] < MIN_SCORE or t - s.since < self.config.recover_after:
-            s.cause, s.pending = explained, None
+            self._set_cause(explained)
             return
         outranks = scores[explained] >= SWITCH_MARGIN * scores[s.cause]
         replaces = fresh[s.cause] == 0 and fresh[explained] > scores[s.cause]  # present against remembered
@@ -164,7 +184,7 @@ class StarvationDetector:
         since, samples = (s.pending[1], s.pending[2] + 1) if s.pending and s.pending[0] == explained else (t, 1)
         s.pending = (explained, since, samples)
         if (replaces and samples >= 2) or t - since >= self.config.recover_after:
-            s.cause, s.pending = explained, None
+            self._set_cause(explained)
 
     def clear(self, t: float) -> None:
         if self.state is not None:

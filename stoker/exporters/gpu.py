@@ -85,6 +85,18 @@ def families(snapshot: GpuSnapshot) -> Iterable[Metric]:
                 fam.add_metric(_ids(g) + [k], value)
         out.append(fam)
 
+    source = GaugeMetricFamily("stoker_gpu_activity_source", "1 for where the GPU's busy ratio comes from: gpm "
+                               "(SM activity), or utilization (utilization.gpu bounded by power draw).",
+                               labels=L + ["source"])
+    denied = GaugeMetricFamily("stoker_gpu_permission_denied", "1 for each NVML call refused to the agent's user "
+                               "(gpm: profiling restricted to administrators).", labels=L + ["call"])
+    for g in live:
+        if g.activity_source:
+            source.add_metric(_ids(g) + [g.activity_source], 1)
+        for call in g.refused:
+            denied.add_metric(_ids(g) + [call], 1)
+    out += [source, denied]
+
     xid = CounterMetricFamily("stoker_gpu_xid_errors", "XID events.", labels=L + ["xid"])
     xid_ts = GaugeMetricFamily("stoker_gpu_xid_last_timestamp_seconds", "When that XID was last seen.",
                                labels=L + ["xid"])

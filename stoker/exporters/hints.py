@@ -1,12 +1,15 @@
 """The checkpoint hint API: the training job tells the agent a checkpoint starts and ends.
 
 Served on its own listener (loopback by default), apart from /metrics, and
-only to callers holding the bearer token from the configured file. Bad JSON or
-a missing field is a 400 with a message that says what to send.
+only to callers holding the bearer token from the configured file. Anything
+wrong with a request (not UTF-8 JSON, nested too deeply, a number too large, a
+missing field) is the caller's fault: a 400 with a message that says what to
+send, never a 500 and a traceback.
 """
 
 from __future__ import annotations
 
+import codecs
 import hmac
 import json
 
@@ -16,6 +19,8 @@ from stoker.detect.checkpoint import CheckpointTracker, HintError
 
 OUTCOMES = ("completed", "aborted")
 MAX_BODY = 16 * 1024
+MAX_EXPECTED_BYTES = 2**63 - 1
+"""Exported as a float and compared with byte counters: an exabyte is more than any checkpoint."""
 
 
 def make_hint_app(tracker: CheckpointTracker, token: str) -> web.Application:
@@ -29,9 +34,16 @@ def make_hint_app(tracker: CheckpointTracker, token: str) -> web.Application:
         return await handler(request)
 
     async def body_of(request: web.Request) -> dict:
+        """The body as a JSON object. JSON is UTF-8 (RFC 8259): another charset is refused
+        rather than looked up (`charset=bogus` would be a LookupError)."""
+        charset = request.charset
+        if charset is not None and _codec(charset) != "utf-8":
+            raise _bad(f"charset {charset!r} is not supported: send UTF-8 JSON")
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = json.loads(await request.read())
+        except RecursionError:
+            raise _bad("body is not JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
             raise _bad(f"body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise _bad("body must be a JSON object")
@@ -50,8 +62,9 @@ def make_hint_app(tracker: CheckpointTracker, token: str) -> web.Application:
     async def start(request: web.Request) -> web.Response:
         body = await body_of(request)
         expected = body.get("expected_bytes")
-        if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 0):
-            raise _bad("`expected_bytes` must be a non-negative integer")
+        if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)
+                                     or not 0 <= expected <= MAX_EXPECTED_BYTES):
+            raise _bad(f"`expected_bytes` must be an integer from 0 to {MAX_EXPECTED_BYTES}")
         mountpoint = target(body)
         tracker.hint_start(mountpoint, expected)
         return web.json_response({"mountpoint": mountpoint, "status": "in_progress"})
@@ -74,6 +87,13 @@ def make_hint_app(tracker: CheckpointTracker, token: str) -> web.Application:
     app.router.add_post("/api/v1/checkpoints/start", start)
     app.router.add_post("/api/v1/checkpoints/end", end)
     return app
+
+
+def _codec(charset: str) -> str | None:
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return None
 
 
 def _http(status: int, message: str) -> web.HTTPException:

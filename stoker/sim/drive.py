@@ -69,7 +69,10 @@ class SimDrive:
         self.ethtool = EthtoolReader(self.platform.open_ethtool)
         self.nfs = NfsSource(cfg.agent.procfs_root, cfg.nfs.operations, cfg.nfs.roles())
         self.host = PressureSource(cfg.agent.procfs_root)
-        self.verdicts = VerdictCollector(self.interval, cfg.detect, cfg.checkpoint, view=None, clock=self.clock)
+        self.verdicts = VerdictCollector(self.interval, cfg.detect, cfg.checkpoint, view=None, clock=self.clock,
+                                         state_file=cfg.agent.state_file)
+        if self.verdicts.store is not None:
+            self.verdicts.store._wall = self.clock
         self.verdicts.checkpoints._wall = self.clock
 
     def step(self):
@@ -83,6 +86,8 @@ class SimDrive:
                              net=snapshot(names, self.sim.network.operstates(), stats, problems),
                              nfs=self.nfs.sample(), host=self.host.sample())
         verdict = self.verdicts.update(self.view)
+        if self.verdicts.store is not None:
+            self.verdicts.persist()  # the agent does this in a worker thread
         self.samples.append(Sample(self.sim.node.elapsed(), verdict.cause, self.checkpoint_state(), verdict.busy))
         return verdict
 

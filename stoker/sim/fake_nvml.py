@@ -4,7 +4,9 @@ It returns the same ctypes structures and raises the same `pynvml.NVMLError`
 subclasses as the real library, so the collector cannot tell the difference;
 field support follows what the real H200 answered (data/inventory.json).
 Tests use the fault switches (`library_missing`, `lost`, `unsupported`,
-`gpm_supported`, `hang`, `inject_xid`) to drive the collector's error paths.
+`gpm_supported`, `gpm_permission`, `hang`, `inject_xid`) to drive the
+collector's error paths; a scenario step with `profiling = "admin-only"`
+refuses GPM as a stock driver does to an unprivileged user.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class FakeNVML:
         self.lost: set[int] = set()
         self.unsupported: set[str] = set()
         self.gpm_supported = True
+        self.gpm_permission = True  # False: GPM sampling answers NO_PERMISSION, as to an unprivileged user
         self.hang = threading.Event()  # set: every getter blocks until it is cleared
         self.hang_release = threading.Event()
 
@@ -279,6 +282,8 @@ class FakeNVML:
         gpu = self._gpu(handle, "nvmlGpmSampleGet")
         if not self.gpm_supported:
             _raise(N.NVML_ERROR_NOT_SUPPORTED)
+        if not self.gpm_permission or self.node.step().profiling == "admin-only":
+            _raise(N.NVML_ERROR_NO_PERMISSION)
         self._samples[_address(sample)] = (gpu.index, self._t())
         return sample
 

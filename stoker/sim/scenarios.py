@@ -51,6 +51,7 @@ class Step:
     level: float = 1.0  # the job's activity relative to the recording (a smaller model: below 1)
     noise: float = 0.0  # relative step-to-step jitter of the activity (standard deviation)
     hint: bool = False  # the job tells the agent about this checkpoint (start and end)
+    profiling: str = "allowed"  # admin-only: GPM refused to the agent's user (a stock driver)
 
     @property
     def has_job(self) -> bool:
@@ -120,7 +121,9 @@ def _known(table: dict, allowed: set[str], where: str) -> None:
         raise ScenarioError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
-STEP_KEYS = {"gpu", "seconds", "network", "storage", "host", "lost_gpus", "job", "level", "noise", "hint"}
+STEP_KEYS = {"gpu", "seconds", "network", "storage", "host", "lost_gpus", "job", "level", "noise", "hint",
+             "profiling"}
+PROFILING = ("allowed", "admin-only")
 EXPECT_KEYS = {"from", "to", "verdict", "checkpoint", "within", "share", "never"}
 
 
@@ -144,7 +147,8 @@ def _step(table: dict, where: str) -> Step:
                 lost_gpus=tuple(lost), job=job,
                 level=_number(table, "level", where, 1.0, 0.0, 1.0),
                 noise=_number(table, "noise", where, 0.0, 0.0, 0.5),
-                hint=table.get("hint", False))
+                hint=table.get("hint", False),
+                profiling=_check(table.get("profiling", "allowed"), PROFILING, f"{where}.profiling"))
 
 
 def _expectation(table: dict, where: str) -> Expectation:

@@ -68,7 +68,7 @@ class Simulation:
             listen = "127.0.0.1:0"
         shortened = {section: dataclasses.replace(getattr(cfg, section), **{
             key: short for key, short in keys.items()
-            if getattr(getattr(cfg, section), key) == getattr(DEFAULTS[section], key)})
+            if cfg.sim.shorten and getattr(getattr(cfg, section), key) == getattr(DEFAULTS[section], key)})
             for section, keys in SHORTENED.items()}
         return dataclasses.replace(
             cfg,

@@ -104,8 +104,9 @@ class SimStorage:
             self._write()
 
     def _move(self, t: float, dt: float, condition: str) -> None:
-        phase = self.node.gpu_phase(t)
-        busy = sum(self.node.gpu_row(g, t)["gpm_sm_util"] for g in range(self.node.gpu_count)) / self.node.gpu_count / 100
+        mid = t - dt / 2  # what the job did over the interval, not at its end
+        phase = self.node.gpu_phase(mid)
+        busy = sum(self.node.gpu_row(g, mid)["gpm_sm_util"] for g in range(self.node.gpu_count)) / self.node.gpu_count / 100
         data, ckpt = self.mounts[:2]
         read_rate = READ_BYTES_PER_BUSY_S * max(busy, 0.05 if phase != "idle_after" else 0.0)
         if condition == "slow-read":
@@ -118,12 +119,14 @@ class SimStorage:
             self._meta(extra, dt * 0.1, condition)
 
     def _write_back(self, m: SimMount, dt: float, writing: bool, condition: str) -> None:
-        """The job's checkpoint writes into the page cache, and write-back to the server."""
-        if writing and m.dirty < DIRTY_LIMIT:
-            handed = min(CHECKPOINT_BYTES_PER_S * dt, DIRTY_LIMIT - m.dirty)
+        """The job's checkpoint writes into the page cache, and write-back to the server; the job
+        blocks once `DIRTY_LIMIT` bytes wait."""
+        capacity = SERVER_WRITE_BYTES_PER_S.get(condition, CHECKPOINT_BYTES_PER_S) * dt
+        if writing:
+            handed = max(0.0, min(CHECKPOINT_BYTES_PER_S * dt, DIRTY_LIMIT - m.dirty + capacity))
             m.bytes[1] += handed
             m.dirty += handed
-        flushed = min(m.dirty, SERVER_WRITE_BYTES_PER_S.get(condition, CHECKPOINT_BYTES_PER_S) * dt)
+        flushed = min(m.dirty, capacity)
         if flushed > 0:
             m.dirty -= flushed
             self._io(m, "WRITE", flushed, condition)

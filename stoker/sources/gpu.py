@@ -19,6 +19,12 @@ Why it is shaped this way (costs measured on an H200, ../shared/fixtures/h200):
   (GpuIsLost, Unknown, ...) is marked down and re-acquired with backoff while
   the other GPUs keep their GPM baselines; a library-wide failure (no driver,
   Uninitialized) re-initialises NVML with backoff.
+- NoPermission is a policy, not a fault: the drivers restrict GPU performance
+  counters (GPM) to administrators by default (`RmProfilingAdminOnly`), and
+  the service runs unprivileged. A refused call is not made again, nor counted
+  as an error, until `REPROBE_AFTER` seconds have passed (a driver reloaded
+  with the restriction lifted grants it then). Without GPM the GPU's activity
+  comes from `utilization.gpu`; `activity_source` says which.
 """
 
 from __future__ import annotations
@@ -31,9 +37,16 @@ from typing import Any, Callable
 
 import pynvml as N
 
+from stoker import logs
 from stoker.counters import CounterSet
 
+log = logs.get("gpu")
+
 MIB = 1 << 20
+REPROBE_AFTER = 600.0
+"""Seconds before a call NVML refused for lack of permission is tried again."""
+GPM_REMEDY = ("GPU profiling is restricted to administrators: set NVreg_RestrictProfilingToAdminUsers=0 or give "
+              "the service CAP_SYS_ADMIN (docs/OPERATIONS.md); until then SM activity comes from utilization.gpu")
 
 GPM_METRICS = {
     "sm_active": N.NVML_GPM_METRIC_SM_UTIL,
@@ -119,6 +132,8 @@ class GpuSample:
     utilization: float | None = None
     processes: int | None = None
     pids: tuple[int, ...] = ()  # of the compute processes: a new set is a new job
+    activity_source: str = ""  # gpm | utilization: where the SM activity the verdicts judge comes from
+    refused: tuple[str, ...] = ()  # calls NVML refuses to this user (no_permission), e.g. "gpm"
     gpm: dict[str, float] = field(default_factory=dict)  # GPM_RATIOS keys, as ratios 0..1
     pcie_tx_bytes: float | None = None
     pcie_rx_bytes: float | None = None
@@ -183,6 +198,8 @@ class _Gpu:
         self.totals: dict[str, float] = {}  # integrated counters: bytes, throttle seconds
         self.raw = CounterSet()  # hardware cumulative counters: reset-safe
         self.raw32 = CounterSet(width=32)
+        self.raw32_seen: dict[str, float] = {}  # the 32-bit counters' totals at their last reading
+        self.refused: dict[str, float] = {}  # call -> when NVML last refused it for lack of permission
         self.slow: dict[str, float] = {}  # last slow-tier values
         self.last_slow_at: float | None = None
         self.power_limit_watts: float | None = None
@@ -305,6 +322,7 @@ class GpuSource:
         self.driver_version = ""
         self.nvml_version = ""
         self.xid = XidRecorder(nvml, clock=wall)
+        self._announced: set[str] = set()  # refused calls already logged
 
     # -- library lifecycle -------------------------------------------------
 
@@ -426,9 +444,14 @@ class GpuSource:
         s.xid_counts, s.xid_last_seen = self.xid.read(gpu.uuid)
         return s
 
+    def _allowed(self, gpu: _Gpu, key: str) -> bool:
+        """False while a call refused for lack of permission waits for its next try."""
+        refused = gpu.refused.get(key)
+        return refused is None or self._clock() - refused >= REPROBE_AFTER
+
     def _call(self, gpu: _Gpu, key: str, problems: list[str], fn: Callable, *args: Any) -> Any:
-        """One NVML getter, classified: None when unsupported or failed this cycle."""
-        if key in gpu.unsupported:
+        """One NVML getter, classified: None when unsupported, refused or failed this cycle."""
+        if key in gpu.unsupported or not self._allowed(gpu, key):
             return None
         try:
             return fn(gpu.handle, *args)
@@ -438,6 +461,9 @@ class GpuSource:
     def _classify(self, gpu: _Gpu, key: str, exc: N.NVMLError, problems: list[str]) -> None:
         if exc.value == N.NVML_ERROR_NOT_SUPPORTED:
             gpu.unsupported.add(key)
+            return None
+        if exc.value == N.NVML_ERROR_NO_PERMISSION:
+            self._refused(gpu, key)
             return None
         if exc.value in LIBRARY_DOWN:
             raise LibraryDown(exc) from exc
@@ -459,6 +485,8 @@ class GpuSource:
                 out[name] = _field_value(fv)
             elif ret == N.NVML_ERROR_NOT_SUPPORTED:
                 gpu.unsupported.add(f"field:{name}")
+            elif ret == N.NVML_ERROR_NO_PERMISSION:
+                gpu.unsupported.add(f"field:{name}")  # a field refused to this user stays refused
             elif ret in GPU_LOST:
                 raise _GpuLost(N.NVMLError(ret))
             else:
@@ -502,15 +530,25 @@ class GpuSource:
         if "memory_temp" in fast:
             s.temperature["memory"] = fast["memory_temp"]
 
-        if gpu.gpm:
+        if gpu.gpm and self._allowed(gpu, "gpm"):
             self._sample_gpm(gpu, s, problems)
-        else:
-            for name, value in self._fields(gpu, NO_GPM_FIELDS, problems).items():
-                setattr(s, f"{name}_bytes", gpu.raw32.update(name, value))
+        with_gpm = gpu.gpm and "gpm" not in gpu.refused
+        if not with_gpm:
+            self._pcie_from_counters(gpu, problems)
+        self._carry_byte_totals(gpu, s)
+        s.activity_source = "gpm" if with_gpm else "utilization"
+        s.refused = tuple(sorted(gpu.refused))
 
         self._sample_slow(gpu, s, now, problems)
         s.xid_counts, s.xid_last_seen = self.xid.read(gpu.uuid)
         return s
+
+    def _refused(self, gpu: _Gpu, key: str) -> None:
+        gpu.refused[key] = self._clock()
+        if key not in self._announced:  # once for the node, not once per GPU and cycle
+            self._announced.add(key)
+            log.warning("NVML refuses this call to the agent's user; not calling it again for a while",
+                        call=key, retry_after_seconds=REPROBE_AFTER, remedy=GPM_REMEDY if key == "gpm" else None)
 
     def _sample_gpm(self, gpu: _Gpu, s: GpuSample, problems: list[str]) -> None:
         nvml = self.nvml
@@ -522,12 +560,14 @@ class GpuSource:
         except N.NVMLError as exc:
             self._gpm_failed(gpu, exc, problems)
             return
+        if gpu.refused.pop("gpm", None) is not None and "gpm" in self._announced:
+            self._announced.discard("gpm")
+            log.info("GPU profiling granted: SM activity from GPM again")
         taken_at = self._clock()
         window = None if gpu.gpm_prev_at is None else taken_at - gpu.gpm_prev_at
         gpu.gpm_prev_at = taken_at
         gpu.gpm_samples = [cur, prev]  # this sample becomes the baseline of the next tick
         if window is None or window <= 0:
-            self._carry_gpm_totals(gpu, s)
             return
         request = N.c_nvmlGpmMetricsGet_t()
         request.version = N.NVML_GPM_METRICS_GET_VERSION
@@ -550,9 +590,17 @@ class GpuSource:
             else:
                 key = f"bytes:{name}"
                 gpu.totals[key] = gpu.totals.get(key, 0.0) + max(0.0, metric.value) * MIB * window
-        self._carry_gpm_totals(gpu, s)
 
-    def _carry_gpm_totals(self, gpu: _Gpu, s: GpuSample) -> None:
+    def _pcie_from_counters(self, gpu: _Gpu, problems: list[str]) -> None:
+        """Without GPM, PCIe bytes move with the cumulative 32-bit byte counters. They add to the
+        same totals as GPM's rates, so a switch between the two never makes a counter go back."""
+        for name, value in self._fields(gpu, NO_GPM_FIELDS, problems).items():
+            before = gpu.raw32_seen.get(name)
+            gpu.raw32_seen[name] = after = gpu.raw32.update(name, value)
+            key = f"bytes:{name}"
+            gpu.totals[key] = gpu.totals.get(key, 0.0) + (0.0 if before is None else after - before)
+
+    def _carry_byte_totals(self, gpu: _Gpu, s: GpuSample) -> None:
         for name in GPM_RATES:
             key = f"bytes:{name}"
             if key in gpu.totals:
@@ -562,6 +610,7 @@ class GpuSource:
         if exc.value == N.NVML_ERROR_NOT_SUPPORTED:
             gpu.gpm = False  # fall back to cumulative PCIe fields from the next tick
             return
+        gpu.gpm_prev_at = None  # the next granted sample starts a new window
         self._classify(gpu, "gpm", exc, problems)
 
     def _sample_slow(self, gpu: _Gpu, s: GpuSample, now: float, problems: list[str]) -> None:

@@ -16,11 +16,15 @@ op line has 8 fields (statvers 1.0) or 9 (1.1 added errors) or more (later
 kernels: the first 9 are read). A value the kernel printed from a negative
 number (18446743919241604546 is seen in real files) is dropped, that one
 field only. A mount whose block cannot be parsed at all is skipped and counted;
-the others keep their values.
+the others keep their values. Damage stays where it is: a header whose
+mountpoint escape is not one the kernel writes (`\\089`) skips its own block,
+and parsing is linear in the text whatever it holds (blank lines within a
+block included), so a damaged file costs no more than a clean one.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 OP_FIELDS = ("ops", "transmissions", "major_timeouts", "bytes_sent", "bytes_received",
@@ -50,19 +54,18 @@ class NfsMount:
     dropped_fields: int = 0  # implausible values left out
 
 
-def _unescape(text: str) -> str:
-    """Mountpoints escape space, tab, newline and backslash as octal (\\040)."""
+ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(text: str) -> str | None:
+    """Mountpoints escape space, tab, newline and backslash as three octal digits
+    (\\040); None when a backslash starts anything else (the kernel escapes every
+    backslash, so the name is damaged)."""
     if "\\" not in text:
         return text
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and text[i + 1:i + 4].isdigit() and len(text[i + 1:i + 4]) == 3:
-            out.append(chr(int(text[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+    if text.count("\\") != len(ESCAPE.findall(text)):
+        return None
+    return ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
 
 
 def _header(line: str) -> tuple[str, str, str, str] | None:
@@ -70,8 +73,11 @@ def _header(line: str) -> tuple[str, str, str, str] | None:
     parts = line.split()
     if len(parts) not in (8, 9) or parts[2:4] != ["mounted", "on"] or parts[5:7] != ["with", "fstype"]:
         return None
+    mountpoint = _unescape(parts[4])
+    if mountpoint is None:
+        return None
     statvers = parts[8].partition("=")[2] if len(parts) == 9 else ""
-    return parts[1], _unescape(parts[4]), parts[7], statvers
+    return parts[1], mountpoint, parts[7], statvers
 
 
 def parse(text: str) -> tuple[list[NfsMount], list[str]]:
@@ -90,14 +96,16 @@ def parse(text: str) -> tuple[list[NfsMount], list[str]]:
             problems.append("malformed_mount")
 
     orphans = False
+    in_ops = False  # the block reached its per-op section (a flag: rescanning the block per line is quadratic)
     for line in text.splitlines():
         if line.startswith("device "):
             flush()
-            head, block, orphans = _header(line), [], False
+            head, block, in_ops = _header(line), [], False
+            orphans = head is None  # the body of a damaged header is counted with it, not again
             if head is None:
                 problems.append("malformed_header")
         elif not line.strip():
-            if head is not None and "\tper-op statistics" in block:
+            if head is not None and in_ops:
                 flush()  # the kernel ends each NFS block with a blank line after its per-op section
                 head, block = None, []
         elif head is not None and (not line[0].isspace() or " mounted on " in line):
@@ -107,6 +115,7 @@ def parse(text: str) -> tuple[list[NfsMount], list[str]]:
             problems.append("malformed_header")
         elif head is not None:
             block.append(line)
+            in_ops = in_ops or line.strip() == "per-op statistics"
         elif not orphans:
             orphans = True  # lines outside any mount (a damaged header came before them)
             problems.append("orphan_lines")
@@ -171,7 +180,7 @@ def _opts(m: NfsMount, opts: str) -> None:
             m.version = value
         elif name == "proto":
             m.protocol = value
-        elif name == "nconnect" and value.isdigit():
+        elif name == "nconnect" and value.isascii() and value.isdigit():
             m.nconnect = int(value)
 
 

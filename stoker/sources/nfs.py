@@ -1,11 +1,30 @@
-"""NFS mounts as typed samples: mountstats parsed, counters made monotonic, roles assigned."""
+"""NFS mounts as typed samples: mountstats parsed, counters made monotonic, roles assigned.
+
+Several NFS mounts can sit on one mountpoint (a mount over a mount, autofs).
+Only the topmost is reported: the last one listed for that mountpoint, the one
+processes reach through the path. Reporting each would give Prometheus two
+series with the same labels, and it rejects the whole scrape for that. The
+counters of a mountpoint follow one mount, identified by its export and how
+many mounts lie under it: when another mount becomes the visible one (stacked
+on top, or uncovered by an unmount), the counters start from its values as a
+new baseline and the totals go on from where they were. Mixing two mounts'
+values in one counter read each switch as a reset or a huge rise (5e12 B/s
+measured), and keying totals by mount would make the series jump to another
+mount's total when it is uncovered.
+
+A mountpoint gone for `counters.FORGET_AFTER` has its counter state dropped:
+a node that churns mounts keeps bounded memory. Until then a remount carries on.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from stoker.counters import CounterSet
+from stoker.counters import CounterSet, Presence
+from stoker.sources.files import read_regular
 from stoker.sources.mountstats import NfsMount, parse
 
 MS = 1e-3
@@ -42,16 +61,28 @@ def role_of(mountpoint: str, roles: dict[str, tuple[str, ...]]) -> str:
     return best
 
 
+def topmost(mounts: list[NfsMount]) -> list[tuple[NfsMount, tuple[str, int]]]:
+    """The last mount listed on each mountpoint, with its identity: (export, mounts under it)."""
+    top: dict[str, tuple[NfsMount, tuple[str, int]]] = {}
+    for m in mounts:
+        under = top[m.mountpoint][1][1] + 1 if m.mountpoint in top else 0
+        top[m.mountpoint] = (m, (m.export, under))
+    return list(top.values())
+
+
 class NfsSource:
-    def __init__(self, procfs_root: str, operations: tuple[str, ...], roles: dict[str, tuple[str, ...]]):
+    def __init__(self, procfs_root: str, operations: tuple[str, ...], roles: dict[str, tuple[str, ...]],
+                 clock: Callable[[], float] = time.monotonic):
         self.path = os.path.join(procfs_root, "self", "mountstats")
         self.operations = frozenset(operations)
         self.roles = roles
-        self._counters = CounterSet()
+        self._clock = clock
+        self._counters = CounterSet()  # keyed (mountpoint, ...)
+        self._identity: dict[str, tuple[str, int]] = {}  # mountpoint -> the mount its counters follow
+        self._present = Presence()
 
     def read_text(self) -> str:
-        with open(self.path, "rb") as fh:  # can exceed one page with many mounts
-            return fh.read().decode("ascii", "replace")
+        return read_regular(self.path).decode("ascii", "replace")  # can exceed one page with many mounts
 
     def sample(self) -> NfsSnapshot:
         try:
@@ -59,14 +90,24 @@ class NfsSource:
         except FileNotFoundError:
             return NfsSnapshot([])  # no procfs mountstats: nothing mounted to report
         mounts, problems = parse(text)
-        samples = [self._sample(m) for m in mounts]
-        problems += ["implausible_value"] * sum(1 for m in mounts if m.dropped_fields)
+        now = self._clock()
+        visible = topmost(mounts)
+        samples = [self._sample(m, identity, now) for m, identity in visible]
+        problems += ["implausible_value"] * sum(1 for m, _ in visible if m.dropped_fields)
+        gone = self._present.gone(now)
+        self._counters.forget(gone)
+        for mountpoint in gone:
+            del self._identity[mountpoint]
         return NfsSnapshot(samples, problems)
 
-    def _sample(self, m: NfsMount) -> NfsSample:
+    def _sample(self, m: NfsMount, identity: tuple[str, int], now: float) -> NfsSample:
         s = NfsSample(m.mountpoint, m.export, m.version or ("4" if m.fstype == "nfs4" else ""),
                       m.protocol, m.nconnect, role_of(m.mountpoint, self.roles))
         key = m.mountpoint
+        self._present.seen(key, now)
+        if self._identity.setdefault(key, identity) != identity:
+            self._counters.rebase(key)  # another mount is now the visible one: no jump in the totals
+            self._identity[key] = identity
         if m.server_read_bytes is not None:
             s.read_bytes = self._counters.update((key, "read_bytes"), m.server_read_bytes)
         if m.server_write_bytes is not None:

@@ -1,0 +1,287 @@
+"""The verdict engine's parts, one behaviour at a time: attribution, starvation, jobs, checkpoints, saved levels."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from stoker.config import CheckpointConfig, DetectConfig
+from stoker.detect.attribution import Attribution, TOLERATED
+from stoker.detect.checkpoint import FORGET_AFTER, CheckpointTracker
+from stoker.detect.evidence import Signal
+from stoker.detect.job import MIN_BASELINE_SAMPLES, JobTracker
+from stoker.detect.starvation import StarvationDetector
+from stoker.detect.state import LevelStore
+from stoker.sim.drive import ManualClock
+from stoker.sources.gpu import GpuSample, GpuSnapshot
+from stoker.sources.nfs import NfsSample, NfsSnapshot
+
+NO = {"storage": 0.0, "network": 0.0, "checkpoint": 0.0, "host": 0.0}
+READS = Signal("read_latency", "/mnt/data", 4.0, "/mnt/data: READ takes 80 ms")
+RAIL = Signal("port_down", "mlx5_3/1", 4.0, "mlx5_3/1 down")
+
+
+def scores(**kw) -> dict[str, float]:
+    return {**NO, **kw}
+
+
+# -- attribution ---------------------------------------------------------------------------------
+
+def test_strength_counts_by_its_log_and_staleness_fades_it():
+    a = Attribution(DetectConfig(evidence_memory=10.0))
+    a.observe(0.0, [Signal("congestion", "mlx5_0/1", 1.0, ""), READS], at_level=False)
+    assert a.scores()["network"] == pytest.approx(1.0) and a.scores()["storage"] == pytest.approx(3.0)
+    a.observe(5.0, [], at_level=False)
+    assert a.scores()["storage"] == pytest.approx(1.5), "half faded after half the memory"
+    assert a.scores(fresh_only=True)["storage"] == 0.0
+    a.observe(10.5, [], at_level=False)
+    assert a.scores() == NO and not a.traces
+
+
+def test_evidence_the_gpus_worked_through_is_discounted_until_it_grows():
+    a = Attribution(DetectConfig(tolerate_after=10.0))
+    for t in range(12):
+        a.observe(float(t), [RAIL], at_level=True)
+    assert a.scores()["network"] == pytest.approx(3.0 * TOLERATED)
+    assert "present before the drop" in a.reasons("network")[0]
+    a.observe(12.0, [Signal("port_down", "mlx5_3/1", 9.0, "worse")], at_level=False)
+    assert a.scores()["network"] == pytest.approx(min(5.0, 1 + 3.17), abs=0.01), "more than twice as bad: full weight"
+
+
+def test_a_checkpoint_is_not_remembered_once_it_ended():
+    a = Attribution(DetectConfig())
+    a.observe(0.0, [Signal("checkpoint", "/mnt/checkpoints", 1.0, "")], at_level=False)
+    assert a.scores()["checkpoint"] == 6.0
+    a.observe(1.0, [], at_level=False)
+    assert a.scores()["checkpoint"] == 0.0
+
+
+# -- starvation ------------------------------------------------------------------------------------
+
+def test_noisy_healthy_signal_does_not_flap():
+    detector = StarvationDetector(DetectConfig())
+    rng = random.Random(7)
+    causes = [detector.update(float(t), min(1.0, max(0.0, rng.gauss(0.62, 0.06))), True, 0.66, NO, NO)
+              for t in range(3600)]
+    assert set(causes) == {None}
+
+
+def test_noisy_signal_around_the_threshold_changes_verdict_rarely():
+    detector = StarvationDetector(DetectConfig())
+    rng = random.Random(3)
+    causes = [detector.update(float(t), rng.choice([0.3, 0.5, 0.6, 0.75, 0.8]), True, 0.9, NO, NO)
+              for t in range(600)]
+    changes = sum(1 for a, b in zip(causes, causes[1:]) if a != b)
+    assert changes <= 40, changes  # without hysteresis this flips on most of the 600 samples
+
+
+def test_no_job_no_verdict():
+    assert StarvationDetector(DetectConfig()).update(1.0, 0.0, False, 0.9, scores(storage=3.0), NO) is None
+
+
+def test_cold_start_needs_strong_fresh_evidence_and_a_low_absolute_level():
+    strong = scores(storage=3.0)
+    assert StarvationDetector(DetectConfig()).update(1.0, 0.2, True, None, strong, strong) == "storage"
+    weak = scores(storage=1.5)
+    assert StarvationDetector(DetectConfig()).update(1.0, 0.2, True, None, weak, weak) is None
+    remembered_only = StarvationDetector(DetectConfig()).update(1.0, 0.2, True, None, strong, NO)
+    assert remembered_only is None, "evidence from before this job or this start is not fresh"
+    assert StarvationDetector(DetectConfig()).update(1.0, 0.6, True, None, strong, strong) is None
+    assert StarvationDetector(DetectConfig()).update(1.0, 0.02, True, None, NO, NO) is None, "no level, no evidence"
+
+
+def test_a_cold_verdict_ends_when_its_evidence_goes_or_the_gpus_pick_up():
+    d = StarvationDetector(DetectConfig(recover_after=2.0))
+    strong = scores(storage=3.0)
+    d.update(0.0, 0.2, True, None, strong, strong)
+    for t in (1.0, 2.0, 3.0):
+        d.update(t, 0.2, True, None, strong, strong)
+    assert d.cause == "storage"
+    for t in (4.0, 5.0, 6.0):
+        d.update(t, 0.2, True, None, NO, NO)  # the NAS is fine again; 20% is this job's level
+    assert d.cause is None
+
+
+def test_host_yields_at_once_to_evidence_but_not_while_recovering():
+    d = StarvationDetector(DetectConfig(recover_after=3.0))
+    assert d.update(0.0, 0.1, True, 0.9, NO, NO) is None, "one more sample: evidence may trail"
+    assert d.update(1.0, 0.1, True, 0.9, NO, NO) == "host"
+    assert d.update(10.0, 0.1, True, 0.9, scores(storage=1.2), scores(storage=1.2)) == "storage"
+    d2 = StarvationDetector(DetectConfig(recover_after=3.0))
+    d2.update(0.0, 0.1, True, 0.9, scores(storage=3.0), scores(storage=3.0))
+    for t in (20.0, 21.0, 22.0):  # back at the level, the evidence faded: recovering, no switch to host
+        assert d2.update(t, 0.9, True, 0.9, NO, NO) == "storage"
+    assert d2.update(23.0, 0.9, True, 0.9, NO, NO) is None
+
+
+def test_a_cause_replaces_another_by_margin_and_time_or_present_against_remembered():
+    d = StarvationDetector(DetectConfig(recover_after=3.0))
+    s, both = scores(storage=2.0), scores(storage=2.0, network=3.5)
+    d.update(0.0, 0.1, True, 0.9, s, s)
+    d.update(10.0, 0.1, True, 0.9, both, both)
+    d.update(12.0, 0.1, True, 0.9, both, both)
+    assert d.cause == "storage", "outranking by 1.75x for 2 s is not enough"
+    d.update(13.0, 0.1, True, 0.9, both, both)
+    assert d.cause == "network"
+    d2 = StarvationDetector(DetectConfig(recover_after=3.0))
+    d2.update(0.0, 0.1, True, 0.9, s, s)
+    remembered, present = scores(storage=2.0, network=2.5), scores(network=2.5)
+    d2.update(10.0, 0.1, True, 0.9, remembered, present)
+    assert d2.cause == "storage"
+    d2.update(11.0, 0.1, True, 0.9, remembered, present)
+    assert d2.cause == "network", "present on two samples against one only remembered"
+
+
+def test_a_verdict_that_comes_back_needs_a_longer_recovery():
+    d = StarvationDetector(DetectConfig(recover_after=3.0, flap_factor=3.0, flap_window=60.0))
+    s = scores(storage=3.0)
+    d.update(0.0, 0.1, True, 0.9, s, s)
+    for t in range(1, 5):
+        d.update(float(t), 0.9, True, 0.9, NO, NO)
+    assert d.cause is None
+    d.update(10.0, 0.1, True, 0.9, s, s)
+    for t in range(11, 19):
+        d.update(float(t), 0.9, True, 0.9, NO, NO)
+    assert d.cause == "storage", "8 s healthy between bursts of the same fault"
+    d.update(20.0, 0.9, True, 0.9, NO, NO)
+    assert d.cause is None
+    assert d.seconds["storage"] > 0 and d.seconds["host"] == 0
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+
+def snapshot(pids: tuple[int, ...], memory: float = 60e9) -> GpuSnapshot:
+    return GpuSnapshot([GpuSample(i, f"GPU-{i}", processes=1 if pids else 0, pids=pids[i:i + 1] if pids else (),
+                                  memory_used_bytes=memory) for i in range(2)])
+
+
+def test_a_job_is_new_when_its_processes_all_change_or_the_gpus_were_released():
+    job = JobTracker(DetectConfig())
+    assert job.update(0.0, snapshot((100, 101)))
+    for t in range(MIN_BASELINE_SAMPLES):
+        job.remember(float(t), 0.9)
+    assert job.baseline() == 0.9
+    assert not job.update(1.0, snapshot((100, 202))), "one rank restarted: the same job"
+    assert job.baseline() == 0.9
+    assert job.update(2.0, snapshot((300, 301))) and job.baseline() is None
+    assert not job.update(3.0, snapshot((), memory=1e9)) and not job.present
+    assert job.update(4.0, snapshot((), memory=60e9)), "memory held again after a release: another job"
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+class Mount:
+    """A checkpoint mount's mountstats totals, moved by hand."""
+
+    def __init__(self):
+        self.server = self.client = 1e9
+
+    def write(self, server: float, client: float | None = None) -> NfsSnapshot:
+        self.server += server
+        self.client += server if client is None else client
+        return NfsSnapshot([NfsSample("/mnt/ckpt", "nas:/ckpt", "4.1", "tcp", 1, "checkpoint",
+                                      write_bytes=self.server, client_write_bytes=self.client)])
+
+
+def tracker(**kw) -> tuple[CheckpointTracker, ManualClock, Mount]:
+    clock = ManualClock(0.0)
+    return CheckpointTracker(CheckpointConfig(**{"stall_after": 20.0, "quiet_after": 5.0, **kw}), clock), clock, Mount()
+
+
+def tick(t: CheckpointTracker, clock: ManualClock, snap: NfsSnapshot | None, waiting: bool) -> None:
+    clock.advance(1.0)
+    t.update(snap, waiting)
+
+
+def test_a_slow_checkpoint_is_seen_while_the_gpus_wait_and_ends_with_its_writes():
+    t, clock, mount = tracker()
+    for _ in range(5):
+        tick(t, clock, mount.write(0), False)
+    for _ in range(3):
+        tick(t, clock, mount.write(4e6), False)
+    assert t.mounts["/mnt/ckpt"].active is None, "4 MB/s while the GPUs work: not what a checkpoint does to them"
+    for _ in range(3):
+        tick(t, clock, mount.write(4e6), True)
+    m = t.mounts["/mnt/ckpt"]
+    assert m.active is not None and m.active.source == "detected"
+    for _ in range(30):
+        tick(t, clock, mount.write(4e6), True)
+    assert m.active is not None and not m.active.stalled
+    for _ in range(8):
+        tick(t, clock, mount.write(0), True)  # writes over; the GPUs still wait (for something else)
+    assert m.active is None and m.outcomes["completed"] == 1 and m.outcomes["stalled"] == 0
+    assert m.written_bytes == pytest.approx(36 * 4e6, rel=0.1)
+
+
+def test_a_detected_checkpoint_stalls_only_while_written_data_waits_for_the_server():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    tick(t, clock, mount.write(2e9), True)
+    m = t.mounts["/mnt/ckpt"]
+    assert m.active is not None
+    for _ in range(25):
+        tick(t, clock, mount.write(0, client=50e6 if clock() < 5 else 0), True)
+    assert m.active.stalled and m.active.unflushed > 0
+    for _ in range(3):
+        tick(t, clock, mount.write(5e6), True)
+    assert not m.active.stalled, "bytes reach the server again"
+
+
+def test_a_hinted_checkpoint_stalls_without_progress_and_its_trailing_flush_is_not_another():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    for _ in range(22):
+        tick(t, clock, mount.write(0), True)
+    m = t.mounts["/mnt/ckpt"]
+    assert m.active.stalled
+    t.hint_end("/mnt/ckpt", "completed")
+    assert m.outcomes["stalled"] == 1
+    tick(t, clock, mount.write(3e9), False)
+    assert m.active is None, "the page cache flushing after the end is the same checkpoint's bytes"
+
+
+def test_a_checkpoint_on_a_vanished_mount_is_lost_and_the_mount_forgotten():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    tick(t, clock, mount.write(2e9), True)
+    assert t.mounts["/mnt/ckpt"].active is not None
+    for _ in range(22):
+        tick(t, clock, NfsSnapshot([]), True)
+    assert t.mounts["/mnt/ckpt"].outcomes["lost"] == 1
+    clock.advance(FORGET_AFTER)
+    t.update(NfsSnapshot([]), False)
+    assert "/mnt/ckpt" not in t.mounts
+
+
+def test_a_stall_is_called_while_the_nfs_collector_is_down():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    for _ in range(21):
+        tick(t, clock, None, True)
+    assert t.mounts["/mnt/ckpt"].active.stalled
+
+
+# -- saved levels ----------------------------------------------------------------------------------
+
+def test_a_saved_level_comes_back_for_the_same_job_only_and_only_while_fresh(tmp_path):
+    clock = ManualClock(1000.0)
+    store = LevelStore(str(tmp_path / "state.json"), max_age=300.0, wall=clock)
+    store.save(frozenset({1, 2}), 0.93)
+    assert store.load(frozenset({1, 2})) == 0.93
+    assert store.load(frozenset({1, 3})) is None
+    clock.advance(301)
+    assert store.load(frozenset({1, 2})) is None
+    (tmp_path / "state.json").write_text("{not json")
+    assert store.load(frozenset({1, 2})) is None
+    (tmp_path / "state.json").write_text(json.dumps({"pids": [1, 2], "level": 7, "saved": clock()}))
+    assert store.load(frozenset({1, 2})) is None, "a level above 1 is not one"
+
+
+def test_a_state_file_that_cannot_be_written_costs_only_the_feature(tmp_path):
+    store = LevelStore(str(tmp_path / "missing-dir" / "state.json"), max_age=300.0)
+    store.save(frozenset({1}), 0.5)
+    assert store.load(frozenset({1})) is None

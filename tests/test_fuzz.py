@@ -1,0 +1,353 @@
+"""Fuzzing every parser of outside input: no input makes an exception escape.
+
+Inputs are real files mutated (mountstats texts, a sysfs tree, the TOML and
+web configurations), plus raw counter sequences. Each test checks more than
+"no exception": the properties that make a damaged input harmless (one bad
+file drops its own series, counters never go back, no duplicate series).
+
+Budget: in CI each test runs a fixed, derandomized set of examples (the whole
+file takes about 30-60 s on one core). A developer run explores further with
+fresh random examples:
+
+    STOKER_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_fuzz.py -s
+
+`-s` prints, per target, the inputs tried and the worst time per input;
+`STOKER_FUZZ_REPORT=path.json` writes the same figures to a file
+(docs/RELIABILITY.md quotes them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from stoker import config as stoker_config
+from stoker.config import DEFAULT_NFS_OPERATIONS, ConfigError
+from stoker.counters import Monotonic, MIN_SECONDS
+from stoker.exporters import nfs as nfs_families
+from stoker.exporters import rdma as rdma_families
+from stoker.exporters import webconfig
+from stoker.exporters.exposition import render
+from stoker.sources.mountstats import parse
+from stoker.sources.nfs import NfsSource
+from stoker.sources.rdma import RdmaSource
+from tests.conftest import ManualClock
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LONG = int(os.environ.get("STOKER_FUZZ_EXAMPLES", "0"))
+HANG_SECONDS = 2.0  # "did not hang": a linear parser takes milliseconds on these inputs
+
+pytestmark = pytest.mark.timeout(0 if LONG else 120)
+
+
+def budget(ci_examples: int):
+    """The CI budget (fixed examples: a failure reproduces), or the developer's longer random run."""
+    if LONG:
+        return settings(max_examples=LONG, deadline=None, database=None,
+                        suppress_health_check=list(HealthCheck))
+    return settings(max_examples=ci_examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+STATS: dict[str, dict] = defaultdict(lambda: {"inputs": 0, "worst_seconds": 0.0, "worst_input_bytes": 0})
+
+
+def timed(target: str, size: int, fn):
+    """Run one input through `fn`, keep the figures, and fail an input that looks like a hang."""
+    start = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        elapsed = time.perf_counter() - start
+        stats = STATS[target]
+        stats["inputs"] += 1
+        if elapsed > stats["worst_seconds"]:
+            stats["worst_seconds"], stats["worst_input_bytes"] = elapsed, size
+        assert elapsed < HANG_SECONDS, f"{target}: {elapsed:.2f} s for one input of {size} bytes"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    lines = [f"{name}: {s['inputs']} inputs, worst {1000 * s['worst_seconds']:.1f} ms "
+             f"(an input of {s['worst_input_bytes']} bytes)" for name, s in sorted(STATS.items())]
+    print("\nfuzz figures\n" + "\n".join(lines))
+    if path := os.environ.get("STOKER_FUZZ_REPORT"):
+        Path(path).write_text(json.dumps({"examples_per_test": LONG or "ci", **STATS}, indent=1) + "\n")
+
+
+def unique_series(body: bytes) -> None:
+    samples = [(s.name, tuple(sorted(s.labels.items())))
+               for f in text_string_to_metric_families(body.decode()) for s in f.samples]
+    assert len(samples) == len(set(samples)), "duplicate series: Prometheus would reject the scrape"
+
+
+@st.composite
+def mutated(draw, seeds: list[str], tokens: list[str], max_steps: int = 12) -> str:
+    """A seed text after a few edits: insertions of tokens that mean something to the parser,
+    deletions, copies of stretches (repeated lines and blocks), runs of one token, a cut."""
+    text = draw(st.sampled_from(seeds))
+    for _ in range(draw(st.integers(1, max_steps))):
+        how = draw(st.sampled_from(("insert", "replace", "delete", "copy", "run", "cut")))
+        pos = draw(st.integers(0, len(text)))
+        if how == "cut":
+            text = text[:pos]
+        elif how == "delete":
+            text = text[:pos] + text[pos + draw(st.integers(1, 200)):]
+        elif how == "copy":
+            end = pos + draw(st.integers(1, 600))
+            at = draw(st.integers(0, len(text)))
+            text = text[:at] + text[pos:end] + text[at:]
+        else:
+            piece = draw(st.one_of(st.sampled_from(tokens), st.text(max_size=16)))
+            if how == "run":
+                piece *= draw(st.integers(2, max(2, 50_000 // max(1, len(piece)))))
+            text = text[:pos] + piece + (text[pos + len(piece):] if how == "replace" else text[pos:])
+    return text
+
+
+# -- mountstats --------------------------------------------------------------------------------
+
+MOUNTSTATS = [p.read_text() for p in sorted((FIXTURES / "procfs" / "mountstats").glob("*.txt"))]
+MOUNTSTATS.append((FIXTURES / "procfs" / "node" / "4242" / "mountstats").read_text())
+MS_TOKENS = [
+    "\n", "\n\n", "\t", " ", ":", "device ", " mounted on ", " with fstype nfs4 statvers=1.1",
+    "\ndevice nas:/x mounted on /mnt/data with fstype nfs4 statvers=1.1\n\topts:\trw,vers=4.1\n",
+    "\ndevice nas:/y mounted on /mnt/data with fstype nfs statvers=1.0\n", "\tper-op statistics\n",
+    "per-op statistics", "\txprt:\trdma 0 0 0", "xprt:", "\tbytes:\t1 2 3 4 5 6 7 8\n", "bytes:", "opts:",
+    "nconnect=", "nconnect=\u00b2", "vers=", "proto=", "18446744073709551615", "18446743919241604546",
+    "-1", "9" * 400, "9" * 5000, "\\089", "\\040", "\\134", "\\", "\\1", "\u0663", "N/A", "READ:",
+    "\t        READ: 1 2 3\n", "\t       WRITE: 1 1 0 1 1 0 1 1 0 1 1 1\n", "0", "1.1", "statvers=",
+    "\x00", "\r", "\x0b", "\x1c", "\u2028", "\ufffd", "mounted on", "with fstype",
+]
+
+
+@budget(400)
+@given(mutated(MOUNTSTATS, MS_TOKENS))
+def test_mountstats_parse_never_raises(text):
+    mounts, problems = timed("mountstats.parse", len(text), lambda: parse(text))
+    assert all(isinstance(p, str) for p in problems)
+    for m in mounts:
+        assert m.mountpoint and m.fstype in ("nfs", "nfs4")
+        for value in (m.server_read_bytes, m.server_write_bytes, m.client_write_bytes):
+            assert value is None or 0 <= value < 1 << 64
+        assert all(0 <= v < 1 << 63 for op in m.ops.values() for v in op.values())
+
+
+@budget(150)
+@given(st.lists(mutated(MOUNTSTATS, MS_TOKENS, max_steps=4), min_size=2, max_size=4))
+def test_nfs_collector_over_damaged_cycles_keeps_counters_and_series_sound(texts):
+    """Cycle after cycle of damaged files: one sample per mountpoint, no duplicate series,
+    and no exported counter of a mountpoint ever goes back."""
+    with tempfile.TemporaryDirectory() as root:
+        os.mkdir(os.path.join(root, "self"))
+        clock = ManualClock()
+        source = NfsSource(root, DEFAULT_NFS_OPERATIONS, {"data": ("/mnt/data",)}, clock=clock)
+        last: dict[tuple, float] = {}
+        for text in texts:
+            with open(os.path.join(root, "self", "mountstats"), "w") as fh:
+                fh.write(text)
+            snap = timed("nfs collector cycle", len(text), source.sample)
+            mountpoints = [m.mountpoint for m in snap.mounts]
+            assert len(mountpoints) == len(set(mountpoints))
+            unique_series(render(nfs_families.families(snap)))
+            for m in snap.mounts:
+                values = {"read": m.read_bytes, "write": m.write_bytes, "client_write": m.client_write_bytes}
+                values.update({(op, f): v for op, fields in m.ops.items() for f, v in fields.items()})
+                for name, value in values.items():
+                    if value is None:
+                        continue
+                    key = (m.mountpoint, name)
+                    assert value >= last.get(key, 0.0), f"{key} went back"
+                    last[key] = value
+            clock.advance(1.0)
+
+
+# -- RDMA sysfs --------------------------------------------------------------------------------
+
+SMALL = FIXTURES / "sysfs" / "small"
+DEVICE = "devices/pci0000:16/0000:16:02.0/0000:18:00.0/infiniband/rocep24s0f0"
+FILES = sorted(str(p.relative_to(SMALL)) for p in SMALL.rglob("*") if p.is_file() and not p.is_symlink()
+               and p.relative_to(SMALL).parts[-2] != "ens24f0np0")
+CLEAN = RdmaSource(str(SMALL)).sample()
+RDMA_VALUES = st.one_of(
+    st.sampled_from(["", "\n", "0", "N/A (no PMA)", "18446744073709551615", str(1 << 63), "9" * 309,
+                     "9" * 5000, "-1", "+5", "1_000", " 12 ", "1e9", "0x10", "\x00\xff", "\u0663",
+                     "1.2.3 Gb/sec", "0 Gb/sec (0X SDR)", "400 Gb/sec (4X NDR)", "1e999 Gb/sec",
+                     "4: ACTIVE", "1: DOWN", "ACTIVE", "4294967295", "4294967296", "Ethernet"]),
+    st.integers(0, (1 << 64) + 10).map(str),
+    st.text(max_size=40),
+)
+FAULT = st.one_of(RDMA_VALUES.map(lambda v: ("text", v)),
+                  st.sampled_from([("fifo", ""), ("dir", ""), ("missing", ""), ("loop", "")]))
+
+
+def damage(root: Path, rel: str, kind: str, value: str) -> None:
+    path = root / rel
+    path.unlink()
+    if kind == "text":
+        path.write_text(value)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        path.mkdir()
+    elif kind == "loop":
+        path.symlink_to(path.name)
+
+
+def port_values(snapshot) -> dict[tuple, float]:
+    out = {}
+    for p in snapshot.ports:
+        for group, values in (("traffic", p.traffic), ("errors", p.errors), ("hw", p.hw_counters)):
+            out.update({(p.device, p.port, group, k): v for k, v in values.items()})
+    return out
+
+
+@budget(250)
+@given(st.dictionaries(st.sampled_from(FILES), FAULT, min_size=1, max_size=8),
+       st.dictionaries(st.sampled_from([f for f in FILES if "counters/" in f]), RDMA_VALUES, max_size=8))
+def test_rdma_damaged_files_drop_only_their_own_series(faults, second):
+    """Any damage to any files: both ports are still reported, every series whose file is intact
+    has its clean value, and in the next cycle no counter goes back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "sys"
+        shutil.copytree(SMALL, root, symlinks=True)
+        for rel, (kind, value) in faults.items():
+            damage(root, rel, kind, value)
+        clock = ManualClock()
+        source = RdmaSource(str(root), clock=clock)
+        first = timed("rdma sample", len(faults), source.sample)
+        assert sorted((p.device, p.port) for p in first.ports) == [("rocep24s0f0", "1"), ("rocep24s0f0", "2")]
+        damaged = {(rel.split("/")[-3] if "counters" in rel else "", os.path.basename(rel)) for rel in faults}
+        clean, got = port_values(CLEAN), port_values(first)
+        for key, value in clean.items():
+            device, port, group, name = key
+            file = {"transmit_bytes": "port_xmit_data", "receive_bytes": "port_rcv_data",
+                    "transmit_packets": "port_xmit_packets", "receive_packets": "port_rcv_packets"}.get(name, name)
+            if not any(d == (port, file) for d in damaged):
+                assert got.get(key) == value, f"{key}: an intact file lost its series"
+        unique_series(render(rdma_families.families(first)))
+        for rel, value in second.items():
+            if (root / rel).is_file() and not (root / rel).is_symlink():
+                (root / rel).write_text(value)
+        clock.advance(1.0)
+        after = port_values(timed("rdma sample", len(second), source.sample))
+        for key, value in after.items():
+            assert value >= got.get(key, 0.0), f"{key} went back"
+
+
+@budget(400)
+@given(st.lists(st.tuples(st.one_of(st.integers(0, (1 << 64) - 1), st.integers(0, 1 << 33)),
+                          st.floats(0.0, 30.0)), min_size=1, max_size=40),
+       st.sampled_from([None, 32]), st.sampled_from([None, 1e3, 2e9, 1e11]))
+def test_monotonic_never_goes_back_and_respects_its_bound(readings, width, per_second):
+    counter = Monotonic(width)
+    now, total = 0.0, None
+    for raw, dt in readings:
+        at, now = now, now + dt
+        before = total
+        total = counter.update(raw, now, per_second)
+        assert total == total and total < float("inf")
+        if before is not None:
+            assert total >= before
+            if per_second is not None:
+                assert total - before <= per_second * max(now - at, MIN_SECONDS)
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+TOML_SEED = README.split("```toml\n", 1)[1].split("```", 1)[0]
+TOML_SEEDS = [TOML_SEED, "[agent]\ninterval = 0.5\n", '[[probes.targets]]\nmountpoint = "/mnt/data"\n']
+TOML_TOKENS = [
+    "\n", "=", " = ", "[", "]", "[[", "]]", '"', "'", "#", ",", "{", "}", ".", "1e999", "inf", "nan", "-inf",
+    "-1", "0", "0.0", "-0.0", "9" * 400, "9" * 5000, "true", "false", "[agent]", "[[probes.targets]]",
+    "listen = ", '"0.0.0.0:99999"', '":"', '"[::1]:9477"', "interval = ", "operations = []",
+    "data_mounts = [1]", 'mountpoint = "relative"', "unknown = 1", "[sim]\n", "rdma_ports = 3",
+    "1979-05-27T07:32:00Z", '"\\u0000"', '"\\ud800"', "\x00", "\ufffd", "[" * 200, "a.b.c.d = 1",
+]
+
+
+@budget(300)
+@given(mutated(TOML_SEEDS, TOML_TOKENS, max_steps=6))
+def test_config_load_gives_a_config_or_a_config_error(text):
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+        fh.write(text)
+    try:
+        timed("config.load", len(text), lambda: _config_or_error(fh.name))
+    finally:
+        os.unlink(fh.name)
+
+
+def _config_or_error(path: str) -> None:
+    try:
+        loaded = stoker_config.load(path)
+    except ConfigError as exc:
+        assert str(exc)  # one line naming the key is what the operator sees
+        return
+    assert isinstance(loaded, stoker_config.Config)
+
+
+YAML_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10, 10**30), st.floats(allow_nan=True),
+              st.sampled_from(["", "TLS12", "TLS13", "TLS99", "$2b$04$" + "a" * 53, "$2x", "NoClientCert",
+                               "RequireAndVerifyClientCert", "/nonexistent", "/dev/null", "cert.pem"]),
+              st.text(max_size=12)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=10), inner, max_size=3)),
+    max_leaves=8,
+)
+WEB_KEYS = {
+    "tls_server_config": ["cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
+                          "max_version", "cipher_suites"],
+    "basic_auth_users": ["prometheus", "alice"],
+    "http_server_config": ["headers", "http2"],
+}
+
+
+@st.composite
+def web_documents(draw) -> str:
+    """Web configuration files: the real keys with values of any shape, or mangled YAML text."""
+    doc = {}
+    for top in draw(st.lists(st.sampled_from([*WEB_KEYS, "unknown"]), max_size=3, unique=True)):
+        if top == "unknown" or draw(st.booleans()):
+            doc[top] = draw(YAML_VALUES)
+        else:
+            doc[top] = {k: draw(YAML_VALUES) for k in draw(st.lists(st.sampled_from(WEB_KEYS[top]),
+                                                                     max_size=4, unique=True))}
+    text = yaml.safe_dump(doc, allow_unicode=True)
+    if draw(st.booleans()):
+        text = draw(mutated([text], ["\n", ":", " ", "- ", "{", "}", "[", "]", "&a", "*a", "!!python/object",
+                                     "? ", "'", '"', "\t", "%YAML 1.1\n", "---\n", "..."], max_steps=3))
+    return text
+
+
+@budget(300)
+@given(web_documents())
+def test_web_config_load_gives_a_web_config_or_a_config_error(text):
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as fh:
+        fh.write(text)
+    try:
+        timed("webconfig.load", len(text), lambda: _web_config_or_error(fh.name))
+    finally:
+        os.unlink(fh.name)
+
+
+def _web_config_or_error(path: str) -> None:
+    try:
+        loaded = webconfig.load(path)
+    except ConfigError as exc:
+        assert str(exc)
+        return
+    assert isinstance(loaded, webconfig.WebConfig)

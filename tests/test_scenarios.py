@@ -1,0 +1,71 @@
+"""The adversarial suite: every scenario file with expectations, played on a simulated clock and judged.
+
+`tests/scenarios/` holds field-like cases (restarts during incidents, job changes, mixed,
+stale and intermittent faults, slow and stalled checkpoints with and without hints, small and
+noisy jobs); the built-in scenarios carry their own expectations too. docs/VERDICTS.md has the
+accuracy table (`python -m bench.accuracy` regenerates it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stoker.sim import scenarios
+from stoker.sim.drive import SimDrive
+from stoker.sim.judge import judge, run_length
+
+SUITE = sorted((Path(__file__).parent / "scenarios").glob("*.toml"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cases() -> list[str]:
+    return [str(p) for p in SUITE] + scenarios.builtin_names()
+
+
+@pytest.mark.parametrize("name", cases(), ids=lambda n: Path(n).stem)
+def test_scenario_verdicts_are_right(tmp_path, name):
+    scenario = scenarios.get(name)
+    drive = SimDrive(scenario, str(tmp_path))
+    try:
+        drive.run(run_length(scenario))
+        result = judge(scenario, drive.samples, drive.outcomes())
+    finally:
+        drive.close()
+    timeline = [f"{s.t:.0f}:{s.cause or '-'}/{s.checkpoint}" for s, prev in zip(drive.samples, [None] + drive.samples)
+                if prev is None or (s.cause, s.checkpoint) != (prev.cause, prev.checkpoint)]
+    assert result.right, "\n".join(result.failures + ["timeline: " + " ".join(timeline)])
+
+
+def test_the_suite_is_large_enough_and_every_case_has_expectations():
+    assert len(SUITE) >= 15
+    for path in SUITE:
+        assert scenarios.get(str(path)).expect, f"{path.name} has no [[expect]]"
+
+
+def test_every_case_is_in_the_accuracy_table():
+    table = (ROOT / "docs" / "VERDICTS.md").read_text()
+    missing = [Path(n).stem for n in cases() if f"`{Path(n).stem}`" not in table]
+    assert not missing, f"docs/VERDICTS.md lacks {missing}: run python -m bench.accuracy"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "needs at least one [[steps]]"),
+    ('[[steps]]\ngpu = "saturated"\n', "steps[0].seconds: required"),
+    ('[[steps]]\ngpu = "warp"\nseconds = 1\n', "steps[0].gpu: 'warp' is not one of"),
+    ('[[steps]]\ngpu = "saturated"\nseconds = 1\nstorage = "slow"\n', "steps[0].storage"),
+    ('[[steps]]\ngpu = "saturated"\nseconds = 1\nlevel = 2\n', "steps[0].level: expected a number from 0 to 1"),
+    ('[[steps]]\ngpu = "saturated"\nseconds = 1\ncolour = 1\n', "unknown key 'colour'"),
+    ('[[steps]]\ngpu = "saturated"\nseconds = 1\n[[expect]]\nfrom = 5\nto = 1\nverdict = "host"\n', "expect[0].to"),
+    ('[[steps]]\ngpu = "saturated"\nseconds = 1\n[[expect]]\nfrom = 0\nto = 1\n', "give `verdict`"),
+    ("steps = [", "not valid TOML"),
+])
+def test_a_bad_scenario_file_is_refused_with_the_key(text, message):
+    with pytest.raises(scenarios.ScenarioError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        scenarios.parse(text, "case")
+
+
+def test_an_unknown_scenario_names_the_built_in_ones():
+    with pytest.raises(scenarios.ScenarioError, match="storage-starved"):
+        scenarios.get("storage-starve")
