@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Stoker's tests and benchmarks need on a fresh Debian machine with Python >= 3.10:
 # Debian packages (prometheus with promtool, prometheus-alertmanager with amtool,
-# prometheus-node-exporter, wrk, openssl, python3-venv), then .venv with the package and
-# its test dependencies. Safe to run again: it installs only what is missing.
+# prometheus-node-exporter, wrk, openssl, python3-venv; for the .deb: dpkg-dev, binutils,
+# lintian), then .venv with the package and its test dependencies. Safe to run again: it
+# installs only what is missing, and stops only the daemons of the packages it installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,15 +18,24 @@ need wrk wrk
 need openssl openssl
 need systemd-analyze systemd
 need dpkg-deb dpkg
+need dpkg-shlibdeps dpkg-dev
+need strip binutils
+need lintian lintian
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import ensurepip, venv" 2>/dev/null || apt_packages+=(python3 python3-venv)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+  # Debian starts each daemon it installs; the tests start their own on loopback. Only the
+  # services of packages installed now are stopped: one the user already runs stays up.
+  new_services=()
+  for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
+    case " ${apt_packages[*]} " in *" $svc "*) installed "$svc" || new_services+=("$svc") ;; esac
+  done
   echo "installing Debian packages: ${apt_packages[*]}"
   $sudo apt-get update -qq
-  # Debian starts each daemon it installs; the tests start their own on loopback
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
-  for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
-    $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  for svc in "${new_services[@]}"; do
+    installed "$svc" && { $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true; }
   done
 fi
 

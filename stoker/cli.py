@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 
@@ -17,6 +18,7 @@ from stoker import __version__, config as config_mod, logs
 from stoker.sim.scenarios import builtin_names
 
 EXIT_CONFIG = 2
+SERVICE_CONFIG = "/etc/stoker/stoker.toml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
 
     check = sub.add_parser("check", help="one-shot health check: exit 0 healthy, 1 unhealthy, 2 could not check")
-    check.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    check.add_argument("--seconds", type=float, default=5.0, help="how long to sample (default 5)")
+    check.add_argument("--config", metavar="FILE",
+                       help=f"TOML configuration file (default: {SERVICE_CONFIG}, the service's, when it exists)")
+    check.add_argument("--seconds", type=seconds, default=5.0, help="how long to sample (default 5)")
     check.add_argument("--sysfs-root", metavar="DIR")
     check.add_argument("--procfs-root", metavar="DIR")
     check.add_argument("--simulate", nargs="?", const="healthy", metavar="SCENARIO",
@@ -47,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="play a scenario on a simulated clock and judge the verdicts against "
                                            "its expectations: exit 0 right, 1 wrong, 2 bad scenario")
     replay.add_argument("scenario", metavar="SCENARIO", help="a scenario file (.toml) or a built-in name")
-    replay.add_argument("--interval", type=float, default=1.0, help="sampling interval (default 1)")
-    replay.add_argument("--seconds", type=float, help="how long to play (default: to the last expectation)")
+    replay.add_argument("--interval", type=seconds, default=1.0, help="sampling interval (default 1)")
+    replay.add_argument("--seconds", type=seconds, help="how long to play (default: to the last expectation)")
     replay.add_argument("--config", metavar="FILE", help="TOML configuration file (thresholds)")
 
     hint = sub.add_parser("checkpoint", help="tell the local agent a checkpoint starts or ends")
@@ -61,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     hint.add_argument("--url", help="the agent's hint API (default $STOKER_HINT_URL or http://127.0.0.1:9478)")
     hint.add_argument("--token-file", help="default $STOKER_HINT_TOKEN_FILE or /etc/stoker/hint-token")
     return parser
+
+
+def seconds(text: str) -> float:
+    """A duration flag: a finite number of seconds above zero, up to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be above 0 and at most 86400 seconds")
+    return value
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -87,9 +101,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from stoker.agent import platform as platforms
     from stoker.agent.runtime import Agent
 
+    path = args.config
+    if path is None and args.simulate is None and os.path.isfile(SERVICE_CONFIG):
+        path = SERVICE_CONFIG  # judge the node with the thresholds, mounts and probes the service uses
     with contextlib.ExitStack() as stack:
         try:
-            cfg = config_mod.load(args.config, overrides_from(args))
+            cfg = config_mod.load(path, overrides_from(args))
             if args.simulate is not None:
                 sim, cfg = simulated(cfg, args.simulate, stack, at_fault=True)
                 platform = sim.platform()
@@ -100,6 +117,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return check.UNCHECKED
         logs.configure("console", level=logging.ERROR)
         report = asyncio.run(check.run_check(Agent(cfg, platform), args.seconds))
+    print(f"configuration: {path or 'defaults'}")
     check.print_report(report, sys.stdout)
     return report.exit_code()
 
@@ -128,9 +146,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
         scenario = get(args.scenario)
     except (config_mod.ConfigError, ScenarioError) as exc:
         print(f"stoker: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if not args.interval > 0:
-        print("stoker: --interval: must be > 0", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure("console", level=logging.ERROR)
     judgement = replay.play(scenario, cfg, args.interval, args.seconds, sys.stdout)

@@ -12,13 +12,13 @@ infinite interval would freeze a collector while /healthz still said ok, one of
 from __future__ import annotations
 
 import dataclasses
-import os
-import stat
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stoker.sources.files import NotRegularFile, read_regular
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -186,7 +186,7 @@ class DetectConfig:
     idle_floor: float = 0.05
     cold_floor: float = 0.5
     recover_after: float = 3.0
-    flap_window: float = 60.0
+    flap_window: float = 30.0
     flap_factor: float = 3.0
     baseline_window: float = 300.0
     evidence_memory: float = 15.0
@@ -394,19 +394,13 @@ def read_text(path: str | Path, key: str = "") -> str:
     Every error names `key` (when the file is a setting's value) and the file."""
     where = f"{key}: {path}" if key else str(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        data = read_regular(str(path), MAX_FILE_BYTES + 1)
+    except NotRegularFile:
+        raise ConfigError(f"{where}: not a regular file") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
     except ValueError:  # a NUL in the path (TOML strings may hold one)
         raise ConfigError(f"{where!r}: cannot read: the path holds a NUL byte") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"{where}: not a regular file")
-    with os.fdopen(fd, "rb") as fh:
-        try:
-            data = fh.read(MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES >> 20} MiB, not a configuration file")
     try:

@@ -74,7 +74,8 @@ class Monotonic:
 
 
 class CounterSet:
-    """`Monotonic` counters keyed by tuples `(owner, ...)` (or plain names), created on first sight."""
+    """`Monotonic` counters created on first sight, keyed by name; by `(owner, ...)` tuples
+    where `forget` and `rebase` are used."""
 
     def __init__(self, width: int | None = None):
         self._width = width
@@ -95,6 +96,7 @@ class CounterSet:
             self._counters = {k: c for k, c in self._counters.items() if k[0] not in owners}
 
     def rebase(self, owner: Hashable) -> None:
+        """Another source now feeds this owner's counters: its next readings are baselines."""
         for key, counter in self._counters.items():
             if key[0] == owner:
                 counter.rebase()
@@ -110,9 +112,6 @@ class Presence:
     def __init__(self, grace: float = FORGET_AFTER):
         self.grace = grace
         self._seen: dict[Hashable, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._seen)
 
     def seen(self, owner: Hashable, now: float) -> None:
         self._seen[owner] = now

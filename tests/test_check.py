@@ -25,4 +25,7 @@ def test_stoker_check_exits_1_for_every_faulty_scenario_and_0_for_the_healthy_on
         expected = 0 if name in HEALTHY else 1
         if proc.returncode != expected or ("HEALTHY" if expected == 0 else "UNHEALTHY") not in out:
             wrong[name] = f"exit {proc.returncode}\n{out}{err}"
+        gpm_refused = "GPU profiling (GPM) is restricted to administrators" in out
+        if gpm_refused != (name == "profiling-admin-only"):
+            wrong[name] = f"the GPM note is {'shown' if gpm_refused else 'missing'}\n{out}"
     assert not wrong, "\n\n".join(f"== {name}: {text}" for name, text in wrong.items())

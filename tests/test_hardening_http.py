@@ -265,7 +265,7 @@ async def test_a_kept_alive_connection_is_closed_when_idle():
         await listener.close()
 
 
-async def test_at_the_limit_a_new_client_displaces_the_connection_idle_longest():
+async def test_at_the_limit_a_new_client_displaces_the_idle_connection_heard_from_least_recently():
     listener = await small_server(max_connections=4, header_timeout=60)
     idle = []
     try:

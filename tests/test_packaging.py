@@ -1,10 +1,17 @@
-"""The configuration examples operators copy: valid for the real tools, routed as documented."""
+"""The configuration examples operators copy: valid for the real tools, routed as documented; the
+manual page generated from the parser; the Debian maintainer scripts on a fake root."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
+import shutil
+import stat
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import need_binary
@@ -69,3 +76,148 @@ def test_federation_matches_every_recording_rule():
     pattern = re.search(r'__name__=~"([^"]+)"', match).group(1)
     for record in re.findall(r"record: (\S+)", RULES.read_text()):
         assert re.fullmatch(pattern, record), f"{record} is not federated"
+
+
+# The manual page, generated from the argparse definitions (stoker/manpage.py).
+
+def _subcommands(parser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _section(page: str, title: str) -> str:
+    """The roff between `.SS "title"` and the next section or subsection."""
+    start = page.index(f'.SS "{title}"')
+    end = min((i for i in (page.find("\n.SS ", start + 1), page.find("\n.SH ", start + 1)) if i > 0), default=len(page))
+    return page[start:end]
+
+
+def _roff(text: str) -> str:
+    return text.replace("-", "\\-")
+
+
+def test_man_page_names_every_subcommand_and_option():
+    from stoker.cli import build_parser
+    from stoker.manpage import render
+
+    parser = build_parser()
+    page = render(parser)
+    assert page.startswith(".TH STOKER 1 ") and "\n.SH NAME\nstoker \\- " in page
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert f"\\fB{_roff(option)}\\fR" in page, option
+    for name, sub in _subcommands(parser).items():
+        assert f'.SY "stoker {name}"' in page, name
+        section = _section(page, f"stoker {name}")
+        for action in sub._actions:
+            for option in action.option_strings:
+                assert f"\\fB{_roff(option)}\\fR" in section, (name, option)
+            for choice in action.choices or []:
+                assert f"\\fB{_roff(str(choice))}\\fR" in section, (name, choice)
+            if action.metavar:
+                assert f"\\fI{_roff(action.metavar)}\\fR" in section, (name, action.metavar)
+            if action.help and action.help != argparse.SUPPRESS:
+                assert action.help[1:25] in section, (name, action.help)
+
+
+def test_man_page_follows_the_parser():
+    from stoker.cli import build_parser
+    from stoker.manpage import render
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    extra = sub.add_parser("frobnicate", help="a command added later")
+    extra.add_argument("--widgets", metavar="N", help="how many widgets")
+    section = _section(render(parser), "stoker frobnicate")
+    assert "A command added later" in section and "\\fB\\-\\-widgets\\fR \\fIN\\fR" in section
+
+
+def test_man_page_renders_without_groff_warnings(tmp_path):
+    from stoker.manpage import render
+
+    page = tmp_path / "stoker.1"
+    page.write_text(render())
+    # what lintian runs on every manual page
+    result = subprocess.run([need_binary("man"), "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z", str(page)],
+                            capture_output=True, text=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    assert result.returncode == 0 and not result.stderr, result.stderr
+
+
+# The maintainer scripts, run as dpkg runs them for `dpkg --instdir` (DPKG_ROOT), on a fake root.
+
+def _maintainer_script(root: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DPKG_ROOT": str(root), "DPKG_MAINTSCRIPT_PACKAGE": "stoker",
+           "DPKG_MAINTSCRIPT_NAME": name}
+    return subprocess.run(["sh", str(PACKAGING / "deb" / name), *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("useradd --prefix and chgrp need root")
+    for tool in ("useradd", "groupadd", "usermod", "deb-systemd-helper"):
+        need_binary(tool)
+    root = tmp_path / "root"
+    (root / "etc/stoker").mkdir(parents=True)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (root / "etc/gshadow").write_text("root:*::\n")
+    (root / "lib/systemd/system").mkdir(parents=True)
+    shutil.copy(PACKAGING / "systemd" / "stoker.service", root / "lib/systemd/system/stoker.service")
+    shutil.copy(PACKAGING / "stoker.toml", root / "etc/stoker/stoker.toml")
+    os.chmod(root / "etc/stoker/stoker.toml", 0o640)
+    host = {name: Path("/etc", name).read_bytes() for name in ("passwd", "group")}
+    yield root
+    assert host == {name: Path("/etc", name).read_bytes() for name in ("passwd", "group")}, "the host was changed"
+
+
+def _group(root: Path, name: str) -> tuple[int, list[str]]:
+    for line in (root / "etc/group").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return int(fields[2]), [m for m in fields[3].split(",") if m]
+    raise AssertionError(f"no group {name}")
+
+
+def test_postinst_creates_the_hint_token_once_readable_by_stoker_hints(fake_root):
+    result = _maintainer_script(fake_root, "postinst", "configure", "")
+    assert result.returncode == 0, result.stdout + result.stderr
+    hints_gid, members = _group(fake_root, "stoker-hints")
+    assert members == ["stoker"]
+    token = fake_root / "etc/stoker/hint-token"
+    st = token.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, hints_gid, 0o640)
+    assert re.fullmatch(r"[0-9a-f]{64}\n", token.read_text())
+    assert (fake_root / "etc/stoker/stoker.toml").stat().st_gid == _group(fake_root, "stoker")[0]
+    assert (fake_root / "etc/systemd/system/multi-user.target.wants/stoker.service").is_symlink()
+    # the shipped configuration turns the hint API on with this very file
+    assert 'token_file = "/etc/stoker/hint-token"' in (fake_root / "etc/stoker/stoker.toml").read_text()
+
+    first = token.read_text()
+    again = _maintainer_script(fake_root, "postinst", "configure", "0.1.0")  # an upgrade
+    assert again.returncode == 0, again.stderr
+    assert token.read_text() == first and _group(fake_root, "stoker-hints")[1] == ["stoker"]
+
+    purge = _maintainer_script(fake_root, "postrm", "purge")
+    assert purge.returncode == 0, purge.stderr
+    assert not (fake_root / "etc/stoker").exists()
+    assert not (fake_root / "etc/systemd/system/multi-user.target.wants/stoker.service").exists()
+    assert "stoker-hints:" in (fake_root / "etc/group").read_text()  # kept: training users may be in it
+
+
+def test_postinst_never_replaces_an_existing_token(fake_root):
+    token = fake_root / "etc/stoker/hint-token"
+    token.write_text("the-site-s-own-token-0123456789\n")
+    os.chmod(token, 0o600)
+    result = _maintainer_script(fake_root, "postinst", "configure", "")
+    assert result.returncode == 0, result.stderr
+    assert token.read_text() == "the-site-s-own-token-0123456789\n"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.stat().st_gid == 0
+
+
+def test_lintian_overrides_each_state_their_reason():
+    lines = (PACKAGING / "deb" / "lintian-overrides").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() and not line.startswith("#"):
+            assert line.startswith("stoker: ") and lines[i - 1].startswith("# "), line

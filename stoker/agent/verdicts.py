@@ -104,8 +104,8 @@ class VerdictCollector(Collector):
     def _new_job(self, t: float) -> None:
         """Another job holds the GPUs: its level, its evidence history and its verdict start afresh."""
         self.evidence.new_job()
-        self.attribution.reset()
-        self.starvation.clear(t)
+        self.attribution.new_job()
+        self.starvation.new_job()
         self._restore = self.store is not None and bool(self.job.pids)
         log.info("job on the GPUs", processes=len(self.job.pids))
 

@@ -56,7 +56,11 @@ class Worker:
         future = loop.create_future()
         self._busy.set()
         self._jobs.put((loop, future, fn, args))
-        done, _ = await asyncio.wait({future}, timeout=timeout)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=timeout)
+        except asyncio.CancelledError:  # shutting down: the outcome, when it comes, is nobody's
+            future.add_done_callback(_consume)
+            raise
         if not done:
             future.add_done_callback(_consume)
             raise CollectorError("timeout", f"{self.name}: call exceeded {timeout:.3g}s")

@@ -61,9 +61,11 @@ class Attribution:
         self.traces: dict[tuple[str, str], Trace] = {}
         self.t: float | None = None
 
-    def reset(self) -> None:
-        """A new job: what the last one tolerated says nothing about this one."""
-        self.traces.clear()
+    def new_job(self) -> None:
+        """A new job: what is only remembered belonged to the last one; what is present now is the
+        node's state, and keeps what is known of it (a rail the last job ran at full speed without)."""
+        for key in [k for k, tr in self.traces.items() if tr.last_seen != self.t]:
+            del self.traces[key]
 
     def observe(self, t: float, signals: list[Signal], at_level: bool) -> None:
         """Record this tick's signals; `at_level`: the GPUs ran at their job's level over it."""

@@ -1,8 +1,8 @@
 """Checkpoints per mount: opened by a hint from the job or detected from its writes.
 
-Detected: on a mount of role `checkpoint`, a burst of writes reaching the
-server (`burst_bytes_per_second`, and `burst_factor` times the mount's usual
-rate), whatever the GPUs do (an asynchronous checkpoint); or, whatever their
+Detected: on a mount of role `checkpoint`, a burst of writes
+(`burst_bytes_per_second`, and `burst_factor` times the mount's usual rate),
+whatever the GPUs do (an asynchronous checkpoint); or, whatever their
 bandwidth, writes sustained for `detect_after` seconds above the usual rate
 and `write_floor_bytes_per_second` while the GPUs wait (a slow checkpoint).
 Writes are what the job hands to the client (`bytes:` normalwrite and
@@ -172,7 +172,7 @@ class CheckpointTracker:
                 m.quiet = (before_server, before_client)
             m.settling = m.settling and not quiet
             if not m.settling:  # the flush that follows a checkpoint's end is not another one
-                self._detect(m, now, dt, server_rate, max(server_rate, client_rate), gpus_waiting)
+                self._detect(m, now, dt, max(server_rate, client_rate), gpus_waiting)
             return
         a = m.active
         if server > a.last_server:
@@ -188,11 +188,12 @@ class CheckpointTracker:
             done = not a.writing and not _waiting_for_server(a)
             a.quiet_since = (a.quiet_since or now - dt) if done else None
 
-    def _detect(self, m: MountCheckpoints, now: float, dt: float, server_rate: float, rate: float,
-                gpus_waiting: bool) -> None:
+    def _detect(self, m: MountCheckpoints, now: float, dt: float, rate: float, gpus_waiting: bool) -> None:
+        """`rate`: the larger of what reaches the server and what the job hands to the page cache
+        (a checkpoint stalled from its first byte only ever shows the latter)."""
         c = self.config
         floor = c.burst_factor * m.usual_rate
-        if server_rate > max(c.burst_bytes_per_second, floor):
+        if rate > max(c.burst_bytes_per_second, floor):
             m.candidate = None
             self._start(m, now - dt, "detected", *m.quiet, None)
         elif rate > max(c.write_floor_bytes_per_second, floor) and gpus_waiting:

@@ -156,6 +156,9 @@ class EvidenceTracker:
         c, out = self.config, []
         t = self._windows["nfs"].new[1]
         before = {m.mountpoint: m for m in old.mounts}
+        mounted = {m.mountpoint for m in new.mounts}
+        for gone in [mp for mp in self._last_read if mp not in mounted]:
+            del self._last_read[gone]
         for m in new.mounts:
             prev = before.get(m.mountpoint)
             if m.role != "checkpoint":

@@ -7,14 +7,19 @@ were released in between, or when the set of compute PIDs changes entirely
 (a relaunch, a new allocation): its level is learned afresh, because a smaller
 model's normal is not a starved big one.
 
-The level is the 90th percentile of the busy ratio over `baseline_window`
-seconds of samples taken while the job was not starved; it is known once
-`MIN_BASELINE_SAMPLES` samples are in. It can be saved and restored across an
-agent restart (state.py), for the same job only.
+The level is the median of the busy ratio over `baseline_window` seconds of
+samples taken while the job was not starved; it is known once
+`MIN_BASELINE_SAMPLES` samples are in. The median, because eval and logging
+pauses that fill less than half of the window must not lower it, and because
+a job's step-to-step jitter must not raise it above what the job does most of
+the time (a high percentile of a noisy job would make its ordinary dips look
+starved). It can be saved and restored across an agent restart (state.py), for
+the same job only.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 
 from stoker.config import DetectConfig
@@ -56,12 +61,13 @@ class JobTracker:
     def baseline(self) -> float | None:
         if len(self.history) < MIN_BASELINE_SAMPLES:
             return None
-        ordered = sorted(b for _, b in self.history)
-        return ordered[int(0.9 * (len(ordered) - 1))]
+        return statistics.median(b for _, b in self.history)
 
     def remember(self, t: float, busy: float) -> None:
+        """A sample of the job not starved. The oldest leave the window, but never the last few:
+        after a starvation longer than the window the job's level is still what it was before."""
         self.history.append((t, busy))
-        while self.history and self.history[0][0] < t - self.config.baseline_window:
+        while len(self.history) > MIN_BASELINE_SAMPLES and self.history[0][0] < t - self.config.baseline_window:
             self.history.popleft()
 
     def seed(self, t: float, level: float) -> None:

@@ -19,8 +19,9 @@ since evidence can trail the GPUs by a sampling interval (and the GPUs can
 trail the evidence: a verdict whose evidence is gone turns `host` only on the
 second low sample without it).
 
-Hysteresis: the verdict clears only after `recover_after` seconds above
-`recover_ratio` of the level; a verdict that came back less than
+Hysteresis: the verdict clears `recover_after` seconds after the busy ratio
+came back above `recover_ratio` of the level, if no starved sample came in
+between (a jittery one does not count); a verdict that came back less than
 `flap_window` seconds after the same cause cleared needs a recovery
 `flap_factor` times longer (an intermittent fault reads as one starvation,
 not a flapping one). While
@@ -41,6 +42,8 @@ from stoker.config import DetectConfig
 from stoker.detect.attribution import CAUSES, MIN_SCORE, STRONG
 
 SWITCH_MARGIN = 1.5
+IN_BAND_CLEARS_AFTER = 10
+"""Times `recover_after`: between the starved and the recovered line that long, a job runs at a new level."""
 
 
 @dataclass
@@ -60,6 +63,7 @@ class _Starved:
     unexplained: int = 0  # low samples in a row since the cause's evidence went
     levels: list[float] = field(default_factory=list)  # busy while starved, for a cold recovery
     recovering_since: float | None = None
+    in_band_since: float | None = None  # above the starved line, below the recovered one, since when
     pending: tuple[str, float, int] | None = None  # a cause outranking this one: since when, samples
 
 
@@ -79,7 +83,7 @@ class StarvationDetector:
     def usable(self, baseline: float | None) -> float | None:
         """The job's level as a reference: a job whose level is itself idle (copy-bound, or holding
         the GPUs without running kernels) cannot be judged by it, only by strong evidence."""
-        return baseline if baseline is not None and baseline >= 2 * self.config.idle_floor else None
+        return baseline if baseline is not None and baseline >= self.config.idle_floor else None
 
     def low(self, busy: float, baseline: float | None) -> bool:
         """Below the job's level by the drop ratio, or idle once that level is known."""
@@ -87,8 +91,7 @@ class StarvationDetector:
         return baseline is not None and (busy < self.config.idle_floor or busy < self.config.drop_ratio * baseline)
 
     def at_level(self, busy: float | None, baseline: float | None) -> bool:
-        """Working as this job does: evidence present now did not starve it."""
-        baseline = self.usable(baseline)
+        """Working as this job does (however little that is): evidence present now did not starve it."""
         if busy is None or self.state is not None:
             return False
         if baseline is None:
@@ -145,24 +148,28 @@ class StarvationDetector:
     def _follow(self, t: float, busy: float, baseline: float | None, scores: dict[str, float],
                 fresh: dict[str, float], explained: str | None) -> None:
         s, c = self.state, self.config
+        evidence_gone = s.cause != "host" and scores[s.cause] < MIN_SCORE
         if s.cold and baseline is None:
             s.levels.append(busy)
             typical = sorted(s.levels)[len(s.levels) // 2]
-            recovered = (busy >= min(c.cold_floor, max(2 * typical, 2 * c.idle_floor))
-                         or scores[s.cause] < MIN_SCORE)
+            recovered = busy >= min(c.cold_floor, max(2 * typical, 2 * c.idle_floor)) or evidence_gone
             starved = not recovered
         else:
-            recovered = baseline is not None and busy >= c.recover_ratio * baseline
             starved = baseline is not None and self.low(busy, baseline)
+            s.in_band_since = None if starved else (t if s.in_band_since is None else s.in_band_since)
+            # back at the level; or above the starved line with the cause's evidence gone (the infrastructure
+            # recovered, the job runs a little slower), or there long enough to be the job's new normal
+            recovered = baseline is not None and (busy >= c.recover_ratio * baseline or (not starved and (
+                evidence_gone or t - s.in_band_since >= IN_BAND_CLEARS_AFTER * c.recover_after)))
         if recovered:
             s.recovering_since = t if s.recovering_since is None else s.recovering_since
-            needed = c.recover_after * (c.flap_factor if s.came_back else 1.0)
-            if t - s.recovering_since >= needed:
-                self.clear(t)
-            return
-        s.recovering_since = None
-        if starved:
+        elif starved:
+            s.recovering_since = None  # only a starved sample breaks a recovery; a jittery one does not
             self._switch(t, scores, fresh, explained)
+        damped = s.came_back and s.cause != "checkpoint"  # a checkpoint's end is known, not guessed
+        if s.recovering_since is not None and t - s.recovering_since >= c.recover_after * (
+                c.flap_factor if damped else 1.0):
+            self.clear(t)
 
     def _switch(self, t: float, scores: dict[str, float], fresh: dict[str, float], explained: str | None) -> None:
         s = self.state
@@ -185,6 +192,10 @@ class StarvationDetector:
         s.pending = (explained, since, samples)
         if (replaces and samples >= 2) or t - since >= self.config.recover_after:
             self._set_cause(explained)
+
+    def new_job(self) -> None:
+        """Another job: no verdict, and the last job's verdicts are not this one's to come back."""
+        self.state, self._ended, self._unexplained_lows = None, None, 0
 
     def clear(self, t: float) -> None:
         if self.state is not None:

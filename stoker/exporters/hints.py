@@ -20,7 +20,7 @@ from stoker.detect.checkpoint import CheckpointTracker, HintError
 OUTCOMES = ("completed", "aborted")
 MAX_BODY = 16 * 1024
 MAX_EXPECTED_BYTES = 2**63 - 1
-"""Exported as a float and compared with byte counters: an exabyte is more than any checkpoint."""
+"""9 EB, more than any checkpoint; it ends up in a float gauge, which a 400-digit integer would break."""
 
 
 def make_hint_app(tracker: CheckpointTracker, token: str) -> web.Application:

@@ -90,6 +90,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.handler is not None:
+            self.guard.heard_from(self)
             self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -112,11 +113,11 @@ class _Connection(asyncio.Protocol):
 class ConnectionGuard:
     """A listener's protocol factory: at most `limit` connections, and a deadline for the first request.
 
-    At the limit a new connection displaces the one idle longest (no request in progress: it has
-    sent nothing yet, or it waits between requests); only when every connection is in the middle
-    of a request is the newcomer turned away. So a flood of idle or slow clients holds at most
-    `limit` descriptors, each for at most `header_timeout`, while a scraper that connects and asks
-    at once still gets its answer."""
+    At the limit a new connection displaces the idle one heard from least recently (idle: no
+    request in progress, because none has arrived yet or it waits between requests); only when
+    every connection is in the middle of a request is the newcomer turned away. So a flood of
+    idle or slow clients holds at most `limit` descriptors, each for at most `header_timeout`,
+    while a scraper that connects and asks at once still gets its answer."""
 
     def __init__(self, runner: web.AppRunner, limit: int, header_timeout: float, name: str):
         self._runner = runner
@@ -124,7 +125,7 @@ class ConnectionGuard:
         self._header_timeout = header_timeout
         self._name = name
         self._open: dict[asyncio.BaseTransport, _Connection] = {}
-        self._idle: OrderedDict[_Connection, None] = OrderedDict()  # idle longest first
+        self._idle: OrderedDict[_Connection, None] = OrderedDict()  # heard from least recently first
         self._gate = logs.RepeatGate()
 
     def __call__(self) -> _Connection:
@@ -140,11 +141,16 @@ class ConnectionGuard:
                 self._report("every connection is busy; refusing a new one")
                 return False
             self._drop(next(iter(self._idle)))
-            self._report("dropping the connection idle longest for a new one")
+            self._report("displacing the idle connection heard from least recently")
         self._open[conn.transport] = conn
         self._idle[conn] = None
         conn.deadline = asyncio.get_running_loop().call_later(self._header_timeout, self._expire, conn)
         return True
+
+    def heard_from(self, conn: _Connection) -> None:
+        """Bytes arrived: the last to be displaced (a request may be on its way to the handler)."""
+        if conn in self._idle:
+            self._idle.move_to_end(conn)
 
     def forget(self, conn: _Connection) -> None:
         if self._open.pop(conn.transport, None) is not None:
@@ -163,7 +169,7 @@ class ConnectionGuard:
             self._drop(conn)
 
     def _report(self, what: str) -> None:
-        suppressed = self._gate.admit(("limit",), what)
+        suppressed = self._gate.admit((what,), what)
         if suppressed is not None:
             log.warning("connection limit reached", listener=self._name, limit=self.limit, action=what,
                         repeated=suppressed)
@@ -182,16 +188,15 @@ class ConnectionGuard:
             return await handler(request)
         finally:
             if conn.transport in self._open:
-                self._idle[conn] = None  # idle since now: the last to be displaced
+                self._idle[conn] = None  # idle from now: the last to be displaced
 
 
 class Listener:
     """A guarded listening socket and the aiohttp runner behind it."""
 
-    def __init__(self, server: asyncio.AbstractServer, runner: web.AppRunner, guard: ConnectionGuard):
+    def __init__(self, server: asyncio.AbstractServer, runner: web.AppRunner):
         self._server = server
         self._runner = runner
-        self.guard = guard
 
     @property
     def port(self) -> int:
@@ -208,7 +213,8 @@ async def serve(app: web.Application, host: str, port: int, ssl_context=None, *,
                 idle_timeout: float = IDLE_TIMEOUT) -> Listener:
     """Serve `app` on host:port behind a ConnectionGuard (its middleware goes first in the app).
     Request line and header fields are capped at 8 KiB, bodies at the app's client_max_size."""
-    limit = max(1, min(max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = max_connections if soft == resource.RLIM_INFINITY else max(1, min(max_connections, soft // 4))
     runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=8190,
                            max_field_size=8190, keepalive_timeout=idle_timeout)
     guard = ConnectionGuard(runner, limit, header_timeout, f"{host}:{port}")
@@ -221,7 +227,7 @@ async def serve(app: web.Application, host: str, port: int, ssl_context=None, *,
     except BaseException:
         await runner.cleanup()
         raise
-    return Listener(server, runner, guard)
+    return Listener(server, runner)
 
 
 def raise_fd_limit() -> int:
@@ -231,7 +237,7 @@ def raise_fd_limit() -> int:
     the agent run by hand or by another supervisor. Headroom, not the defence: the connection
     cap is. A hard limit the kernel will not grant as soft (unlimited) leaves things as they are."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    if soft != hard and soft != resource.RLIM_INFINITY:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard

@@ -26,8 +26,9 @@ the legitimate scraper fast while others guess:
 - only verified (user, password) pairs are remembered: each user has one
   password, so the cache is as small as the user list and no stream of wrong
   guesses can evict the scraper's entry; a cached scrape never touches bcrypt;
-- at most BCRYPT_SLOTS checks run at once, in threads off the event loop, so
-  failing logins queue behind each other and take at most that many cores.
+- one check runs at a time (as in exporter-toolkit), in a thread off the event
+  loop: failing logins queue behind each other and cost the node at most one
+  core, which the training job's data loaders need more.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ BCRYPT_HASH = re.compile(
     r"\$2[abxy]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{30}[.CGKOSWaeimquy26]")
 DUMMY_TAIL = "Gs.OmItRLSyd00z9FRCFKOO8avkH0c2b369Y4CkF/VV7BdFTEcqd2"
 """Salt and hash of a password nobody has; an unknown user's password is checked against it."""
-BCRYPT_SLOTS = 2
+BCRYPT_SLOTS = 1
 BCRYPT_MAX_BYTES = 72
 """bcrypt reads 72 bytes of a password; bcrypt 5 raises on longer ones instead of ignoring the rest."""
 
@@ -112,8 +113,32 @@ def _unknown(path: str, prefix: str, table: dict, known: set[str], message: str)
         raise _err(path, f"{prefix}{unknown[0]}", f"{message} (known: {', '.join(sorted(known))})")
 
 
+MAX_DEPTH = 32
+"""The web configuration is four levels deep; PyYAML's pure-Python parser takes seconds on thousands."""
+
+
+def _depth(text: str) -> int:
+    """An upper bound of the document's nesting: flow brackets outside quotes, or indentation."""
+    depth = deepest = 0
+    quote = ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    indent = max((len(line) - len(line.lstrip(" -")) for line in text.splitlines()), default=0)
+    return max(deepest, indent // 2)
+
+
 def load(path: str) -> WebConfig:
     text = read_text(path, KEY)
+    if _depth(text) > MAX_DEPTH:
+        raise ConfigError(f"{KEY}: {path}: not valid YAML: nested too deeply")
     try:
         doc = yaml.safe_load(text)
     except RecursionError:

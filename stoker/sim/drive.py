@@ -2,19 +2,21 @@
 
 The same sources, collectors' parsing and detectors as the agent, without its
 schedules and threads: ten minutes of a scenario run in seconds, the same way
-every time. NAS probes are left out (they are real child processes on real
-time); the rest is what the agent sees. `restart()` replaces the agent's side
+every time. The NAS probes, real child processes on real time in the agent,
+are modelled from the simulated NAS: every `probes.interval` seconds, and
+unanswered from the first probe after a mount stops answering. `restart()` replaces the agent's side
 (sources, counters, verdicts) while the node's kernel moves on, as an agent
 restarted in the middle of an incident does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from stoker import config as config_mod
 from stoker.agent.verdicts import VerdictCollector
-from stoker.detect.view import NodeView
+from stoker.detect.view import NodeView, ProbeState
 from stoker.sim.simulation import Simulation
 from stoker.sources.gpu import GpuSource
 from stoker.sources.netdev import EthtoolReader, snapshot
@@ -32,6 +34,9 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+HEALTHY_PROBE = {"write": 0.012, "read": 0.005, "metadata": 0.001}  # seconds, on the simulated NAS
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class SimDrive:
         self.config = self.sim.configure(cfg or config_mod.load())
         self.platform = self.sim.platform()
         self.samples: list[Sample] = []
+        self.restarts = [r for r in self.sim.node.scenario.restarts if r > skip]  # still to come
         self.gpu: GpuSource | None = None
         self.restart()
 
@@ -84,12 +90,21 @@ class SimDrive:
         stats, problems = self.ethtool.read(names)
         self.view = NodeView(self.clock(), gpu=self.gpu.sample(), rdma=rdma,
                              net=snapshot(names, self.sim.network.operstates(), stats, problems),
-                             nfs=self.nfs.sample(), host=self.host.sample())
+                             nfs=self.nfs.sample(), host=self.host.sample(), probes=self._probes())
         verdict = self.verdicts.update(self.view)
         if self.verdicts.store is not None:
             self.verdicts.persist()  # the agent does this in a worker thread
         self.samples.append(Sample(self.sim.node.elapsed(), verdict.cause, self.checkpoint_state(), verdict.busy))
         return verdict
+
+    def _probes(self) -> list[ProbeState]:
+        now, every = self.sim.node.elapsed(), self.config.probes.interval
+        out = []
+        for m in self.sim.storage.mounts:
+            since = self.sim.storage.blocked_since.get(m.mountpoint)
+            unanswered = 0.0 if since is None else max(0.0, now - math.ceil(since / every) * every)
+            out.append(ProbeState(m.mountpoint, unanswered, dict(HEALTHY_PROBE)))
+        return out
 
     def checkpoint_state(self) -> str:
         active = [m.active for m in self.verdicts.checkpoints.mounts.values() if m.active is not None]
@@ -105,11 +120,11 @@ class SimDrive:
         return out
 
     def run(self, seconds: float) -> None:
-        """Step through `seconds`, restarting the agent where the scenario says so."""
-        restarts = [r for r in self.sim.node.scenario.restarts if r > self.sim.node.elapsed()]
+        """Step through `seconds`, restarting the agent where the scenario says so (before the
+        first sample at or past each restart time)."""
         for _ in range(int(round(seconds / self.interval))):
-            if restarts and self.sim.node.elapsed() + self.interval > restarts[0]:
-                restarts.pop(0)
+            if self.restarts and self.sim.node.elapsed() + self.interval >= self.restarts[0] - 1e-9:
+                self.restarts.pop(0)
                 self.restart()
             self.step()
 

@@ -16,7 +16,8 @@ ACTIVITY = ("gpm_sm_util", "gpm_sm_occupancy", "gpm_any_tensor_util", "gpm_dram_
 PERCENT = {"gpm_sm_util", "gpm_sm_occupancy", "gpm_any_tensor_util", "gpm_dram_bw_util", "gpm_graphics_util",
            "util_gpu"}
 IDLE_POWER_W = 121.0  # the recorded H200 with nothing running
-NOISE = tuple(random.Random(11).gauss(0.0, 1.0) for _ in range(4093))
+_RNG = random.Random(11)
+NOISE = tuple(_RNG.gauss(0.0, 1.0) for _ in range(4093))
 """One draw per second, the same on every GPU: a job's step time jitters for all its ranks at once."""
 
 

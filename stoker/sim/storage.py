@@ -35,7 +35,7 @@ LATENCY = {
 }
 READ_BYTES_PER_BUSY_S = 2.4e9  # input pipeline at full GPU load, bytes/s from the data mount
 CHECKPOINT_BYTES_PER_S = 1.25e9  # what the job hands to the page cache while it writes a checkpoint
-SERVER_WRITE_BYTES_PER_S = {"slow-write": 4e6, "write-stall": 0.0}  # else the NAS keeps up
+SERVER_WRITE_BYTES_PER_S = {"slow-write": 4e6, "write-stall": 0.0, "hung": 0.0}  # else the NAS keeps up
 DIRTY_LIMIT = 512 * MIB  # NFS write-back throttles a writer once this much waits for the server
 PROBE_FILE = ".stoker-probe-{node}"
 
@@ -81,6 +81,7 @@ class SimStorage:
         self._lock = threading.Lock()
         self._ticker = Ticker(node)
         self._blocked: set[str] = set()  # mountpoints whose probes block
+        self.blocked_since: dict[str, float] = {}  # mountpoint -> scenario time it stopped answering
 
     def build(self) -> None:
         proc = os.path.join(self.procfs_root, PID)
@@ -98,9 +99,11 @@ class SimStorage:
             t, dt = self._ticker.tick()
             condition = self.node.step().storage
             blocked = {"hung": self.mounts, "write-stall": [m for m in self.mounts if m.role == "checkpoint"]}
-            self._block({m.mountpoint for m in blocked.get(condition, [])})
+            self._block({m.mountpoint for m in blocked.get(condition, [])}, t)
             if condition != "hung":
                 self._move(t, dt, condition)
+            else:  # no RPC completes; the job's writes still fill the page cache until they block
+                self._write_back(self.mounts[1], dt, self.node.gpu_phase(t - dt / 2) == "checkpoint", condition)
             self._write()
 
     def _move(self, t: float, dt: float, condition: str) -> None:
@@ -158,8 +161,9 @@ class SimStorage:
         row[6] += rtt * count
         row[7] += execute * count
 
-    def _block(self, mountpoints: set[str]) -> None:
+    def _block(self, mountpoints: set[str], t: float) -> None:
         """Make the probes of these mounts block (and only these)."""
+        self.blocked_since = {mp: self.blocked_since.get(mp, t) for mp in mountpoints}
         if mountpoints == self._blocked:
             return
         for m in self.mounts:

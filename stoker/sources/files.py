@@ -35,7 +35,7 @@ class NotRegularFile(OSError):
 
 def read_regular(path: str, limit: int | None = None) -> bytes:
     """The bytes of a regular file (at most `limit`), never blocking on what is not one."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile(f"not a regular file: {path}")

@@ -1,0 +1,219 @@
+"""The manual page stoker(1), generated from the argparse definitions in stoker.cli.build_parser().
+
+Every command, option, metavar, choice and help text comes from the parser itself, so the page
+cannot drift from what `stoker` accepts; only the prose around them (description, exit status,
+files, environment) is written here. The Debian package ships it gzipped as
+/usr/share/man/man1/stoker.1.gz (packaging/deb/build.sh):
+
+    python -m stoker.manpage > stoker.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stoker import __version__
+
+SUMMARY = "per-node telemetry agent that says when GPUs are starved, and by what"
+
+DESCRIPTION = r"""
+.B stoker
+samples NVML (GPM), RoCE port counters, NFS client statistics and NAS probes on one node,
+exports them as Prometheus metrics, and says when the GPUs are starved, and by what
+(storage, network, host or the job itself).
+On a node it runs as the systemd service
+.BR stoker.service ,
+which starts
+.B stoker run
+with the configuration in
+.IR /etc/stoker/stoker.toml .
+Command-line options override the configuration file.
+"""
+
+EXIT_STATUS = r"""
+.TP
+.B 0
+Success: the agent stopped cleanly, the node is healthy
+.RB ( check ),
+the verdicts were right
+.RB ( replay ),
+the hint was accepted
+.RB ( checkpoint ).
+.TP
+.B 1
+The node is unhealthy
+.RB ( check ),
+a verdict was wrong
+.RB ( replay ),
+or the agent refused the hint
+.RB ( checkpoint ).
+.TP
+.B 2
+Stoker could not do what was asked: a configuration error (the message names the key),
+a listen address already in use, a bad scenario, a node that could not be checked,
+or an agent that could not be reached.
+The unit's
+.B RestartPreventExitStatus=2
+keeps systemd from restarting it in a loop.
+"""
+
+FILES = r"""
+.TP
+.I /etc/stoker/stoker.toml
+The configuration (every key is optional).
+After a change:
+.BR "systemctl reload stoker" .
+.TP
+.I /etc/stoker/hint\-token
+The bearer token of the checkpoint hint API, created at install;
+readable by root, the service and the members of the group
+.BR stoker\-hints .
+.TP
+.I /var/lib/stoker/state.json
+The running job's learned level, kept across restarts.
+.TP
+.I /opt/stoker/share/doc/stoker/
+Operations guide, metrics, verdicts, alert rules, runbook and dashboards.
+"""
+
+ENVIRONMENT = r"""
+.TP
+.B STOKER_HINT_URL
+The agent's hint API for
+.B stoker checkpoint
+(default http://127.0.0.1:9478).
+.TP
+.B STOKER_HINT_TOKEN_FILE
+The file holding its bearer token (default
+.IR /etc/stoker/hint\-token ).
+.TP
+.B STOKER_HINT_TOKEN
+The token itself, instead of a file.
+"""
+
+SEE_ALSO = r"""
+.BR systemctl (1),
+.BR journalctl (1);
+.I /opt/stoker/share/doc/stoker/OPERATIONS.md
+"""
+
+
+def escape(text: str, literal: bool = False) -> str:
+    """Text for a roff line: backslashes escaped, no line starting as a request; `literal` (an
+    option, a metavar, a value typed as shown): its hyphens are minus signs, so it copies right."""
+    text = text.replace("\\", "\\e")
+    if literal:
+        text = text.replace("-", "\\-")
+    return "\\&" + text if text.startswith((".", "'")) else text
+
+
+def _help(action: argparse.Action, prog: str) -> str:
+    if not action.help or action.help == argparse.SUPPRESS:
+        return ""
+    params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
+    params["prog"] = prog
+    if params.get("choices") is not None:
+        params["choices"] = ", ".join(map(str, params["choices"]))
+    text = action.help % params if "%" in action.help else action.help
+    return text[0].upper() + text[1:]
+
+
+def _value(action: argparse.Action) -> str:
+    """The argument an action takes, in roff: its choices in bold, else its metavar in italics."""
+    if action.choices is not None:
+        return "{" + "|".join(f"\\fB{escape(str(c), True)}\\fR" for c in action.choices) + "}"
+    metavar = action.metavar or (action.dest if not action.option_strings else action.dest.upper())
+    return f"\\fI{escape(str(metavar), True)}\\fR"
+
+
+def _usage(action: argparse.Action, short: bool) -> str:
+    """An action as it appears in a synopsis (short: one option string) or an option list."""
+    if not action.option_strings:
+        return _value(action)
+    names = action.option_strings[-1:] if short else action.option_strings
+    flags = ", ".join(f"\\fB{escape(name, True)}\\fR" for name in names)
+    if action.nargs == 0:
+        return flags
+    if short:
+        value = _value(action)
+        return f"{flags}\\~[{value}]" if action.nargs == "?" else f"{flags}\\~{value}"
+    value = _value(action)
+    return ", ".join(f"\\fB{escape(n, True)}\\fR " + (f"[{value}]" if action.nargs == "?" else value)
+                     for n in action.option_strings)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if not isinstance(a, argparse._SubParsersAction)
+            and a.help != argparse.SUPPRESS]
+
+
+def _synopsis(name: str, parser: argparse.ArgumentParser) -> list[str]:
+    grouped = {id(a): g for g in parser._mutually_exclusive_groups for a in g._group_actions}
+    words, done = [], set()
+    for action in _arguments(parser):
+        if id(action) in done:
+            continue
+        group = grouped.get(id(action))
+        if group is not None:
+            members = [a for a in group._group_actions if a.help != argparse.SUPPRESS]
+            done.update(id(a) for a in members)
+            alternatives = " | ".join(_usage(a, short=True) for a in members)
+            words.append(f"({alternatives})" if group.required else f"[{alternatives}]")
+        elif action.option_strings and not action.required:
+            words.append(f"[{_usage(action, short=True)}]")
+        else:
+            words.append(_usage(action, short=True))
+    return [f'.SY "{escape(name, True)}"', *words, ".YS"]
+
+
+def _options(parser: argparse.ArgumentParser, prog: str) -> list[str]:
+    lines = []
+    for action in _arguments(parser):
+        lines += [".TP", _usage(action, short=False), escape(_help(action, prog)) or "\\&"]
+    return lines
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(name, help, parser) of each subcommand, in the order they were defined."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            return [(name, helps.get(name, ""), sub) for name, sub in action.choices.items()]
+    return []
+
+
+def render(parser: argparse.ArgumentParser | None = None) -> str:
+    """The page, in man(7) roff."""
+    if parser is None:
+        from stoker.cli import build_parser
+        parser = build_parser()
+    prog = parser.prog
+    commands = _commands(parser)
+    out = [f'.TH {prog.upper()} 1 "" "{prog} {__version__}" "User Commands"',
+           ".SH NAME", f"{prog} \\- {escape(SUMMARY)}",
+           ".SH SYNOPSIS"]
+    top = _synopsis(prog, parser)
+    names = "|".join(f"\\fB{escape(name, True)}\\fR" for name, _, _ in commands)
+    out += top[:-1] + ["{" + names + "} [\\fIoptions\\fR]", ".YS"]
+    for name, _, sub in commands:
+        out += _synopsis(f"{prog} {name}", sub)
+    out += [".SH DESCRIPTION", *DESCRIPTION.strip().splitlines()]
+    out += [".SH OPTIONS", *_options(parser, prog)]
+    out += [".SH COMMANDS"]
+    for name, text, sub in commands:
+        out += [f'.SS "{prog} {escape(name, True)}"', escape(text[0].upper() + text[1:]) if text else "\\&"]
+        out += _options(sub, f"{prog} {name}")
+    for title, body in (("EXIT STATUS", EXIT_STATUS), ("ENVIRONMENT", ENVIRONMENT), ("FILES", FILES),
+                        ("SEE ALSO", SEE_ALSO)):
+        out += [f".SH {title}", *body.strip().splitlines()]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    sys.stdout.write(render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
