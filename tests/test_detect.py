@@ -285,3 +285,70 @@ def test_a_state_file_that_cannot_be_written_costs_only_the_feature(tmp_path):
     store = LevelStore(str(tmp_path / "missing-dir" / "state.json"), max_age=300.0)
     store.save(frozenset({1}), 0.5)
     assert store.load(frozenset({1})) is None
+
+
+def test_a_jittery_sample_between_the_lines_does_not_restart_the_recovery():
+    d = StarvationDetector(DetectConfig(recover_after=3.0))
+    s = scores(storage=3.0)
+    d.update(0.0, 0.1, True, 0.9, s, s)
+    for t, busy in ((10.0, 0.9), (11.0, 0.6), (12.0, 0.9)):  # 0.6: above the starved line (0.45)
+        d.update(t, busy, True, 0.9, NO, NO)
+    assert d.cause == "storage"
+    d.update(13.0, 0.9, True, 0.9, NO, NO)
+    assert d.cause is None
+    d2 = StarvationDetector(DetectConfig(recover_after=3.0))
+    d2.update(0.0, 0.1, True, 0.9, s, s)
+    for t, busy in ((10.0, 0.9), (11.0, 0.3), (12.0, 0.9), (13.0, 0.9)):  # 0.3: starved again
+        d2.update(t, busy, True, 0.9, s, s)
+    assert d2.cause == "storage"
+
+
+def test_a_verdict_clears_when_its_evidence_is_gone_and_the_job_runs_above_the_starved_line():
+    d = StarvationDetector(DetectConfig(recover_after=3.0))
+    s = scores(storage=3.0)
+    d.update(0.0, 0.1, True, 0.9, s, s)
+    for t in range(10, 14):
+        d.update(float(t), 0.65, True, 0.9, NO, NO)  # 72% of the level: between the lines, the NAS fine again
+    assert d.cause is None
+    host = StarvationDetector(DetectConfig(recover_after=3.0))
+    host.update(0.0, 0.1, True, 0.9, NO, NO)
+    host.update(1.0, 0.1, True, 0.9, NO, NO)
+    for t in range(10, 38):
+        host.update(float(t), 0.65, True, 0.9, NO, NO)
+    assert host.cause == "host", "no evidence to lose: the band is held..."
+    for t in range(38, 45):
+        host.update(float(t), 0.65, True, 0.9, NO, NO)
+    assert host.cause is None, "...until it has lasted long enough to be the job's new normal"
+
+
+def test_a_new_job_is_not_a_fault_coming_back():
+    d = StarvationDetector(DetectConfig(recover_after=3.0, flap_factor=3.0))
+    s = scores(storage=3.0)
+    d.update(0.0, 0.1, True, 0.9, s, s)
+    d.new_job()
+    d.update(5.0, 0.1, True, 0.9, s, s)
+    for t in range(6, 10):
+        d.update(float(t), 0.9, True, 0.9, NO, NO)
+    assert d.cause is None, "a normal recovery, not the damped one of a flapping fault"
+
+
+def test_what_is_present_at_a_job_change_keeps_its_history_and_what_is_remembered_goes():
+    a = Attribution(DetectConfig(tolerate_after=10.0))
+    for t in range(12):
+        a.observe(float(t), [RAIL, READS] if t < 11 else [RAIL], at_level=True)
+    a.new_job()
+    assert set(a.traces) == {RAIL.key}
+    assert a.scores()["network"] == pytest.approx(3.0 * TOLERATED), "the rail the last job did without"
+
+
+def test_a_checkpoint_stalled_from_its_first_byte_is_seen_from_the_page_cache():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    tick(t, clock, mount.write(0, client=512e6), False)  # handed to the page cache, nothing reaches the NAS
+    m = t.mounts["/mnt/ckpt"]
+    assert m.active is not None
+    tick(t, clock, mount.write(0), True)
+    assert m.active.unflushed >= 500e6 and not m.active.stalled
+    for _ in range(21):
+        tick(t, clock, mount.write(0), True)
+    assert m.active.stalled

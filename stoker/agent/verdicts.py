@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Callable
 
 from stoker import logs
@@ -26,6 +27,7 @@ from stoker.exporters import verdicts as verdict_families
 log = logs.get("verdicts")
 
 NO_EVIDENCE = "no network, storage or checkpoint evidence: input pipeline or CPU"
+RECENT_CHECKPOINTS = 5  # finished checkpoints kept per mount for the dashboards' table
 
 
 class VerdictCollector(Collector):
@@ -49,6 +51,12 @@ class VerdictCollector(Collector):
         self.source = ""  # where the busy ratio comes from: gpm, utilization, or both (per GPU)
         self.verdict = Verdict(None, None, None)
         self._restore = False  # a new job: look up the level a previous run saved for it
+        # Counters for the dashboards: what a 15 s scrape of 1 s gauges would miss.
+        self.busy_seconds: dict[tuple[str, str], float] = {}  # integral of the busy ratio, per GPU
+        self.job_seconds = 0.0  # time a job held the GPUs: the denominator of the starved time
+        self.recent: dict[str, deque] = {}  # mountpoint -> (started, duration, bytes, outcome), newest last
+        self._ended: dict[str, tuple[dict[str, int], tuple | None]] = {}  # outcomes, open checkpoint last tick
+        self._last_t: float | None = None
 
     def configure(self, detect: DetectConfig, checkpoint: CheckpointConfig) -> None:
         """New thresholds; the job's level, the verdict and the checkpoints in progress carry on."""
@@ -77,13 +85,18 @@ class VerdictCollector(Collector):
 
     def update(self, view: NodeView) -> Verdict:
         t = view.t
+        dt = 0.0 if self._last_t is None else max(0.0, t - self._last_t)
+        self._last_t, self.job_seconds = t, self.job_seconds + (dt if self.job.present else 0.0)
         if self.job.update(t, view.gpu):
             self._new_job(t)
         self.busy = gpu_busy(view)
+        for key, value in self.busy.items():
+            self.busy_seconds[key] = self.busy_seconds.get(key, 0.0) + value * dt
         self._follow_source(view)
         busy = sum(self.busy.values()) / len(self.busy) if self.busy else None
         job, baseline = self.job.present, self.job.baseline()
         self.checkpoints.update(view.nfs, job and busy is not None and self._waiting(busy, baseline))
+        self._note_checkpoints()
         signals = self.evidence.signals(view) + self.checkpoints.signals()
         self.attribution.observe(t, signals, job and self.starvation.at_level(busy, baseline))
         self.scores = self.attribution.scores()
@@ -100,6 +113,24 @@ class VerdictCollector(Collector):
         elif cause != before:
             log.info("GPUs no longer starved", was=before, busy=_round(busy))
         return self.verdict
+
+    def _note_checkpoints(self) -> None:
+        """Keep each checkpoint that ended since the last tick (by the tracker or a hint) for the table
+        of recent ones: a checkpoint shorter than a scrape is gone from the gauges before it is seen."""
+        for mp, m in self.checkpoints.mounts.items():
+            before, was_open = self._ended.get(mp, (m.outcomes, None))
+            a = m.active
+            # a checkpoint begun in the same tick has replaced the ended one's start and bytes
+            started, written = was_open if a is not None and was_open is not None else (m.last_started,
+                                                                                        m.written_bytes)
+            for outcome, n in m.outcomes.items():
+                for _ in range(n - before.get(outcome, 0)):
+                    self.recent.setdefault(mp, deque(maxlen=RECENT_CHECKPOINTS)).append(
+                        (started, m.last_duration, written, outcome))
+            self._ended[mp] = (dict(m.outcomes), None if a is None else (a.started, m.written_bytes))
+        for mp in set(self._ended) - set(self.checkpoints.mounts):
+            self._ended.pop(mp)
+            self.recent.pop(mp, None)
 
     def _new_job(self, t: float) -> None:
         """Another job holds the GPUs: its level, its evidence history and its verdict start afresh."""

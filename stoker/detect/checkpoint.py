@@ -270,9 +270,6 @@ class CheckpointTracker:
             out.append(Signal("checkpoint", m.mountpoint, 1.0, f"checkpoint on {m.mountpoint} ({a.source}): {state}"))
         return out
 
-    def any_active(self) -> bool:
-        return any(m.active is not None for m in self.mounts.values())
-
     def over_budget(self, m: MountCheckpoints) -> bool:
         return m.active is not None and self._wall() - m.active.started > self.config.budget
 

@@ -36,12 +36,14 @@ switches while the GPUs are recovering.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from stoker.config import DetectConfig
 from stoker.detect.attribution import CAUSES, MIN_SCORE, STRONG
 
 SWITCH_MARGIN = 1.5
+COLD_LEVELS = 300  # the last samples of a cold verdict whose median is its starved level
 IN_BAND_CLEARS_AFTER = 10
 """Times `recover_after`: between the starved and the recovered line that long, a job runs at a new level."""
 
@@ -61,7 +63,7 @@ class _Starved:
     cold: bool  # entered before the job's level was known
     came_back: bool = False  # the same cause had cleared less than flap_window before this verdict began
     unexplained: int = 0  # low samples in a row since the cause's evidence went
-    levels: list[float] = field(default_factory=list)  # busy while starved, for a cold recovery
+    levels: deque[float] = field(default_factory=lambda: deque(maxlen=COLD_LEVELS))  # busy while starved (cold)
     recovering_since: float | None = None
     in_band_since: float | None = None  # above the starved line, below the recovered one, since when
     pending: tuple[str, float, int] | None = None  # a cause outranking this one: since when, samples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,6 +19,13 @@ def families(v: VerdictCollector):
                              "utilisation) over the last sampling window.", labels=["gpu", "uuid"])
     for (gpu, uuid), value in sorted(v.busy.items()):
         busy.add_metric([gpu, uuid], value)
+    busy_seconds = CounterMetricFamily("stoker_gpu_busy_seconds", "The busy ratio integrated over time: its "
+                                       "rate is the busy ratio over any window, however often it is scraped.",
+                                       labels=["gpu", "uuid"])
+    for (gpu, uuid), value in sorted(v.busy_seconds.items()):
+        busy_seconds.add_metric([gpu, uuid], value)
+    job = CounterMetricFamily("stoker_job_seconds", "Time a job held the GPUs (the verdicts judge only then).")
+    job.add_metric([], v.job_seconds)
     baseline = GaugeMetricFamily("stoker_busy_baseline_ratio",
                                  "The level the current job sustains (90th percentile of its healthy busy ratio).")
     if v.verdict.baseline is not None:
@@ -37,7 +45,8 @@ def families(v: VerdictCollector):
     for s in sorted(v.attribution.current(), key=lambda s: s.key):
         if s.kind != "checkpoint":
             strength.add_metric([s.cause, s.kind, s.source], round(s.strength, 3))
-    return [busy, baseline, starved, seconds, score, strength, *checkpoint_families(v)]
+    return [busy, busy_seconds, baseline, job, starved, seconds, score, strength, *checkpoint_families(v),
+            *recent_checkpoint_families(v)]
 
 
 def checkpoint_families(v: VerdictCollector):
@@ -62,3 +71,19 @@ def checkpoint_families(v: VerdictCollector):
         for outcome in OUTCOMES:
             total.add_metric([mp, outcome], m.outcomes[outcome])
     return [in_progress, stalled, over, started, progress, written, duration, total]
+
+
+def recent_checkpoint_families(v: VerdictCollector):
+    """The last few finished checkpoints per mount, each its own series keyed by its start, so that a
+    table shows every one of them, however short, and a range query every one that ended in the range."""
+    L = ["mountpoint", "started", "outcome"]
+    duration = GaugeMetricFamily("stoker_checkpoint_recent_duration_seconds", "Duration of each of the last "
+                                 "finished checkpoints (started: its start, UTC).", labels=L)
+    written = GaugeMetricFamily("stoker_checkpoint_recent_written_bytes", "Bytes that reached the server "
+                                "for each of the last finished checkpoints.", labels=L)
+    rows = {(mp, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started or 0)), outcome): (seconds, nbytes)
+            for mp, records in sorted(v.recent.items()) for started, seconds, nbytes, outcome in records}
+    for key, (seconds, nbytes) in rows.items():  # two in one second: the later one
+        duration.add_metric(list(key), seconds or 0.0)
+        written.add_metric(list(key), nbytes or 0.0)
+    return [duration, written]

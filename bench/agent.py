@@ -1,0 +1,398 @@
+"""The agent alone on the full simulated XE9680, beside the simulator's own cost.
+
+Two processes, so that neither's CPU hides in the other's:
+
+- the simulator (`--role simulator`) lays out the simulated kernel (8 RoCE ports with their
+  counters and hw_counters, 2 NFS mounts in mountstats, PSI files, the NAS probe directories)
+  and keeps it moving as `stoker run --simulate` does; its CPU is the simulator's cost per node.
+- the agent (`--role agent`) is the real `Agent`, every collector on, production defaults
+  (`[sim] shorten = false`: NAS probes every 15 s), reading that tree for real each cycle. The
+  fake NVML, ethtool and netlink answer in process, as the drivers would (the fake NVML's time
+  counts as the agent's, as the driver's would); the model behind the fake ethtool moves in a
+  thread of its own whose CPU is not counted. A scrape with gzip every 15 s, as Prometheus does.
+
+Reported: the agent's CPU as a share of one core, per collector (its worker thread's CPU plus
+the families and rendering of its chunk on the event loop) and for the rest (the event loop, the
+agent's own metrics, HTTP, the probe children); RSS; series; the simulator's CPU per node and
+how many simulated nodes fit in a core. A reference in the same run: a bare asyncio loop ticking
+at the same interval in a process of its own (what any Python agent costs before it does work).
+
+    python -m bench.agent [--intervals 1 0.25] [--seconds 60] [--py-spy FILE] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+from bench.common import emit, process_cpu, rss_bytes
+from bench.scrape import free_port, wait_http
+
+SCENARIO = "healthy"
+SCRAPE_EVERY = 15.0
+
+
+# -- the simulator's process ------------------------------------------------------------------
+
+def simulator_main(root: str, scenario: str, every: float | None) -> None:
+    from stoker.sim import simulation
+
+    sim = simulation.Simulation(scenario, root)
+    period = every or getattr(simulation, "ADVANCE_EVERY", 0.25)
+    Path(root, "sim.json").write_text(json.dumps({"started": sim.node.started, "period": period}))
+    due = time.monotonic()
+    while True:
+        due += period
+        time.sleep(max(0.0, due - time.monotonic()))
+        sim.advance()
+
+
+# -- the agent's process ----------------------------------------------------------------------
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of every live thread of this process, by name."""
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            cpu = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except (OSError, TypeError, ValueError):
+            continue
+        out[t.name] = out.get(t.name, 0.0) + cpu
+    return out
+
+
+def children_cpu() -> float:
+    """CPU of this process's children, live (from /proc) and reaped."""
+    me, total = os.getpid(), 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            total += process_cpu(int(entry))
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return total + r.ru_utime + r.ru_stime
+
+
+class LoopAccount:
+    """CPU spent on the event loop per collector: its families and rendering, and the verdicts'
+    update; installed over the supervisor's names so the same harness measures older trees."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = {}
+        self.current = "_agent"
+
+    def add(self, name: str, seconds: float) -> None:
+        self.cpu[name] = self.cpu.get(name, 0.0) + seconds
+
+    def install(self, agent) -> None:
+        from stoker.agent import supervisor as sup
+
+        for c in agent.collectors:
+            self._wrap_families(c)
+        if agent.verdicts is not None:
+            update = agent.verdicts.update
+
+            def timed_update(view, _update=update):
+                t0 = time.thread_time()
+                try:
+                    return _update(view)
+                finally:
+                    self.add("verdicts", time.thread_time() - t0)
+            agent.verdicts.update = timed_update
+        render = sup.render
+
+        def timed_render(families, _render=render):
+            t0 = time.thread_time()
+            try:
+                return _render(families)
+            finally:
+                self.add(self.current, time.thread_time() - t0)
+        sup.render = timed_render
+        render_self = agent.supervisor._render_self
+
+        def timed_render_self(_render_self=render_self):
+            t0 = time.thread_time()
+            try:
+                return _render_self()
+            finally:
+                self.add("_agent", time.thread_time() - t0)
+        agent.supervisor._render_self = timed_render_self
+
+    def _wrap_families(self, c) -> None:
+        families = c.families
+
+        def timed_families(_families=families, _name=c.name):
+            self.current = _name
+            t0 = time.thread_time()
+            try:
+                return _families()
+            finally:
+                self.add(_name, time.thread_time() - t0)
+        c.families = timed_families
+
+
+def agent_platform(root: str, scenario: str, ports: int):
+    """The simulated node's fakes, attached to the tree the simulator process keeps moving."""
+    from stoker.agent.platform import Platform
+    from stoker.sim.fake_nvml import FakeNVML
+    from stoker.sim.network import FakeEthtool, SimLinks, SimNetwork
+    from stoker.sim.node import SimNode
+    from stoker.sim.storage import SimStorage
+
+    info = json.loads(Path(root, "sim.json").read_text())
+    node = SimNode(scenario, skip=time.monotonic() - info["started"])  # the simulator's scenario time
+    network = SimNetwork(node, os.path.join(root, "sys"), ports)
+    network._write_port = lambda port: None  # the simulator's process writes the files
+    storage = SimStorage(node, os.path.join(root, "proc"), os.path.join(root, "nas"), "bench")
+    platform = Platform(nvml=FakeNVML(node), links=SimLinks(network),
+                        open_ethtool=lambda ifname: FakeEthtool(network, ifname))
+    attached = types.SimpleNamespace(storage=storage, token_file=os.path.join(root, "hint-token"),
+                                     sysfs_root=os.path.join(root, "sys"), procfs_root=os.path.join(root, "proc"))
+    return platform, network, attached, info["period"]
+
+
+def move_network(network, period: float, stop: threading.Event) -> None:
+    """The ethtool counters' model, advanced as the simulator advances the files (CPU not counted)."""
+    while not stop.wait(period):
+        network.advance()
+
+
+async def agent_run(args) -> dict:
+    from stoker import config, logs
+    from stoker.agent.runtime import Agent
+    from stoker.sim.simulation import Simulation
+
+    logs.configure("json", level=40)
+    platform, network, attached, period = agent_platform(args.root, args.scenario, args.ports)
+    cfg = config.load(overrides={"agent": {"listen": f"127.0.0.1:{args.port}", "interval": args.interval},
+                                 "checkpoint": {"listen": "127.0.0.1:0"}, "sim": {"shorten": False}})
+    cfg = Simulation.configure(attached, cfg)
+    stop = threading.Event()
+    mover = threading.Thread(target=move_network, args=(network, period, stop), name="bench-network-model",
+                             daemon=True)
+    mover.start()
+    agent = Agent(cfg, platform)
+    account = LoopAccount()
+    account.install(agent)
+    await agent.start()
+    Path(args.root, "agent-ready").write_text(str(os.getpid()))
+    await asyncio.sleep(args.warmup)
+    cpu0, threads0, children0, loop0 = process_cpu(), thread_cpu(), children_cpu(), dict(account.cpu)
+    t0 = time.monotonic()
+    await asyncio.sleep(args.seconds)
+    wall = time.monotonic() - t0
+    cpu, threads, children, loop = process_cpu() - cpu0, thread_cpu(), children_cpu() - children0, account.cpu
+    stop.set()
+    threads = {k: v - threads0.get(k, 0.0) for k, v in threads.items()}
+    loop = {k: v - loop0.get(k, 0.0) for k, v in loop.items()}
+    model = threads.pop(mover.name, 0.0)
+    agent_cpu = cpu - model
+    body = agent.exposition.body()
+    collectors = {}
+    for c in agent.collectors:
+        worker = threads.get(f"stoker-{c.name}", 0.0)
+        collectors[c.name] = {"sampling_cpu_s": round(worker, 4), "loop_cpu_s": round(loop.get(c.name, 0.0), 4),
+                              "share_of_one_core": round((worker + loop.get(c.name, 0.0)) / wall, 5)}
+    counted = sum(v["sampling_cpu_s"] + v["loop_cpu_s"] for v in collectors.values())
+    rest = agent_cpu - counted
+    result = {
+        "interval_s": args.interval, "seconds": round(wall, 2), "scenario": args.scenario,
+        "agent_share_of_one_core": round((agent_cpu + children) / wall, 5),
+        "process_share_of_one_core": round(agent_cpu / wall, 5),
+        "collectors": collectors,
+        "rest_share_of_one_core": round(rest / wall, 5),
+        "rest": {"agent_self_metrics_s": round(loop.get("_agent", 0.0), 4),
+                 "main_thread_other_s": round(threads.get("MainThread", 0.0) - sum(loop.values()), 4),
+                 "other_threads_s": {k: round(v, 4) for k, v in threads.items()
+                                     if k != "MainThread" and not k.startswith("stoker-") and v > 0}},
+        "probe_children_share_of_one_core": round(children / wall, 5),
+        "network_model_thread_share_not_counted": round(model / wall, 5),
+        "rss_bytes": rss_bytes(os.getpid()),
+        "series": sum(1 for line in body.splitlines() if line and not line.startswith(b"#")),
+        "exposition_bytes": len(body),
+        "uvloop": type(asyncio.get_running_loop()).__module__.startswith("uvloop"),
+    }
+    await agent.stop()
+    return result
+
+
+def agent_main(args) -> None:
+    runner = asyncio.run
+    try:
+        from stoker.agent.runtime import run_loop  # the agent's own choice of event loop, where it has one
+        runner = run_loop
+    except ImportError:
+        pass
+    result = runner(agent_run(args))
+    Path(args.result).write_text(json.dumps(result))
+
+
+# -- the reference: a bare event loop ticking at the same interval ------------------------------
+
+def reference_main(interval: float, seconds: float, result: str) -> None:
+    async def tick() -> float:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        await asyncio.sleep(1.0)
+        cpu0, t0 = process_cpu(), time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            due += interval
+            await asyncio.sleep(max(0.0, due - loop.time()))
+        return (process_cpu() - cpu0) / (time.monotonic() - t0)
+    Path(result).write_text(json.dumps({"share_of_one_core": round(asyncio.run(tick()), 5)}))
+
+
+# -- the harness ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _python(tree: str | None, scratch: str) -> tuple[list[str], dict, str]:
+    """The command, environment and directory to run this harness's roles in; with `tree`, on the
+    `stoker` package of that source tree (a baseline unpacked with `git archive`)."""
+    if not tree:
+        return [sys.executable, "-m", "bench.agent"], dict(os.environ), str(REPO)
+    where = Path(scratch, "tree")
+    where.mkdir(exist_ok=True)
+    for name, target in (("stoker", Path(tree, "stoker")), ("bench", REPO / "bench")):
+        if not (where / name).exists():
+            (where / name).symlink_to(target.resolve())
+    return [sys.executable, "-m", "bench.agent"], {**os.environ, "PYTHONPATH": str(where)}, str(where)
+
+
+def _wait_file(path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(str(path))
+        time.sleep(0.05)
+
+
+def measure(interval: float, seconds: float, warmup: float = 5.0, scenario: str = SCENARIO, ports: int = 8,
+            tree: str | None = None, py_spy: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="stoker-bench-agent-") as root:
+        cmd, env, cwd = _python(tree, root)
+        root = os.path.join(root, "node")
+        os.mkdir(root)
+        sim = subprocess.Popen([*cmd, "--role", "simulator", "--root", root, "--scenario", scenario],
+                               env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        agent = None
+        try:
+            _wait_file(Path(root, "sim.json"))
+            port = free_port()
+            result_file = os.path.join(root, "result.json")
+            agent = subprocess.Popen([*cmd, "--role", "agent", "--root", root, "--scenario", scenario,
+                                      "--ports", str(ports), "--port", str(port), "--interval", str(interval),
+                                      "--warmup", str(warmup), "--seconds", str(seconds), "--result", result_file],
+                                     env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _wait_file(Path(root, "agent-ready"))
+            url = f"http://127.0.0.1:{port}/metrics"
+            wait_http(url)
+            time.sleep(warmup)
+            sim_cpu0, t0 = process_cpu(sim.pid), time.monotonic()
+            spy = None
+            if py_spy:
+                spy = subprocess.Popen([py_spy_binary(), "record", "-p", str(agent.pid), "-r", "200", "-d",
+                                        str(int(seconds) - 1), "-f", "raw", "-o", py_spy, "--nonblocking",
+                                        "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            next_scrape = t0
+            while agent.poll() is None and time.monotonic() - t0 < seconds:
+                if time.monotonic() >= next_scrape:
+                    req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+                    with urllib.request.urlopen(req, timeout=5) as resp:
+                        gzip.decompress(resp.read())
+                    next_scrape += SCRAPE_EVERY
+                time.sleep(0.2)
+            sim_share = (process_cpu(sim.pid) - sim_cpu0) / (time.monotonic() - t0)
+            sim_rss = rss_bytes(sim.pid)
+            _, err = agent.communicate(timeout=60)
+            if agent.returncode != 0:
+                raise RuntimeError(f"agent process failed: {err.decode()[-2000:]}")
+            if spy is not None:
+                spy.wait(timeout=60)
+            result = json.loads(Path(result_file).read_text())
+        finally:
+            for proc in (agent, sim):
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=10)
+    result["simulator_share_of_one_core"] = round(sim_share, 5)
+    result["simulator_rss_bytes"] = sim_rss
+    return result
+
+
+def py_spy_binary() -> str:
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
+def reference(interval: float, seconds: float) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ref.json")
+        cmd, env, cwd = _python(None, tmp)
+        subprocess.run([*cmd, "--role", "reference", "--interval", str(interval), "--seconds", str(seconds),
+                        "--result", out], env=env, cwd=cwd, check=True)
+        return json.loads(Path(out).read_text())["share_of_one_core"]
+
+
+def run(intervals: list[float], seconds: float, warmup: float = 5.0, tree: str | None = None,
+        py_spy: str | None = None) -> dict:
+    runs = []
+    for interval in intervals:
+        r = measure(interval, seconds, warmup, tree=tree, py_spy=py_spy if interval == intervals[0] else None)
+        r["reference_bare_loop_share"] = reference(interval, min(seconds, 10.0))
+        runs.append(r)
+    sim = runs[0]["simulator_share_of_one_core"]
+    return {"scenario": SCENARIO, "tree": tree or "this tree", "runs": runs,
+            "simulator_share_per_node": sim,
+            "simulated_nodes_per_core": round(1.0 / sim, 1) if sim > 0 else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--intervals", type=float, nargs="+", default=[1.0, 0.25])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--tree", help="measure the package in this directory instead (a baseline's source tree)")
+    parser.add_argument("--py-spy", metavar="FILE", help="also record the agent with py-spy (first interval)")
+    parser.add_argument("--out")
+    parser.add_argument("--role", choices=["harness", "simulator", "agent", "reference"], default="harness",
+                        help=argparse.SUPPRESS)
+    for name in ("--root", "--result"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", default=SCENARIO, help=argparse.SUPPRESS)
+    parser.add_argument("--ports", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--every", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "simulator":
+        simulator_main(args.root, args.scenario, args.every)
+    elif args.role == "agent":
+        agent_main(args)
+    elif args.role == "reference":
+        reference_main(args.interval, args.seconds, args.result)
+    else:
+        if args.py_spy and not os.path.exists(py_spy_binary()):
+            parser.error("py-spy is not installed (.venv/bin/pip install py-spy)")
+        emit("agent", run(args.intervals, args.seconds, args.warmup, args.tree, args.py_spy), args.out)
+
+
+if __name__ == "__main__":
+    main()
