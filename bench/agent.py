@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import gzip
 import json
 import os
@@ -47,11 +48,16 @@ SCRAPE_EVERY = 15.0
 
 # -- the simulator's process ------------------------------------------------------------------
 
-def simulator_main(root: str, scenario: str, every: float | None) -> None:
+def simulator_main(root: str, scenario: str, interval: float) -> None:
+    """The simulated kernel, moving as `stoker run --simulate` moves it for an agent sampling every
+    `interval` (once per cycle, or every ADVANCE_EVERY when cycles come faster; older trees: every
+    ADVANCE_EVERY). Here the agent is in another process: the moves are not aligned with its cycles."""
     from stoker.sim import simulation
 
     sim = simulation.Simulation(scenario, root)
-    period = every or getattr(simulation, "ADVANCE_EVERY", 0.25)
+    period = simulation.ADVANCE_EVERY
+    if hasattr(simulation.Simulation, "pause"):
+        period = max(period, interval)
     Path(root, "sim.json").write_text(json.dumps({"started": sim.node.started, "period": period}))
     due = time.monotonic()
     while True:
@@ -74,6 +80,29 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def thread_wakeups() -> dict[str, int]:
+    """Voluntary context switches of every live thread, by name: each is a sleep and a wake-up,
+    which on a virtual machine costs tens of microseconds (the timer or IPI exits to the host)."""
+    out: dict[str, int] = {}
+    for t in threading.enumerate():
+        try:
+            status = Path(f"/proc/self/task/{t.native_id}/status").read_text()
+        except (OSError, TypeError):
+            continue
+        n = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("voluntary_ctxt_switches"))
+        out[t.name] = out.get(t.name, 0) + n
+    return out
+
+
+def worker_seconds() -> dict[str, float]:
+    """Time the sampling thread spent in each worker's calls, by worker name (one sampling thread
+    for all); empty for older trees (a thread per collector, counted by thread)."""
+    import gc
+
+    from stoker.agent import worker as w
+    return {o.name: o.seconds for o in gc.get_objects() if isinstance(o, w.Worker) and hasattr(o, "seconds")}
+
+
 def children_cpu() -> float:
     """CPU of this process's children, live (from /proc) and reaped."""
     me, total = os.getpid(), 0.0
@@ -91,8 +120,9 @@ def children_cpu() -> float:
 
 
 class LoopAccount:
-    """CPU spent on the event loop per collector: its families and rendering, and the verdicts'
-    update; installed over the supervisor's names so the same harness measures older trees."""
+    """CPU spent on the event loop per collector: its families and their rendering, and the
+    verdicts' update. Installed over what the agent calls, so the same harness measures older trees
+    (which render after each cycle through `supervisor.render`)."""
 
     def __init__(self) -> None:
         self.cpu: dict[str, float] = {}
@@ -101,51 +131,59 @@ class LoopAccount:
     def add(self, name: str, seconds: float) -> None:
         self.cpu[name] = self.cpu.get(name, 0.0) + seconds
 
+    def timed(self, name: str, fn):
+        def call(*args, **kwargs):
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(name, time.thread_time() - t0)
+        return call
+
     def install(self, agent) -> None:
         from stoker.agent import supervisor as sup
 
-        for c in agent.collectors:
-            self._wrap_families(c)
         if agent.verdicts is not None:
-            update = agent.verdicts.update
+            agent.verdicts.update = self.timed("verdicts", agent.verdicts.update)
+        set_source = getattr(agent.exposition, "set_source", None)
+        if set_source is not None:  # chunks rendered when asked: time each source's render
+            agent.exposition.set_source = lambda source, render: set_source(source, self.timed(source, render))
+            return
+        for c in agent.collectors:  # rendered after each cycle: families, then render, then the agent's own
+            c.families = self._marking(c.name, self.timed(c.name, c.families))
+        sup.render = self._marking(None, sup.render, add=True)
+        agent.supervisor._render_self = self.timed("_agent", agent.supervisor._render_self)
 
-            def timed_update(view, _update=update):
-                t0 = time.thread_time()
-                try:
-                    return _update(view)
-                finally:
-                    self.add("verdicts", time.thread_time() - t0)
-            agent.verdicts.update = timed_update
-        render = sup.render
-
-        def timed_render(families, _render=render):
+    def _marking(self, name, fn, add: bool = False):
+        def call(*args):
+            if name is not None:
+                self.current = name
+            if not add:
+                return fn(*args)
             t0 = time.thread_time()
             try:
-                return _render(families)
+                return fn(*args)
             finally:
                 self.add(self.current, time.thread_time() - t0)
-        sup.render = timed_render
-        render_self = agent.supervisor._render_self
+        return call
 
-        def timed_render_self(_render_self=render_self):
-            t0 = time.thread_time()
-            try:
-                return _render_self()
-            finally:
-                self.add("_agent", time.thread_time() - t0)
-        agent.supervisor._render_self = timed_render_self
 
-    def _wrap_families(self, c) -> None:
-        families = c.families
+def _gc_clock() -> dict:
+    """Seconds spent in each generation's garbage collections (all threads), and their count."""
+    import gc
+    spent: dict = {0: 0.0, 1: 0.0, 2: 0.0, "n0": 0, "n1": 0, "n2": 0}
+    started: dict = {}
 
-        def timed_families(_families=families, _name=c.name):
-            self.current = _name
-            t0 = time.thread_time()
-            try:
-                return _families()
-            finally:
-                self.add(_name, time.thread_time() - t0)
-        c.families = timed_families
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[threading.get_ident()] = time.perf_counter()
+        else:
+            t0 = started.pop(threading.get_ident(), None)
+            if t0 is not None:
+                spent[info["generation"]] += time.perf_counter() - t0
+                spent[f"n{info['generation']}"] += 1
+    gc.callbacks.append(callback)
+    return spent
 
 
 def agent_platform(root: str, scenario: str, ports: int):
@@ -192,26 +230,38 @@ async def agent_run(args) -> dict:
     account = LoopAccount()
     account.install(agent)
     await agent.start()
+    gc_time = _gc_clock()
     Path(args.root, "agent-ready").write_text(str(os.getpid()))
     await asyncio.sleep(args.warmup)
     cpu0, threads0, children0, loop0 = process_cpu(), thread_cpu(), children_cpu(), dict(account.cpu)
+    workers0 = worker_seconds()
+    gc0 = dict(gc_time)
+    wakeups0 = thread_wakeups()
     t0 = time.monotonic()
     await asyncio.sleep(args.seconds)
     wall = time.monotonic() - t0
     cpu, threads, children, loop = process_cpu() - cpu0, thread_cpu(), children_cpu() - children0, account.cpu
+    sampled = {k: v - workers0.get(k, 0.0) for k, v in worker_seconds().items()}
+    wakeups = {k: round((v - wakeups0.get(k, 0)) / wall, 1) for k, v in thread_wakeups().items()}
     stop.set()
     threads = {k: v - threads0.get(k, 0.0) for k, v in threads.items()}
     loop = {k: v - loop0.get(k, 0.0) for k, v in loop.items()}
     model = threads.pop(mover.name, 0.0)
     agent_cpu = cpu - model
     body = agent.exposition.body()
+    # the sampling thread's CPU (wake-ups included), shared among the workers by the time their calls took
+    lane_threads = sum(v for k, v in threads.items() if k.startswith("stoker-sampling"))
+    busy = sum(sampled.values())
+    sampled = {k: lane_threads * v / busy for k, v in sampled.items()} if busy > 0 else sampled
     collectors = {}
+    workers = {f"stoker-{c.name}" for c in agent.collectors}  # older trees: a thread per collector
     for c in agent.collectors:
-        worker = threads.get(f"stoker-{c.name}", 0.0)
+        worker = sampled[c.name] if c.name in sampled else threads.get(f"stoker-{c.name}", 0.0)
         collectors[c.name] = {"sampling_cpu_s": round(worker, 4), "loop_cpu_s": round(loop.get(c.name, 0.0), 4),
                               "share_of_one_core": round((worker + loop.get(c.name, 0.0)) / wall, 5)}
     counted = sum(v["sampling_cpu_s"] + v["loop_cpu_s"] for v in collectors.values())
     rest = agent_cpu - counted
+    other_workers = {k: round(v, 4) for k, v in sampled.items() if k not in collectors and v > 0}
     result = {
         "interval_s": args.interval, "seconds": round(wall, 2), "scenario": args.scenario,
         "agent_share_of_one_core": round((agent_cpu + children) / wall, 5),
@@ -220,8 +270,14 @@ async def agent_run(args) -> dict:
         "rest_share_of_one_core": round(rest / wall, 5),
         "rest": {"agent_self_metrics_s": round(loop.get("_agent", 0.0), 4),
                  "main_thread_other_s": round(threads.get("MainThread", 0.0) - sum(loop.values()), 4),
+                 "other_workers_s": other_workers,
                  "other_threads_s": {k: round(v, 4) for k, v in threads.items()
-                                     if k != "MainThread" and not k.startswith("stoker-") and v > 0}},
+                                     if k != "MainThread" and k not in workers and not k.startswith("stoker-sampling")
+                                     and v > 0}},
+        "threads_share_of_one_core": {k: round(v / wall, 5) for k, v in threads.items() if v > 0},
+        "wakeups_per_second": {k: v for k, v in wakeups.items() if v and k != mover.name},
+        "gc_share_of_one_core": {f"gen{g}": round((gc_time[g] - gc0[g]) / wall, 5) for g in (0, 1, 2)},
+        "gc_collections": {f"gen{g}": gc_time[f"n{g}"] - gc0[f"n{g}"] for g in (0, 1, 2)},
         "probe_children_share_of_one_core": round(children / wall, 5),
         "network_model_thread_share_not_counted": round(model / wall, 5),
         "rss_bytes": rss_bytes(os.getpid()),
@@ -291,7 +347,8 @@ def measure(interval: float, seconds: float, warmup: float = 5.0, scenario: str 
         cmd, env, cwd = _python(tree, root)
         root = os.path.join(root, "node")
         os.mkdir(root)
-        sim = subprocess.Popen([*cmd, "--role", "simulator", "--root", root, "--scenario", scenario],
+        sim = subprocess.Popen([*cmd, "--role", "simulator", "--root", root, "--scenario", scenario,
+                                "--interval", str(interval)],
                                env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         agent = None
         try:
@@ -309,7 +366,7 @@ def measure(interval: float, seconds: float, warmup: float = 5.0, scenario: str 
             sim_cpu0, t0 = process_cpu(sim.pid), time.monotonic()
             spy = None
             if py_spy:
-                spy = subprocess.Popen([py_spy_binary(), "record", "-p", str(agent.pid), "-r", "200", "-d",
+                spy = subprocess.Popen([py_spy_binary(), "record", "-p", str(agent.pid), "-r", "1000", "-d",
                                         str(int(seconds) - 1), "-f", "raw", "-o", py_spy, "--nonblocking",
                                         "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             next_scrape = t0
@@ -352,10 +409,23 @@ def reference(interval: float, seconds: float) -> float:
 
 
 def run(intervals: list[float], seconds: float, warmup: float = 5.0, tree: str | None = None,
-        py_spy: str | None = None) -> dict:
+        py_spy: str | None = None, against: str | None = None) -> dict:
+    """With `against` (another source tree, e.g. the last release unpacked with `git archive`), that
+    tree is measured at the same time, side by side on the same machine, and the ratios reported."""
     runs = []
     for interval in intervals:
-        r = measure(interval, seconds, warmup, tree=tree, py_spy=py_spy if interval == intervals[0] else None)
+        spy = py_spy if interval == intervals[0] else None
+        if against:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                mine = pool.submit(measure, interval, seconds, warmup, tree=tree, py_spy=spy)
+                theirs = pool.submit(measure, interval, seconds, warmup, tree=against)
+                r, other = mine.result(), theirs.result()
+            r["against"] = {"tree": against, **other}
+            r["agent_share_over_against"] = round(r["agent_share_of_one_core"] / other["agent_share_of_one_core"], 3)
+            r["simulator_share_over_against"] = round(
+                r["simulator_share_of_one_core"] / other["simulator_share_of_one_core"], 3)
+        else:
+            r = measure(interval, seconds, warmup, tree=tree, py_spy=spy)
         r["reference_bare_loop_share"] = reference(interval, min(seconds, 10.0))
         runs.append(r)
     sim = runs[0]["simulator_share_of_one_core"]
@@ -371,6 +441,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--tree", help="measure the package in this directory instead (a baseline's source tree)")
     parser.add_argument("--py-spy", metavar="FILE", help="also record the agent with py-spy (first interval)")
+    parser.add_argument("--against", metavar="TREE", help="measure this source tree too, at the same time, and "
+                        "report the ratios (e.g. the last commit: git archive HEAD stoker | tar -x -C DIR)")
     parser.add_argument("--out")
     parser.add_argument("--role", choices=["harness", "simulator", "agent", "reference"], default="harness",
                         help=argparse.SUPPRESS)
@@ -380,10 +452,9 @@ def main() -> None:
     parser.add_argument("--ports", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
-    parser.add_argument("--every", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "simulator":
-        simulator_main(args.root, args.scenario, args.every)
+        simulator_main(args.root, args.scenario, args.interval)
     elif args.role == "agent":
         agent_main(args)
     elif args.role == "reference":
@@ -391,7 +462,7 @@ def main() -> None:
     else:
         if args.py_spy and not os.path.exists(py_spy_binary()):
             parser.error("py-spy is not installed (.venv/bin/pip install py-spy)")
-        emit("agent", run(args.intervals, args.seconds, args.warmup, args.tree, args.py_spy), args.out)
+        emit("agent", run(args.intervals, args.seconds, args.warmup, args.tree, args.py_spy, args.against), args.out)
 
 
 if __name__ == "__main__":

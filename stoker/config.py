@@ -83,9 +83,21 @@ class RdmaConfig:
     enabled: bool = True
     call_timeout: float = 2.0
     """Deadline for one pass over class/infiniband; a hung firmware query fails the cycle, not the agent."""
+    hw_counters: str | tuple[str, ...] = "default"
+    """Which `hw_counters/` files become `stoker_rdma_hw_counter_total` series: "default" (those the verdicts,
+    alerts and dashboards read, and the error counters checked first: stoker/exporters/rdma.py), "all", or a
+    list of kernel file names. Only the export: the verdicts read every counter whatever this says."""
 
     def validate(self) -> None:
         _seconds(self.call_timeout, "rdma.call_timeout", *CALL_TIMEOUT)
+        if isinstance(self.hw_counters, str):
+            if self.hw_counters not in ("default", "all"):
+                raise ConfigError(f"rdma.hw_counters: must be \"default\", \"all\" or a list of counter names, "
+                                  f"got {self.hw_counters!r}")
+        else:
+            for name in self.hw_counters:
+                if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c == "_") for c in name):
+                    raise ConfigError(f"rdma.hw_counters: {name!r} is not an hw_counters file name")
 
 
 @dataclass(frozen=True)

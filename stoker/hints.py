@@ -1,13 +1,26 @@
-"""Checkpoint hints from a training job to the Stoker agent on its node.
+"""Checkpoint and step hints from a training job to the Stoker agent on its node.
 
 Standard library only, so a training environment can import it without the
 agent's dependencies. A hint that cannot be delivered is logged and dropped:
 telemetry must never break a training run.
 
-    from stoker.hints import checkpoint
+    from stoker.hints import checkpoint, step
+
+    for n, batch in enumerate(loader, start=1):
+        ...
+        optimizer.step()
+        step(n, tokens=4 << 20)          # under a microsecond; never blocks, never raises
 
     with checkpoint(path="/mnt/checkpoints/run7/step1200", expected_bytes=16 << 30):
         torch.save(state, "/mnt/checkpoints/run7/step1200/rank0.pt")
+
+`step()` only appends to a bounded queue; a background thread (started at the
+first step) sends the steps in batches every second. When the agent is away
+or refuses them they are dropped, with one warning, and tried again later;
+when the queue is full (the agent away for long) the newest are dropped. Only
+the node's local rank 0 reports by default (`LOCAL_RANK`, `SLURM_LOCALID`,
+...): every rank of a synchronous job takes the same steps. Framework
+callbacks: `stoker.hints_adapters` (docs/JOBS.md).
 
 The token comes from `token=`, else $STOKER_HINT_TOKEN, else the file named by
 `token_file=` or $STOKER_HINT_TOKEN_FILE (default /etc/stoker/hint-token); the
@@ -16,11 +29,16 @@ agent from `url=`, else $STOKER_HINT_URL (default http://127.0.0.1:9478).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
+import weakref
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -52,9 +70,14 @@ def _token(token: str | None, token_file: str | None) -> str:
 def send(action: str, body: dict, url: str | None = None, token: str | None = None,
          token_file: str | None = None, timeout: float = 2.0) -> dict:
     """POST one hint; raises `HintFailed` with the agent's message when it is refused."""
+    return _post(f"/api/v1/checkpoints/{action}", body, url, token, token_file, timeout)
+
+
+def _post(path: str, body: dict, url: str | None = None, token: str | None = None,
+          token_file: str | None = None, timeout: float = 2.0) -> dict:
     base = (url or os.environ.get("STOKER_HINT_URL") or DEFAULT_URL).rstrip("/")
     request = urllib.request.Request(
-        f"{base}/api/v1/checkpoints/{action}", data=json.dumps(body).encode(), method="POST",
+        f"{base}{path}", data=json.dumps(body).encode(), method="POST",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {_token(token, token_file)}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
@@ -102,3 +125,235 @@ def checkpoint(path: str | None = None, mountpoint: str | None = None, expected_
             end(path, mountpoint, outcome, **kwargs)
         except HintFailed as exc:
             log.warning("stoker: checkpoint end hint not delivered: %s", exc)
+
+
+# -- training steps ------------------------------------------------------------------------------
+
+FLUSH_EVERY = 1.0  # seconds between batches
+MAX_PENDING = 10_000  # steps kept while the agent does not answer: 10 minutes at 16 steps a second
+BATCH = 128  # steps per request (the agent takes at most 16 KiB of body)
+RETRY_FIRST, RETRY_CAP = 5.0, 300.0
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def _job_from_environment() -> tuple[str | None, str | None]:
+    """(job id, scheduler): $STOKER_JOB_ID, else Slurm's job id; else the agent works it out."""
+    if os.environ.get("STOKER_JOB_ID"):
+        return os.environ["STOKER_JOB_ID"], None
+    if os.environ.get("SLURM_JOB_ID", "").isdigit():
+        return os.environ["SLURM_JOB_ID"], "slurm"
+    return None, None
+
+
+def _run_from_environment() -> str:
+    """What identifies this launch of the job, the same for all its ranks where the launcher says so."""
+    env = os.environ
+    if env.get("STOKER_RUN_ID"):
+        return env["STOKER_RUN_ID"]
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return f"torchelastic:{env['TORCHELASTIC_RUN_ID']}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}.{env.get('SLURM_RESTART_COUNT', '0')}"
+    return f"pid:{os.getpid()}.{time.time_ns()}"
+
+
+def _gpus_from_environment() -> list[str]:
+    """GPU UUIDs the launcher gave this process (Kubernetes' device plugin sets NVIDIA_VISIBLE_DEVICES
+    to UUIDs); indexes are left out: CUDA's order need not be NVML's."""
+    for key in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        uuids = [d.strip() for d in os.environ.get(key, "").split(",") if d.strip().startswith(("GPU-", "MIG-"))]
+        if uuids:
+            return uuids[:64]
+    return []
+
+
+def _local_rank() -> int:
+    for key in LOCAL_RANK_VARIABLES:
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+_reporters: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """A forked child (a data loader worker) has the parent's reporters but not their threads."""
+    for reporter in list(_reporters):
+        reporter._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+class Steps:
+    """Reports a job's training steps to the agent. `step()` costs under a microsecond and never
+    blocks or raises: it appends to a bounded queue that a background thread sends every second.
+
+    `job`: the job's id as the agent should know it (default $STOKER_JOB_ID, else $SLURM_JOB_ID,
+    else the agent finds the job from this process or the node's only job); `run`: this launch of
+    it (default from torchrun or Slurm, else this process); `gpus`: the GPU UUIDs it uses (default
+    from NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES when they are UUIDs); `all_ranks`: report
+    from every local rank (only with a `run` the ranks share), not only local rank 0.
+    """
+
+    def __init__(self, job: str | None = None, run: str | None = None, gpus: list[str] | None = None,
+                 url: str | None = None, token: str | None = None, token_file: str | None = None,
+                 flush_every: float = FLUSH_EVERY, max_pending: int = MAX_PENDING, all_ranks: bool = False,
+                 timeout: float = 2.0):
+        env_job, scheduler = _job_from_environment()
+        self.job = job if job is not None else env_job
+        self.scheduler = scheduler if job is None else None
+        self.run = run or _run_from_environment()
+        self.gpus = list(gpus) if gpus is not None else _gpus_from_environment()
+        self.enabled = all_ranks or _local_rank() == 0
+        self.sent = self.dropped = 0
+        self._url, self._token, self._token_file, self._timeout = url, token, token_file, timeout
+        self._flush_every = flush_every
+        self._max = max_pending
+        self._pending: deque = deque()
+        self._last: float | None = None
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._retry_at = 0.0
+        self._delay = RETRY_FIRST
+        self._warned: set[str] = set()
+        _reporters.add(self)
+
+    def step(self, step: int, tokens: int | None = None, samples: int | None = None,
+             seconds: float | None = None) -> None:
+        """Step `step` is done. `tokens`, `samples`: of the whole step (the global batch); `seconds`: its
+        duration, by default the time since the previous call (the first call has none)."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        last, self._last = self._last, now
+        if seconds is None and last is not None:
+            seconds = now - last
+        if len(self._pending) >= self._max:
+            self.dropped += 1
+            self._warn_once("full", "stoker: the step queue is full (the agent does not answer); "
+                                    "dropping steps until it does")
+            return
+        self._pending.append((step, seconds, tokens, samples))
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._serve, name="stoker-steps", daemon=True)
+                self._thread.start()
+                atexit.register(self.close)
+
+    def _forked(self) -> None:
+        self._thread, self._start_lock, self._wake = None, threading.Lock(), threading.Event()
+        self._pending.clear()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._flush_every)
+            self._flush()
+
+    def flush(self) -> None:
+        """Send what is pending now, in the background thread (it does not wait)."""
+        self._wake.set()
+
+    def _disable(self, why: str) -> None:
+        """Nothing will ever be accepted (no token, the wrong one): stop collecting."""
+        self.enabled = False
+        self.dropped += len(self._pending)
+        self._pending.clear()
+        self._warn_once("disabled", f"stoker: step hints disabled: {why}")
+
+    def _flush(self, final: bool = False) -> None:
+        self._wake.clear()
+        if not self._pending or (not final and time.monotonic() < self._retry_at):
+            return
+        try:
+            token = _token(self._token, self._token_file)
+        except HintFailed as exc:
+            self._disable(str(exc))
+            return
+        while self._pending and (final or not self._closed):
+            batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+            body = {"steps": [s for s in map(_step_body, batch) if s is not None], "run": self.run,
+                    "pid": os.getpid()}
+            for key, value in (("job", self.job), ("scheduler", self.scheduler), ("gpus", self.gpus)):
+                if value:
+                    body[key] = value
+            try:
+                if body["steps"]:
+                    _post("/api/v1/steps", body, self._url, token, None, self._timeout)
+            except HintFailed as exc:
+                self.dropped += len(batch)
+                if exc.status == 401:
+                    self._disable(str(exc))
+                    return
+                self._warn_once("send", f"stoker: step hints not delivered, dropped until the agent takes them: {exc}")
+                self._retry_at = time.monotonic() + self._delay
+                self._delay = min(2 * self._delay, RETRY_CAP)
+                return
+            except Exception as exc:  # never let the thread die on something unexpected
+                self.dropped += len(batch)
+                self._warn_once("bug", f"stoker: step hints not delivered: {type(exc).__name__}: {exc}")
+                return
+            self.sent += len(body["steps"])
+            self.dropped += len(batch) - len(body["steps"])
+            self._delay = RETRY_FIRST
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Send what is pending, waiting at most `timeout` seconds in all, and stop the thread."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + timeout
+        thread, self._closed, self.enabled = self._thread, True, False
+        self._wake.set()
+        if thread is not None and thread.is_alive():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            flusher = threading.Thread(target=self._flush, args=(True,), name="stoker-steps-final", daemon=True)
+            flusher.start()
+            flusher.join(max(0.0, deadline - time.monotonic()))
+
+
+def _step_body(item: tuple) -> dict | None:
+    """One queued step as JSON; numbers that are not (a tensor, a NaN) drop the step, not the batch."""
+    n, seconds, tokens, samples = item
+    try:
+        out = {"step": int(n)}
+        if seconds is not None and 0 <= float(seconds) < float("inf"):
+            out["seconds"] = round(float(seconds), 6)
+        for key, value in (("tokens", tokens), ("samples", samples)):
+            if value is not None and int(value) >= 0:
+                out[key] = int(value)
+        return out if out["step"] >= 0 else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+_default: Steps | None = None
+_default_lock = threading.Lock()
+
+
+def default_steps() -> Steps:
+    """The process's `Steps`, made at the first call from the environment."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Steps()
+    return _default
+
+
+def step(step: int, tokens: int | None = None, samples: int | None = None, seconds: float | None = None) -> None:
+    """Report a training step through the process's default `Steps`."""
+    (_default or default_steps()).step(step, tokens, samples, seconds)

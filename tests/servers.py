@@ -125,3 +125,145 @@ def alertmanager(webhook_url: str):
             yield f"127.0.0.1:{port}"
         finally:
             stop(proc)
+
+
+# -- VictoriaMetrics (Debian's victoria-metrics package: victoria-metrics, vmagent, vmalert) ------------
+
+VICTORIAMETRICS = Path(__file__).resolve().parent.parent / "packaging" / "victoriametrics"
+
+
+def shipped_args(name: str) -> list[str]:
+    """The flags of a shipped /etc/default file (packaging/victoriametrics/NAME), split on spaces as
+    systemd splits `$ARGS`."""
+    import shlex
+    env = {}
+    for line in (VICTORIAMETRICS / name).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = " ".join(shlex.split(value))
+    return env["ARGS"].split()
+
+
+def flag_name(arg: str) -> str:
+    return arg.lstrip("-").partition("=")[0]
+
+
+def with_flags(args: list[str], **flags: str | list[str] | None) -> list[str]:
+    """`args` with each named flag (dots as `__`: remoteWrite__url) replaced by the value(s) given, or
+    dropped for None; flags not in `args` are appended."""
+    names = {k.replace("__", "."): v for k, v in flags.items()}
+    out = [a for a in args if flag_name(a) not in names]
+    for name, value in names.items():
+        for v in ([] if value is None else [value] if isinstance(value, str) else value):
+            out.append(f"-{name}={v}" if v != "" else f"-{name}")
+    return out
+
+
+def own_metrics(url: str) -> dict[str, float]:
+    """A VictoriaMetrics component's own /metrics, label sets kept in the key: {'name{labels}': value}."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        body = resp.read().decode()
+    out = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+class VictoriaMetrics(Prometheus):
+    """VictoriaMetrics single-node: the Prometheus query API (MetricsQL) at `url`, plus its own paths."""
+
+    def __init__(self, url: str, data: Path, proc: subprocess.Popen):
+        super().__init__(url)
+        self.data = data
+        self.proc = proc
+        self.write_url = f"{url}/api/v1/write"
+
+    def flush(self) -> None:
+        """Make everything received searchable and on disk now (/internal/force_flush)."""
+        urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=30).read()
+
+    def metrics(self) -> dict[str, float]:
+        return own_metrics(self.url)
+
+
+def _start(binary: str, args: list[str], ready: str, tmp: str, name: str) -> subprocess.Popen:
+    log = open(Path(tmp) / f"{name}.log", "wb")
+    proc = subprocess.Popen([binary, *args], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        wait_http(ready, timeout=30)
+    except TimeoutError:
+        stop(proc)
+        raise AssertionError(f"{name} did not start: {(Path(tmp) / f'{name}.log').read_text()[-2000:]}") from None
+    return proc
+
+
+@contextmanager
+def victoria_metrics(args: list[str] | None = None, data: str | None = None):
+    """victoria-metrics on loopback with `args` (e.g. shipped_args("victoria-metrics.default")), its data in a
+    temporary directory (or `data`)."""
+    binary = need_binary("victoria-metrics")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(data or f"{tmp}/data")
+        flags = with_flags(args or [], storageDataPath=str(path), httpListenAddr=f"127.0.0.1:{port}",
+                           loggerLevel="WARN")
+        proc = _start(binary, flags, f"http://127.0.0.1:{port}/health", tmp, "victoria-metrics")
+        try:
+            yield VictoriaMetrics(f"http://127.0.0.1:{port}", path, proc)
+        finally:
+            stop(proc)
+
+
+@contextmanager
+def vmagent(scrape_config: str, remote_write_url: str, args: list[str] | None = None):
+    """vmagent on loopback scraping with the YAML `scrape_config`, writing to `remote_write_url`; yields its URL."""
+    binary = need_binary("vmagent")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "vmagent.yml"
+        cfg.write_text(scrape_config)
+        flags = with_flags(args or [], promscrape__config=str(cfg), httpListenAddr=f"127.0.0.1:{port}",
+                           remoteWrite__url=remote_write_url, remoteWrite__tmpDataPath=f"{tmp}/buffer",
+                           loggerLevel="WARN")
+        proc = _start(binary, flags, f"http://127.0.0.1:{port}/health", tmp, "vmagent")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(proc)
+
+
+def vm_url(base: str, shipped: str) -> str:
+    """`shipped` (a URL of a shipped flag) on `base`'s scheme and address, its path and query kept."""
+    parts = urllib.parse.urlsplit(shipped)
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(base)[:2] + parts[2:])
+
+
+@contextmanager
+def vmalert(rule_files: list[str], datasource_url: str, notifier_url: str | None = None,
+            args: list[str] | None = None):
+    """vmalert on loopback evaluating `rule_files` against the VictoriaMetrics at `datasource_url`, writing
+    recording rules and ALERTS back to it, notifying the Alertmanager at `notifier_url` (host:port). With the
+    shipped flags, their URLs keep their paths and queries (extra_label) on these addresses. Yields a
+    Prometheus-like handle on vmalert's own API (`rules()`)."""
+    binary = need_binary("vmalert")
+    port = free_port()
+    args = args or []
+    shipped = {flag_name(a): a.partition("=")[2] for a in args}
+    ds = vm_url(datasource_url, shipped.get("datasource.url", datasource_url))
+    flags = {"rule": rule_files, "httpListenAddr": f"127.0.0.1:{port}", "datasource.url": ds,
+             "remoteWrite.url": vm_url(datasource_url, shipped.get("remoteWrite.url", datasource_url)),
+             "remoteRead.url": vm_url(datasource_url, shipped.get("remoteRead.url", datasource_url)),
+             "notifier.url": f"http://{notifier_url}" if notifier_url else None, "loggerLevel": "WARN"}
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = _start(binary, with_flags(args, **{k.replace(".", "__"): v for k, v in flags.items()}),
+                      f"http://127.0.0.1:{port}/health", tmp, "vmalert")
+        try:
+            yield Prometheus(f"http://127.0.0.1:{port}")
+        finally:
+            stop(proc)

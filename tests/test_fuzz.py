@@ -345,21 +345,26 @@ TOML_TOKENS = [
 @budget(300)
 @given(mutated(TOML_SEEDS, TOML_TOKENS, max_steps=6))
 def test_config_load_gives_a_config_or_a_config_error(text):
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+    loaded_or_refused("config.load", text, ".toml", stoker_config.load, stoker_config.Config)
+
+
+def loaded_or_refused(name: str, text: str, suffix: str, load, kind) -> None:
+    """`load` on a file holding `text` gives a `kind`, or a ConfigError with a message (one line
+    naming the key is what the operator sees); anything else escaping is a defect."""
+    with tempfile.NamedTemporaryFile("w", suffix=suffix, delete=False) as fh:
         fh.write(text)
+
+    def attempt() -> None:
+        try:
+            loaded = load(fh.name)
+        except ConfigError as exc:
+            assert str(exc)
+            return
+        assert isinstance(loaded, kind)
     try:
-        timed("config.load", f"{len(text)} bytes", lambda: _config_or_error(fh.name))
+        timed(name, f"{len(text)} bytes", attempt)
     finally:
         os.unlink(fh.name)
-
-
-def _config_or_error(path: str) -> None:
-    try:
-        loaded = stoker_config.load(path)
-    except ConfigError as exc:
-        assert str(exc)  # one line naming the key is what the operator sees
-        return
-    assert isinstance(loaded, stoker_config.Config)
 
 
 YAML_VALUES = st.recursive(
@@ -398,18 +403,4 @@ def web_documents(draw) -> str:
 @budget(300)
 @given(web_documents())
 def test_web_config_load_gives_a_web_config_or_a_config_error(text):
-    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as fh:
-        fh.write(text)
-    try:
-        timed("webconfig.load", f"{len(text)} bytes", lambda: _web_config_or_error(fh.name))
-    finally:
-        os.unlink(fh.name)
-
-
-def _web_config_or_error(path: str) -> None:
-    try:
-        loaded = webconfig.load(path)
-    except ConfigError as exc:
-        assert str(exc)
-        return
-    assert isinstance(loaded, webconfig.WebConfig)
+    loaded_or_refused("webconfig.load", text, ".yml", webconfig.load, webconfig.WebConfig)

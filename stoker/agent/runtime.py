@@ -15,6 +15,7 @@ from stoker import __version__, logs
 from stoker.agent import systemd
 from stoker.agent.collector import Collector
 from stoker.agent.gpu import gpu_collector
+from stoker.agent.jobs import JobAttributor
 from stoker.agent.netdev import NetdevCollector, watched_interfaces
 from stoker.agent.platform import Platform
 from stoker.agent.probes import ProbeCollector
@@ -31,6 +32,7 @@ from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
 from stoker.exporters.hints import make_hint_app
 from stoker.exporters.http import log_loop_errors, make_app, raise_fd_limit, serve
+from stoker.sources.jobs import JobSource
 from stoker.sources.netdev import EthtoolReader
 from stoker.sources.nfs import NfsSource
 from stoker.sources.pressure import PressureSource
@@ -57,7 +59,8 @@ class Agent:
             self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout)
         if config.rdma.enabled:
             rdma = RdmaSource(config.agent.sysfs_root)
-            self.rdma = SourceCollector("rdma", interval, rdma, rdma_families.families, config.rdma.call_timeout)
+            self.rdma_export = rdma_families.RdmaFamilies(config.rdma.hw_counters)
+            self.rdma = SourceCollector("rdma", interval, rdma, self.rdma_export, config.rdma.call_timeout)
         if config.netdev.enabled:
             wanted = watched_interfaces(self._rdma_interfaces, config.netdev.include, config.netdev.exclude)
             self.netdev = NetdevCollector(interval, wanted, platform.links, EthtoolReader(platform.open_ethtool),
@@ -71,8 +74,12 @@ class Agent:
         if config.probes.targets:
             self.probes = ProbeCollector(interval, config.probes)
         if config.detect.enabled:
+            # which job holds each GPU: the GPU processes' cgroups (procfs, else cgroupfs), read in a
+            # worker thread before each tick's accounting (docs/JOBS.md)
+            jobs = JobAttributor(JobSource(config.agent.procfs_root, config.agent.sysfs_root),
+                                 config.gpu.call_timeout) if config.gpu.enabled else None
             self.verdicts = VerdictCollector(interval, config.detect, config.checkpoint, self.view,
-                                             state_file=config.agent.state_file)
+                                             state_file=config.agent.state_file, jobs=jobs)
         self.collectors: list[Collector] = [c for c in (self.gpu, self.rdma, self.netdev, self.nfs, self.host,
                                                         self.probes, self.verdicts) if c is not None]
         chained = {"gpu": self.verdicts} if self.gpu and self.verdicts else {}
@@ -139,8 +146,8 @@ class Agent:
             raise ConfigError(f"checkpoint.token_file: {cfg.token_file}: the token must be printable ASCII "
                               "without spaces (it is sent in an HTTP header)")
         host, port = parse_listen(cfg.listen, "checkpoint.listen")
-        self._hint_listener = await serve(make_hint_app(self.verdicts.checkpoints, token), host, port,
-                                          max_connections=HINT_CONNECTIONS)
+        app = make_hint_app(self.verdicts.checkpoints, token, self.verdicts.goodput)
+        self._hint_listener = await serve(app, host, port, max_connections=HINT_CONNECTIONS)
         self.hint_url = f"http://{host}:{self._hint_listener.port}"
         log.info("hint API listening", url=self.hint_url)
 
@@ -212,6 +219,7 @@ class Agent:
             self.gpu.source.slow_interval = new.gpu.slow_interval
         if self.rdma:
             self.rdma.timeout = new.rdma.call_timeout
+            self.rdma_export.select(new.rdma.hw_counters)
         if self.netdev:
             self.netdev.timeout = new.netdev.call_timeout
             self.netdev.wanted = watched_interfaces(self._rdma_interfaces, new.netdev.include, new.netdev.exclude)

@@ -14,15 +14,19 @@ from typing import Callable
 
 from stoker import logs
 from stoker.agent.collector import Collector
+from stoker.agent.jobs import JobAttributor
 from stoker.config import CheckpointConfig, DetectConfig
 from stoker.detect.attribution import Attribution
 from stoker.detect.checkpoint import CheckpointTracker
 from stoker.detect.evidence import EvidenceTracker
+from stoker.detect.goodput import GoodputLedger
 from stoker.detect.job import JobTracker
 from stoker.detect.starvation import StarvationDetector, Verdict
 from stoker.detect.state import LevelStore
 from stoker.detect.view import NodeView, gpu_busy
+from stoker.exporters import jobs as job_families
 from stoker.exporters import verdicts as verdict_families
+from stoker.sources.jobs import JobSnapshot
 
 log = logs.get("verdicts")
 
@@ -35,7 +39,8 @@ class VerdictCollector(Collector):
 
     def __init__(self, interval: float, detect: DetectConfig, checkpoint: CheckpointConfig,
                  view: Callable[[float], NodeView], clock: Callable[[], float] = time.monotonic,
-                 state_file: str = ""):
+                 state_file: str = "", jobs: JobAttributor | None = None):
+        """`jobs`: who owns the GPU processes (agent/jobs.py), looked up before each tick's accounting."""
         self.interval = interval
         self.config = detect
         self._view = view
@@ -45,6 +50,8 @@ class VerdictCollector(Collector):
         self.attribution = Attribution(detect)
         self.starvation = StarvationDetector(detect)
         self.checkpoints = CheckpointTracker(checkpoint)
+        self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
+        self.jobs = jobs
         self.store = LevelStore(state_file, detect.baseline_window) if state_file else None
         self.busy: dict[tuple[str, str], float] = {}
         self.scores: dict[str, float] = {}
@@ -53,7 +60,7 @@ class VerdictCollector(Collector):
         self._restore = False  # a new job: look up the level a previous run saved for it
         # Counters for the dashboards: what a 15 s scrape of 1 s gauges would miss.
         self.busy_seconds: dict[tuple[str, str], float] = {}  # integral of the busy ratio, per GPU
-        self.job_seconds = 0.0  # time a job held the GPUs: the denominator of the starved time
+        self.job_present_seconds = 0.0  # time a job held the GPUs: the denominator of the starved time
         self.recent: dict[str, deque] = {}  # mountpoint -> (started, duration, bytes, outcome), newest last
         self._ended: dict[str, tuple[dict[str, int], tuple | None]] = {}  # outcomes, open checkpoint last tick
         self._last_t: float | None = None
@@ -61,12 +68,13 @@ class VerdictCollector(Collector):
     def configure(self, detect: DetectConfig, checkpoint: CheckpointConfig) -> None:
         """New thresholds; the job's level, the verdict and the checkpoints in progress carry on."""
         self.config = detect
-        for part in (self.job, self.evidence, self.attribution, self.starvation):
+        for part in (self.job, self.evidence, self.attribution, self.starvation, self.goodput):
             part.config = detect
         self.checkpoints.config = checkpoint
 
     async def cycle(self) -> list[str]:
-        self.update(self._view(self._clock()))
+        view = self._view(self._clock())
+        self.update(view, await self.jobs.refresh(view.gpu) if self.jobs is not None else None)
         if self.store is not None and (self._restore or (self.verdict.baseline is not None and self.store.due())):
             await asyncio.to_thread(self.persist)
         return []
@@ -83,10 +91,12 @@ class VerdictCollector(Collector):
         elif self.verdict.baseline is not None and self.store.due():
             self.store.save(self.job.pids, self.verdict.baseline)
 
-    def update(self, view: NodeView) -> Verdict:
+    def update(self, view: NodeView, jobs: JobSnapshot | None = None) -> Verdict:
+        """One tick; `jobs`: the owners of the GPU processes, for the goodput accounting."""
         t = view.t
         dt = 0.0 if self._last_t is None else max(0.0, t - self._last_t)
-        self._last_t, self.job_seconds = t, self.job_seconds + (dt if self.job.present else 0.0)
+        self._last_t = t
+        self.job_present_seconds += dt if self.job.present else 0.0
         if self.job.update(t, view.gpu):
             self._new_job(t)
         self.busy = gpu_busy(view)
@@ -112,6 +122,7 @@ class VerdictCollector(Collector):
                         evidence=reasons, scores={k: round(v, 2) for k, v in self.scores.items() if v})
         elif cause != before:
             log.info("GPUs no longer starved", was=before, busy=_round(busy))
+        self.goodput.tick(t, view.gpu, jobs, cause, self.busy, self.checkpoints)
         return self.verdict
 
     def _note_checkpoints(self) -> None:
@@ -159,7 +170,11 @@ class VerdictCollector(Collector):
         return self.starvation.low(busy, baseline)
 
     def families(self):
-        return verdict_families.families(self)
+        return [*verdict_families.families(self), *job_families.families(self.goodput)]
+
+    async def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.close()
 
 
 def _round(value: float | None) -> float | None:

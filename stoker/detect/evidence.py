@@ -123,13 +123,10 @@ class EvidenceTracker:
             if prev is None:
                 continue
             congestion = max(_rate(prev.hw_counters, p.hw_counters, k, dt) for k in CONGESTION)
-            if congestion > c.cnp_per_second:
-                out.append(Signal("congestion", name, congestion / c.cnp_per_second,
-                                  f"{name}: {congestion:.0f} ECN/CNP per s"))
+            out += _over("congestion", name, congestion, c.cnp_per_second, f"{name}: {congestion:.0f} ECN/CNP per s")
             retrans = sum(_rate(prev.hw_counters, p.hw_counters, k, dt) for k in RETRANSMITS)
-            if retrans > c.retransmits_per_second:
-                out.append(Signal("retransmits", name, retrans / c.retransmits_per_second,
-                                  f"{name}: {retrans:.0f} retransmits per s"))
+            out += _over("retransmits", name, retrans, c.retransmits_per_second,
+                         f"{name}: {retrans:.0f} retransmits per s")
         return out
 
     def _net(self, old, new, dt: float) -> list[Signal]:
@@ -145,9 +142,8 @@ class EvidenceTracker:
                 continue
             paused = sum(max(0.0, v - prev.pause_seconds.get(k, v)) for k, v in i.pause_seconds.items()
                          if k[1] == "rx") / dt
-            if paused > c.pause_ratio:
-                out.append(Signal("pfc_pause", i.name, paused / c.pause_ratio,
-                                  f"{i.name}: PFC-paused {100 * paused:.0f}% of the time"))
+            out += _over("pfc_pause", i.name, paused, c.pause_ratio,
+                         f"{i.name}: PFC-paused {100 * paused:.0f}% of the time")
         return out
 
     # -- storage ------------------------------------------------------------------------------
@@ -164,9 +160,9 @@ class EvidenceTracker:
             if m.role != "checkpoint":
                 out += self._reads(m, prev, t)
             per_op = _per_op(prev, m, "WRITE")
-            if per_op is not None and per_op[0] > c.write_latency_seconds:
-                out.append(Signal("write_latency", m.mountpoint, per_op[0] / c.write_latency_seconds,
-                                  f"{m.mountpoint}: WRITE takes {1000 * per_op[0]:.0f} ms"))
+            if per_op is not None:
+                out += _over("write_latency", m.mountpoint, per_op[0], c.write_latency_seconds,
+                             f"{m.mountpoint}: WRITE takes {1000 * per_op[0]:.0f} ms")
         return out
 
     def _reads(self, m, prev, t: float) -> list[Signal]:
@@ -175,32 +171,28 @@ class EvidenceTracker:
         last = self._last_read.get(m.mountpoint)
         if last is None or ops > last[0]:
             self._last_read[m.mountpoint] = (ops, t if last is not None else float("-inf"))
-        elif m.role == "data" and last[1] > float("-inf") and t - last[1] > c.reads_stalled_after:
-            stalled = t - last[1]
-            out.append(Signal("reads_stalled", m.mountpoint, stalled / c.reads_stalled_after,
-                              f"{m.mountpoint}: no READ completed for {stalled:.0f} s"))
+        elif m.role == "data" and last[1] > float("-inf"):
+            out += _over("reads_stalled", m.mountpoint, t - last[1], c.reads_stalled_after,
+                         f"{m.mountpoint}: no READ completed for {t - last[1]:.0f} s")
         per_op = _per_op(prev, m, "READ")
         if per_op is None:
             return out
         execute, queue = per_op
-        if execute > c.read_latency_seconds:
-            out.append(Signal("read_latency", m.mountpoint, execute / c.read_latency_seconds,
-                              f"{m.mountpoint}: READ takes {1000 * execute:.0f} ms"))
-        if queue > c.read_queue_seconds:
-            out.append(Signal("read_queue", m.mountpoint, queue / c.read_queue_seconds,
-                              f"{m.mountpoint}: READ queued {1000 * queue:.0f} ms"))
+        out += _over("read_latency", m.mountpoint, execute, c.read_latency_seconds,
+                     f"{m.mountpoint}: READ takes {1000 * execute:.0f} ms")
+        out += _over("read_queue", m.mountpoint, queue, c.read_queue_seconds,
+                     f"{m.mountpoint}: READ queued {1000 * queue:.0f} ms")
         return out
 
     def _probes(self, view: NodeView) -> list[Signal]:
         c, out = self.config, []
         for p in view.probes:
-            if p.inflight_seconds > c.probe_hung_seconds:
-                out.append(Signal("probe_hung", p.mountpoint, p.inflight_seconds / c.probe_hung_seconds,
-                                  f"{p.mountpoint}: probe unanswered for {p.inflight_seconds:.0f} s"))
+            out += _over("probe_hung", p.mountpoint, p.inflight_seconds, c.probe_hung_seconds,
+                         f"{p.mountpoint}: probe unanswered for {p.inflight_seconds:.0f} s")
             slowest = max(p.latest.items(), key=lambda kv: kv[1], default=None)
-            if slowest is not None and slowest[1] > c.probe_latency_seconds:
-                out.append(Signal("probe_slow", p.mountpoint, slowest[1] / c.probe_latency_seconds,
-                                  f"{p.mountpoint}: {slowest[0]} probe took {slowest[1]:.1f} s"))
+            if slowest is not None:
+                out += _over("probe_slow", p.mountpoint, slowest[1], c.probe_latency_seconds,
+                             f"{p.mountpoint}: {slowest[0]} probe took {slowest[1]:.1f} s")
         return out
 
     # -- host -----------------------------------------------------------------------------------
@@ -210,10 +202,14 @@ class EvidenceTracker:
         for resource, kind, threshold in (("cpu", "cpu_pressure", c.cpu_pressure_ratio),
                                           ("memory", "memory_pressure", c.memory_pressure_ratio)):
             share = _rate(old.some_seconds, new.some_seconds, resource, dt)
-            if share > threshold:
-                out.append(Signal(kind, "node", share / threshold,
-                                  f"{resource} pressure: tasks waited {100 * share:.0f}% of the time"))
+            out += _over(kind, "node", share, threshold,
+                         f"{resource} pressure: tasks waited {100 * share:.0f}% of the time")
         return out
+
+
+def _over(kind: str, source: str, value: float, threshold: float, text: str) -> list[Signal]:
+    """The signal, when the value is past its threshold; its strength is how far."""
+    return [Signal(kind, source, value / threshold, text)] if value > threshold else []
 
 
 def _per_op(prev, m, op: str) -> tuple[float, float] | None:

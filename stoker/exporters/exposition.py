@@ -1,15 +1,25 @@
-"""The Prometheus text exposition, rendered once per cycle and served from memory.
+"""The Prometheus text exposition, rendered at most once per cycle and served from memory.
 
-Each source renders its own chunk after its cycle; a scrape joins the chunks
-(cached until one changes) and never touches hardware. The gzip form is
-compressed at most once per change, however many scrapers ask.
+Each source (a collector, the agent's own metrics) has a chunk. After its
+cycle a source says its chunk changed and how to render it (`set_source`);
+the chunk is rendered when someone asks for the exposition, once, however
+many scrapers ask: an agent sampling every second for a Prometheus scraping
+every 15 s renders once per scrape, not 15 times. A scrape joins the chunks
+(cached until one changes) and never touches hardware: the families come
+from the collectors' last snapshots.
+
+The gzip form is compressed at most once per change, and only the chunks that
+changed: each chunk is a run of raw deflate blocks ending on a byte boundary
+(a sync flush), so the runs of the chunks, in order, make one deflate stream
+and one gzip member, the same for any decoder as compressing the whole body.
 """
 
 from __future__ import annotations
 
-import gzip
+import struct
 import threading
-from typing import Iterable
+import zlib
+from typing import Callable, Iterable
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
@@ -62,19 +72,92 @@ def _escape(value: str) -> str:
     return value
 
 
+class Renderer:
+    """`render` for one source rendered again and again: each series' name and labels are
+    formatted once and remembered, only its value each time. Byte-identical to `render`."""
+
+    def __init__(self) -> None:
+        self._series: dict[tuple, str] = {}  # (sample name, label items) -> "name{labels} "
+
+    def __call__(self, families: Iterable[Metric]) -> bytes:
+        out: list[str] = []
+        series = self._series
+        count = 0
+        for m in families:
+            name, kind = m.name, m.type
+            if kind == "counter":
+                name += "_total"
+            elif kind == "unknown":
+                kind = "untyped"
+            doc = m.documentation.replace("\\", r"\\").replace("\n", r"\n")
+            out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+            for sample in m.samples:
+                key = (sample.name, tuple(sample.labels.items()))
+                prefix = series.get(key)
+                if prefix is None:
+                    if sample.labels:
+                        labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
+                        prefix = series[key] = f"{sample.name}{{{labels}}} "
+                    else:
+                        prefix = series[key] = f"{sample.name} "
+                out.append(f"{prefix}{floatToGoString(sample.value)}\n")
+            count += len(m.samples)
+        if len(series) > 2 * count + 1024:  # series come and go (hot plug, mounts): forget the old ones
+            series.clear()
+        return "".join(out).encode()
+
+
+GZIP_LEVEL = 5
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
+FINAL_BLOCK = b"\x03\x00"  # an empty fixed-Huffman block with BFINAL set: the end of the deflate stream
+
+
+def deflate_run(data: bytes) -> bytes:
+    """`data` as raw deflate blocks that end on a byte boundary and leave the stream open."""
+    z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
+
+
+def gzip_member(runs: Iterable[bytes], data: bytes) -> bytes:
+    """One gzip member of `data`, from the deflate runs of its parts in order."""
+    return b"".join([GZIP_HEADER, *runs, FINAL_BLOCK,
+                     struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)])
+
+
 class Exposition:
     def __init__(self) -> None:
         self._chunks: dict[str, bytes] = {}
-        self._lock = threading.Lock()
+        self._pending: dict[str, Callable[[], bytes | None]] = {}
+        self._runs: dict[str, tuple[bytes, bytes]] = {}  # source -> (its text, that text as a deflate run)
+        self._lock = threading.RLock()  # a source's render may say another source changed
         self._body: bytes | None = None
         self._gzipped: bytes | None = None
 
     def set_chunk(self, source: str, text: bytes) -> None:
+        """`source`'s chunk, rendered."""
         with self._lock:
-            if self._chunks.get(source) == text:
-                return
+            self._pending.pop(source, None)
+            self._store(source, text)
+
+    def set_source(self, source: str, render: Callable[[], bytes | None]) -> None:
+        """`source`'s chunk changed: `render()` gives its text (None: keep the last one), called when
+        the exposition is next asked for. Sources named `_...` render after the others (the agent's
+        own metrics count the others' render failures)."""
+        with self._lock:
+            self._pending[source] = render
+
+    def _store(self, source: str, text: bytes) -> None:
+        if self._chunks.get(source) != text:
             self._chunks[source] = text
             self._body = self._gzipped = None
+
+    def _update(self) -> None:
+        pending = self._pending
+        while pending:
+            source = next((s for s in pending if not s.startswith("_")), None) or next(iter(pending))
+            text = pending.pop(source)()
+            if text is not None:
+                self._store(source, text)
 
     def _joined(self) -> bytes:
         if self._body is None:
@@ -83,10 +166,19 @@ class Exposition:
 
     def body(self) -> bytes:
         with self._lock:
+            self._update()
             return self._joined()
 
     def gzipped(self) -> bytes:
         with self._lock:
+            self._update()
             if self._gzipped is None:
-                self._gzipped = gzip.compress(self._joined(), compresslevel=5, mtime=0)
+                runs = []
+                for source in sorted(self._chunks):
+                    text = self._chunks[source]
+                    run = self._runs.get(source)
+                    if run is None or run[0] != text:
+                        run = self._runs[source] = (text, deflate_run(text))
+                    runs.append(run[1])
+                self._gzipped = gzip_member(runs, self._joined())
             return self._gzipped

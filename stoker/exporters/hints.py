@@ -1,10 +1,19 @@
-"""The checkpoint hint API: the training job tells the agent a checkpoint starts and ends.
+"""The hint API: the training job tells the agent a checkpoint starts and ends, and its steps.
 
 Served on its own listener (loopback by default), apart from /metrics, and
 only to callers holding the bearer token from the configured file. Anything
 wrong with a request (not UTF-8 JSON, nested too deeply, a number too large, a
 missing field) is the caller's fault: a 400 with a message that says what to
 send, never a 500 and a traceback.
+
+Steps (`POST /api/v1/steps`, docs/JOBS.md) come in batches from the
+`stoker.hints` helper's background thread:
+
+    {"job": "4242", "run": "4242.0.0", "pid": 81231, "gpus": ["GPU-..."], "scheduler": "slurm",
+     "steps": [{"step": 1200, "seconds": 1.92, "tokens": 4194304, "samples": 1024}, ...]}
+
+Only `steps` is required (each with its `step`); the answer names the job
+they were counted for and how many were new.
 """
 
 from __future__ import annotations
@@ -12,18 +21,29 @@ from __future__ import annotations
 import codecs
 import hmac
 import json
+import math
 
 from aiohttp import web
 
 from stoker.detect.checkpoint import CheckpointTracker, HintError
+from stoker.detect.goodput import SCHEDULERS, GoodputLedger, StepRecord
+from stoker.sources.jobs import JOB_ID
 
 OUTCOMES = ("completed", "aborted")
 MAX_BODY = 16 * 1024
 MAX_EXPECTED_BYTES = 2**63 - 1
 """9 EB, more than any checkpoint; it ends up in a float gauge, which a 400-digit integer would break."""
+MAX_STEPS = 256
+"""Steps in one request; the helper sends at most 128 (the body limit holds about 200)."""
+MAX_STEP_NUMBER = 2**63 - 1
+MAX_COUNT = 2**53
+"""Tokens or samples of one step: exact in a float, beyond any global batch."""
+MAX_STEP_SECONDS = 7 * 86400.0
+MAX_GPUS = 64
 
 
-def make_hint_app(tracker: CheckpointTracker, token: str) -> web.Application:
+def make_hint_app(tracker: CheckpointTracker, token: str, ledger: GoodputLedger | None = None) -> web.Application:
+    """`ledger`: where step hints go (detect/goodput.py); without it there is no step endpoint."""
     expected = f"Bearer {token}".encode()
 
     @web.middleware
@@ -83,10 +103,65 @@ def make_hint_app(tracker: CheckpointTracker, token: str) -> web.Application:
         return web.json_response({"mountpoint": mountpoint, "written_bytes": m.written_bytes,
                                   "duration_seconds": m.last_duration})
 
+    async def steps(request: web.Request) -> web.Response:
+        body = await body_of(request)
+        records = _steps(body.get("steps"))
+        job, run, scheduler = (_text(body, key) for key in ("job", "run", "scheduler"))
+        if job is not None and not JOB_ID.fullmatch(job):
+            raise _bad("`job` must be 1-128 characters of letters, digits and ._:@+/-")
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise _bad(f"`scheduler` must be one of {', '.join(SCHEDULERS)}")
+        pid = body.get("pid")
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31):
+            raise _bad("`pid` must be a process id")
+        gpus = body.get("gpus", [])
+        if not isinstance(gpus, list) or len(gpus) > MAX_GPUS or not all(
+                isinstance(g, str) and 0 < len(g) <= 128 and g.isprintable() for g in gpus):
+            raise _bad(f"`gpus` must be a list of at most {MAX_GPUS} GPU UUIDs or indexes")
+        try:
+            job_id, accepted, duplicates = ledger.record_steps(records, job, run, pid, gpus, scheduler)
+        except HintError as exc:
+            raise _http(exc.status, str(exc)) from None
+        return web.json_response({"job": job_id, "accepted": accepted, "duplicates": duplicates})
+
     app = web.Application(middlewares=[require_token], client_max_size=MAX_BODY)
     app.router.add_post("/api/v1/checkpoints/start", start)
     app.router.add_post("/api/v1/checkpoints/end", end)
+    if ledger is not None:
+        app.router.add_post("/api/v1/steps", steps)
     return app
+
+
+def _text(body: dict, key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 128 or not value.isprintable()):
+        raise _bad(f"`{key}` must be a string of 1-128 printable characters")
+    return value
+
+
+def _integer(value, top: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= top
+
+
+def _steps(steps) -> list[StepRecord]:
+    """The `steps` list, each checked: a step number, and optional seconds, tokens and samples."""
+    if not isinstance(steps, list) or not 0 < len(steps) <= MAX_STEPS:
+        raise _bad(f"`steps` must be a list of 1 to {MAX_STEPS} steps")
+    out = []
+    for i, s in enumerate(steps):
+        if not isinstance(s, dict):
+            raise _bad(f"`steps[{i}]` must be an object")
+        number, seconds = s.get("step"), s.get("seconds")
+        if not _integer(number, MAX_STEP_NUMBER):
+            raise _bad(f"`steps[{i}].step` must be an integer from 0 to {MAX_STEP_NUMBER}")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or not math.isfinite(seconds) or not 0 <= seconds <= MAX_STEP_SECONDS):
+            raise _bad(f"`steps[{i}].seconds` must be a number of seconds from 0 to {MAX_STEP_SECONDS:g}")
+        for key in ("tokens", "samples"):
+            if s.get(key) is not None and not _integer(s[key], MAX_COUNT):
+                raise _bad(f"`steps[{i}].{key}` must be an integer from 0 to {MAX_COUNT}")
+        out.append(StepRecord(number, None if seconds is None else float(seconds), s.get("tokens"), s.get("samples")))
+    return out
 
 
 def _codec(charset: str) -> str | None:
@@ -97,7 +172,8 @@ def _codec(charset: str) -> str | None:
 
 
 def _http(status: int, message: str) -> web.HTTPException:
-    cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict}.get(status, web.HTTPBadRequest)
+    cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict,
+           429: web.HTTPTooManyRequests}.get(status, web.HTTPBadRequest)
     return cls(text=json.dumps({"error": message}), content_type="application/json")
 
 

@@ -24,10 +24,11 @@ def families(v: VerdictCollector):
                                        labels=["gpu", "uuid"])
     for (gpu, uuid), value in sorted(v.busy_seconds.items()):
         busy_seconds.add_metric([gpu, uuid], value)
-    job = CounterMetricFamily("stoker_job_seconds", "Time a job held the GPUs (the verdicts judge only then).")
-    job.add_metric([], v.job_seconds)
+    job = CounterMetricFamily("stoker_job_present_seconds", "Time a job held the GPUs (the verdicts judge only "
+                              "then).")
+    job.add_metric([], v.job_present_seconds)
     baseline = GaugeMetricFamily("stoker_busy_baseline_ratio",
-                                 "The level the current job sustains (90th percentile of its healthy busy ratio).")
+                                 "The level the current job sustains (median of its busy ratio while not starved).")
     if v.verdict.baseline is not None:
         baseline.add_metric([], v.verdict.baseline)
     starved = GaugeMetricFamily("stoker_starved", "1 while the node's GPUs are starved for that cause.",

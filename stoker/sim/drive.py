@@ -19,6 +19,7 @@ from stoker.agent.verdicts import VerdictCollector
 from stoker.detect.view import NodeView, ProbeState
 from stoker.sim.simulation import Simulation
 from stoker.sources.gpu import GpuSource
+from stoker.sources.jobs import JobSource
 from stoker.sources.netdev import EthtoolReader, snapshot
 from stoker.sources.nfs import NfsSource
 from stoker.sources.pressure import PressureSource
@@ -75,6 +76,7 @@ class SimDrive:
         self.ethtool = EthtoolReader(self.platform.open_ethtool)
         self.nfs = NfsSource(cfg.agent.procfs_root, cfg.nfs.operations, cfg.nfs.roles())
         self.host = PressureSource(cfg.agent.procfs_root)
+        self.jobs = JobSource(cfg.agent.procfs_root, cfg.agent.sysfs_root, clock=self.clock)
         self.verdicts = VerdictCollector(self.interval, cfg.detect, cfg.checkpoint, view=None, clock=self.clock,
                                          state_file=cfg.agent.state_file)
         if self.verdicts.store is not None:
@@ -84,14 +86,16 @@ class SimDrive:
     def step(self):
         self.clock.advance(self.interval)
         self.sim.advance()
-        self.sim.deliver_hints(self.verdicts.checkpoints)
+        self.sim.deliver_hints(self.verdicts.checkpoints, self.verdicts.goodput)
         rdma = self.rdma.sample()
         names = [p.interface for p in rdma.ports]
         stats, problems = self.ethtool.read(names)
         self.view = NodeView(self.clock(), gpu=self.gpu.sample(), rdma=rdma,
                              net=snapshot(names, self.sim.network.operstates(), stats, problems),
                              nfs=self.nfs.sample(), host=self.host.sample(), probes=self._probes())
-        verdict = self.verdicts.update(self.view)
+        gpu = self.view.gpu
+        owners = self.jobs.resolve(p for g in gpu.gpus if g.up for p in g.pids) if gpu else None
+        verdict = self.verdicts.update(self.view, owners)  # the agent looks the owners up in a worker thread
         if self.verdicts.store is not None:
             self.verdicts.persist()  # the agent does this in a worker thread
         self.samples.append(Sample(self.sim.node.elapsed(), verdict.cause, self.checkpoint_state(), verdict.busy))

@@ -196,7 +196,8 @@ class FakeNVML:
         job = self.node.job()
         if not job:
             return []
-        return [N.nvmlFriendlyObject({"pid": job_pid(job, gpu.index), "usedGpuMemory": self._memory_used(gpu),
+        return [N.nvmlFriendlyObject({"pid": job_pid(job, gpu.index, self.node.launch()),
+                                      "usedGpuMemory": self._memory_used(gpu),
                                       "gpuInstanceId": 0xFFFFFFFF, "computeInstanceId": 0xFFFFFFFF})]
 
     def _memory_used(self, gpu: _FakeGpu) -> int:

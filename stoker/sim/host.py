@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 
+from stoker.sim.kernfs import KernelFiles
 from stoker.sim.node import SimNode, Ticker
 
 # share of wall time (0..1) by condition: resource -> (some, full)
@@ -31,6 +32,8 @@ class SimHost:
         self.totals = {r: [t, t / 3] for r, t in BOOT_TOTALS_US.items()}  # resource -> [some, full] microseconds
         self._ticker = Ticker(node)
         self._lock = threading.Lock()
+        self._files = KernelFiles()  # in place, as the kernel shows them (one page each)
+        self._paths = {r: os.path.join(self.directory, r) for r in BOOT_TOTALS_US}
 
     def build(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
@@ -50,7 +53,4 @@ class SimHost:
                 lines = [f"{kind} avg10={100 * share:.2f} avg60={100 * share:.2f} avg300={100 * share:.2f} "
                          f"total={int(total)}" for kind, share, total in (("some", some, totals[0]),
                                                                             ("full", full, totals[1]))]
-                path = os.path.join(self.directory, resource)
-                with open(path + ".tmp", "w") as fh:
-                    fh.write("\n".join(lines) + "\n")
-                os.replace(path + ".tmp", path)
+                self._files.put(self._paths[resource], "\n".join(lines) + "\n")

@@ -14,6 +14,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from stoker.sim.kernfs import KernelFiles
 from stoker.sim.node import SimNode, Ticker
 
 LINK_GBPS = 400
@@ -86,7 +87,9 @@ class SimNetwork:
         self.ports = [self._port(i, ports) for i in range(ports)]
         self._lock = threading.Lock()
         self._ticker = Ticker(node)
-        self._written: dict[str, str] = {}
+        self._files = KernelFiles()
+        self._paths: dict[int, tuple[dict[str, str], dict[str, str], dict[str, str]]] = {}
+        self._written: dict[int, tuple[dict[str, int], dict[str, int]]] = {}  # port -> the numbers its files hold
 
     def _port(self, i: int, total: int) -> SimPort:
         bus = PCI_BUSES[i * (8 // total)] if total <= len(PCI_BUSES) else 0x10 + i  # >8: benchmarks only
@@ -133,27 +136,39 @@ class SimNetwork:
             _symlink(os.path.relpath(ib, cls), os.path.join(cls, p.device))
         self.advance()
 
+    def _port_paths(self, p: SimPort) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+        paths = self._paths.get(p.index)
+        if paths is None:
+            port = os.path.join(self._device_dir(p), "infiniband", p.device, "ports", "1")
+            paths = self._paths[p.index] = (
+                {name: os.path.join(port, name) for name in ("state", "phys_state", "rate")},
+                {name: os.path.join(port, "counters", name) for name in p.port},
+                {name: os.path.join(port, "hw_counters", name) for name in p.hw})
+        return paths
+
     def _write_port(self, p: SimPort) -> None:
-        port = os.path.join(self._device_dir(p), "infiniband", p.device, "ports", "1")
+        """Write the port's files whose number changed (most counters sit still), in place."""
+        top, counters, hw = self._port_paths(p)
+        put = self._files.put
         if p.up:
-            self._put(os.path.join(port, "state"), "4: ACTIVE")
-            self._put(os.path.join(port, "phys_state"), "5: LinkUp")
-            self._put(os.path.join(port, "rate"), f"{LINK_GBPS} Gb/sec (4X NDR)")
+            put(top["state"], "4: ACTIVE\n")
+            put(top["phys_state"], "5: LinkUp\n")
+            put(top["rate"], f"{LINK_GBPS} Gb/sec (4X NDR)\n")
         else:
-            self._put(os.path.join(port, "state"), "1: DOWN")
-            self._put(os.path.join(port, "phys_state"), "3: Disabled")
-            self._put(os.path.join(port, "rate"), "40 Gb/sec (4X QDR)")  # the stale default of a down port
+            put(top["state"], "1: DOWN\n")
+            put(top["phys_state"], "3: Disabled\n")
+            put(top["rate"], "40 Gb/sec (4X QDR)\n")  # the stale default of a down port
+        written, written_hw = self._written.setdefault(p.index, ({}, {}))
         for name, value in p.port.items():
             raw = int(value) // 4 if name.endswith("_data") else int(value)
-            self._put(os.path.join(port, "counters", name), str(raw))
+            if written.get(name) != raw:
+                put(counters[name], f"{raw}\n")
+                written[name] = raw
         for name, value in p.hw.items():
-            self._put(os.path.join(port, "hw_counters", name), str(int(value) % WRAP_32))
-
-    def _put(self, path: str, text: str) -> None:
-        """Write a file only when its content changes: most counters sit still."""
-        if self._written.get(path) != text:
-            _write(path, text)
-            self._written[path] = text
+            raw = int(value) % WRAP_32
+            if written_hw.get(name) != raw:
+                put(hw[name], f"{raw}\n")
+                written_hw[name] = raw
 
     # -- the simulation ------------------------------------------------------------
 

@@ -49,6 +49,10 @@ class SimNode:
         step = self.step()
         return step.job if step.has_job else ""
 
+    def launch(self) -> int:
+        """The launch of the job holding the GPUs now: another one is a restart (new processes)."""
+        return self.step().launch
+
     def gpu_row(self, gpu: int, t: float) -> dict[str, float]:
         step, into = self.scenario.at(t)
         row = trace.row_at(trace.phases()[step.gpu_phase], into, gpu * ROW_STAGGER)
@@ -65,9 +69,10 @@ class SimNode:
         return out
 
 
-def job_pid(job: str, gpu: int) -> int:
-    """The PID of a job's rank on a GPU: a new job id gives new PIDs, as a new launch does."""
-    return 10_000 + zlib.crc32(job.encode()) % 3_000_000 + gpu
+def job_pid(job: str, gpu: int, launch: int = 0) -> int:
+    """The PID of a job's rank on a GPU: a new job id gives new PIDs, as does a new launch of the same job."""
+    key = job if not launch else f"{job}#{launch}"
+    return 10_000 + zlib.crc32(key.encode()) % 3_000_000 + gpu
 
 
 def job_memory_mib(job: str) -> float:

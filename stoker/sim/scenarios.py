@@ -3,9 +3,11 @@
 A step names the recorded GPU phase the eight simulated GPUs replay, how long
 it lasts, and any mix of conditions: the network's, the storage's, the host's,
 GPUs fallen off the bus, which job holds the GPUs (a new job id is a new job:
-new PIDs, its own framebuffer), the level that job reaches (a smaller model
-replays the recording scaled down), step-to-step noise, and whether the job
-hints its checkpoints. The built-in scenarios are such files
+new PIDs, its own framebuffer; a new `launch` of the same job is a restart:
+new PIDs, the same job id), the scheduler whose cgroups hold it, the level that
+job reaches (a smaller model replays the recording scaled down), step-to-step
+noise, whether the job hints its checkpoints, and the training steps it
+reports (a step rate). The built-in scenarios are such files
 (`stoker/sim/data/scenarios/*.toml`); operators write their own to reproduce an
 incident, and `stoker replay FILE` judges the verdicts against the file's
 expectations. docs/SCENARIOS.md describes the format.
@@ -52,6 +54,10 @@ class Step:
     noise: float = 0.0  # relative step-to-step jitter of the activity (standard deviation)
     hint: bool = False  # the job tells the agent about this checkpoint (start and end)
     profiling: str = "allowed"  # admin-only: GPM refused to the agent's user (a stock driver)
+    launch: int = 0  # the job's launch: another number is a restart (new PIDs, same job id)
+    scheduler: str = "slurm"  # whose cgroup holds the job's processes: slurm | kubernetes | none
+    step_rate: float = 0.0  # training steps a second at the job's full speed, hinted to the agent; 0: none
+    tokens_per_step: int = 0  # tokens of each hinted step (the global batch)
 
     @property
     def has_job(self) -> bool:
@@ -122,15 +128,23 @@ def _known(table: dict, allowed: set[str], where: str) -> None:
 
 
 STEP_KEYS = {"gpu", "seconds", "network", "storage", "host", "lost_gpus", "job", "level", "noise", "hint",
-             "profiling"}
+             "profiling", "launch", "scheduler", "step_rate", "tokens_per_step"}
+STEP_DEFAULTS = ("scheduler", "step_rate", "tokens_per_step")
+"""Step keys a scenario may also set at its top level, for every step that does not say otherwise."""
 PROFILING = ("allowed", "admin-only")
+SCHEDULERS = ("slurm", "kubernetes", "none")
 EXPECT_KEYS = {"from", "to", "verdict", "checkpoint", "within", "share", "never"}
 
 
-def _step(table: dict, where: str) -> Step:
+def _step(table: dict, where: str, defaults: dict | None = None) -> Step:
     if not isinstance(table, dict):
         raise ScenarioError(f"{where}: expected a table")
     _known(table, STEP_KEYS, where)
+    table = {**(defaults or {}), **table}
+    for key in ("launch", "tokens_per_step"):
+        value = table.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+            raise ScenarioError(f"{where}.{key}: expected a whole number from 0, got {value!r}")
     lost = table.get("lost_gpus", [])
     if not isinstance(lost, list) or not all(isinstance(i, int) and 0 <= i < 8 for i in lost):
         raise ScenarioError(f"{where}.lost_gpus: expected a list of GPU indexes 0-7")
@@ -148,7 +162,11 @@ def _step(table: dict, where: str) -> Step:
                 level=_number(table, "level", where, 1.0, 0.0, 1.0),
                 noise=_number(table, "noise", where, 0.0, 0.0, 0.5),
                 hint=table.get("hint", False),
-                profiling=_check(table.get("profiling", "allowed"), PROFILING, f"{where}.profiling"))
+                profiling=_check(table.get("profiling", "allowed"), PROFILING, f"{where}.profiling"),
+                launch=table.get("launch", 0),
+                scheduler=_check(table.get("scheduler", "slurm"), SCHEDULERS, f"{where}.scheduler"),
+                step_rate=_number(table, "step_rate", where, 0.0, 0.0, 1000.0),
+                tokens_per_step=table.get("tokens_per_step", 0))
 
 
 def _expectation(table: dict, where: str) -> Expectation:
@@ -177,7 +195,8 @@ def parse(text: str, name: str) -> Scenario:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{name}: not valid TOML: {exc}") from None
-    _known(table, {"description", "loop", "fault_at", "restarts", "steps", "expect", "outcomes"}, name)
+    _known(table, {"description", "loop", "fault_at", "restarts", "steps", "expect", "outcomes", *STEP_DEFAULTS}, name)
+    defaults = {key: table[key] for key in STEP_DEFAULTS if key in table}
     steps = table.get("steps")
     if not isinstance(steps, list) or not steps:
         raise ScenarioError(f"{name}: needs at least one [[steps]] table")
@@ -192,7 +211,7 @@ def parse(text: str, name: str) -> Scenario:
         raise ScenarioError(f"{name}.restarts: expected a list of positive scenario seconds")
     return Scenario(
         name=name,
-        steps=tuple(_step(s, f"{name}.steps[{i}]") for i, s in enumerate(steps)),
+        steps=tuple(_step(s, f"{name}.steps[{i}]", defaults) for i, s in enumerate(steps)),
         description=str(table.get("description", "")),
         loop=loop,
         fault_at=_number(table, "fault_at", name, 0.0),

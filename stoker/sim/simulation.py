@@ -14,6 +14,7 @@ from stoker.agent.platform import Platform
 from stoker.config import CheckpointConfig, Config, DetectConfig, ProbesConfig, ProbeTarget
 from stoker.sim.fake_nvml import FakeNVML
 from stoker.sim.host import SimHost
+from stoker.sim.jobs import SimJobs
 from stoker.sim.network import FakeEthtool, SimLinks, SimNetwork
 from stoker.sim.node import SimNode
 from stoker.sim.storage import SimStorage
@@ -21,10 +22,12 @@ from stoker.sim.storage import SimStorage
 if TYPE_CHECKING:
     from stoker.agent.runtime import Agent
     from stoker.detect.checkpoint import CheckpointTracker
+    from stoker.detect.goodput import GoodputLedger
 
 log = logs.get("sim")
 
-ADVANCE_EVERY = 0.25  # seconds between counter-file updates of the simulated kernel
+ADVANCE_EVERY = 0.25  # seconds between counter-file updates of the simulated kernel, at most
+ADVANCE_LEAD = 0.05  # with a slower agent: its files move once per cycle, this long before it
 SIM_TOKEN = "simulated-node-hint-token"  # the hint API's token on the simulated node (a demo, not a secret)
 CHECKPOINT_MOUNT = "/mnt/checkpoints"
 # Thresholds shortened so that every built-in scenario reaches its verdict within 30 s; only those
@@ -48,9 +51,11 @@ class Simulation:
         self.network = SimNetwork(self.node, self.sysfs_root, rdma_ports)
         self.storage = SimStorage(self.node, self.procfs_root, os.path.join(root, "nas"), socket.gethostname())
         self.host = SimHost(self.node, self.procfs_root)
+        self.jobs = SimJobs(self.node, self.procfs_root)  # the jobs' processes (cgroups) and their steps
         self.network.build()
         self.storage.build()
         self.host.build()
+        self.jobs.build()
         self._hinting = False
         self._hints: list[str] = []  # start | end, for the job's hinted checkpoints, not yet delivered
 
@@ -82,13 +87,17 @@ class Simulation:
         self.network.advance()
         self.storage.advance()
         self.host.advance()
+        self.jobs.advance()
         hinting = self.node.step().hint
         if hinting != self._hinting:
             self._hints.append("start" if hinting else "end")
             self._hinting = hinting
 
-    def deliver_hints(self, tracker: CheckpointTracker) -> None:
-        """What the simulated job tells the agent about its checkpoints, as `stoker.hints` would."""
+    def deliver_hints(self, tracker: CheckpointTracker, ledger: GoodputLedger | None = None) -> None:
+        """What the simulated job tells the agent about its checkpoints (and, with `ledger`, its
+        steps), as `stoker.hints` would."""
+        if ledger is not None:
+            self.jobs.deliver(ledger)
         hints, self._hints = self._hints, []
         for hint in hints:
             if hint == "start":
@@ -102,11 +111,28 @@ class Simulation:
                 fh.write(agent.hint_url + "\n")
         log.info("simulated node", scenario=self.node.scenario.name, root=self.root,
                  token_file=agent.config.checkpoint.token_file, hint_url=agent.hint_url)
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.to_thread(self.advance)
             if agent.verdicts is not None:
-                self.deliver_hints(agent.verdicts.checkpoints)
-            await asyncio.sleep(ADVANCE_EVERY)
+                self.deliver_hints(agent.verdicts.checkpoints, agent.verdicts.goodput)
+            await asyncio.sleep(self.pause(agent, loop.time()))
+
+    @staticmethod
+    def pause(agent: Agent, now: float) -> float:
+        """Seconds until the kernel's files next move. The agent reads them once per cycle, so
+        they move once per cycle, `ADVANCE_LEAD` before it: what it reads is at most that old
+        (it was up to `ADVANCE_EVERY` when they moved every `ADVANCE_EVERY`), for a quarter of the
+        writes at 1 s and a twentieth at 5 s. An agent faster than `ADVANCE_EVERY` reads them
+        more often than they move, as before."""
+        interval = agent.config.agent.interval
+        due = agent.supervisor.next_due()
+        if interval <= ADVANCE_EVERY or due is None:
+            return ADVANCE_EVERY
+        target = due - ADVANCE_LEAD
+        while target <= now:  # that cycle's files have moved: the next one's
+            target += interval
+        return target - now
 
     def platform(self) -> Platform:
         return Platform(nvml=self.nvml, links=SimLinks(self.network),

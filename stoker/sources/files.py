@@ -9,6 +9,23 @@ Every sysfs attribute and procfs statistics file is a regular file. Anything
 else in its place (a FIFO, a device node, a directory) is refused before it is
 read: opening a FIFO for reading blocks until a writer comes, and a character
 device can stream forever. The open itself is non-blocking for that reason.
+
+`KeptFiles` keeps each file it read open and reads it again with one
+`pread` at offset 0: sysfs calls the attribute's show() again for a read at
+offset 0 (Documentation/filesystems/sysfs.rst), so the value is as fresh as
+after open/read/close, for one system call instead of four. A kept file can
+go stale in two ways, both handled:
+- the kernel removes the attribute (driver reload, hot unplug): a read of the
+  old descriptor fails with ENODEV; the file is opened afresh and read again.
+- the file is replaced by another inode (a rename over it, unlink and create,
+  a directory or symlink above it changed): `refresh()`, once per cycle,
+  stats each directory that holds kept files; when a directory is not the
+  one it was (inode, mtime, ctime, size), its files are closed and opened
+  again at their next read. Timestamps are coarse (a jiffy), so a directory
+  modified within `RACY_NS` of the check is checked again next cycle, as git
+  does with racily clean index entries.
+At most a quarter of the soft descriptor limit is kept open (the HTTP
+listener takes another quarter); past it, files are read the old way.
 """
 
 from __future__ import annotations
@@ -16,7 +33,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import resource
 import stat
+import time
 
 
 class BadValue(ValueError):
@@ -45,12 +64,140 @@ def read_regular(path: str, limit: int | None = None) -> bytes:
         os.close(fd)
 
 
+def open_regular(path: str) -> int:
+    """A descriptor of the regular file at `path`; never blocks on what is not one."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"not a regular file: {path}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+PAGE = 4096  # a sysfs attribute's show() fills at most one page
+KEPT_MAX = 4096
+LIST_TTL = 60.0  # seconds: a listing of an unchanged directory is taken again this often all the same
+RACY_NS = 50_000_000  # a directory's timestamps are this close to now: they may change again unseen
+GONE = frozenset({errno.ENODEV, errno.ENOENT, errno.ESTALE, errno.EBADF})  # the kept file is no longer there
+
+
 class FileReader:
+    """Open, read and close on every read: the plain boundary (tests override `read`)."""
+
     def read(self, path: str) -> str:
-        return read_regular(path, 4096).decode("ascii", "replace")
+        return read_regular(path, PAGE).decode("ascii", "replace")
 
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
+
+    def refresh(self) -> None:
+        """Called once per cycle, before the reads."""
+
+    def close(self) -> None:
+        """Release what the reader holds."""
+
+
+class KeptFiles(FileReader):
+    """Each file kept open and read again with one pread at offset 0 (see the module's doc)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, int] = {}  # path -> kept descriptor
+        # directory -> [identity when last checked (None: check again), its kept paths, its listing]
+        self._dirs: dict[str, list] = {}
+        self._limit: int | None = None
+
+    def read(self, path: str) -> str:
+        fd = self._open.get(path)
+        if fd is not None:
+            try:
+                return os.pread(fd, PAGE, 0).decode("ascii", "replace")
+            except OSError as exc:
+                self._close(path)
+                if exc.errno not in GONE:
+                    raise
+                # the attribute was removed under the descriptor: read whatever is there now
+        return self._first_read(path).decode("ascii", "replace")
+
+    def _first_read(self, path: str) -> bytes:
+        if len(self._open) >= self._capacity():
+            return read_regular(path, PAGE)
+        directory = os.path.dirname(path)
+        entry = self._dirs.get(directory)
+        if entry is None:  # the directory's identity is taken before the file is opened
+            entry = self._dirs[directory] = [_identity(directory, time.time_ns()), set(), None]
+        fd = open_regular(path)
+        try:
+            data = os.pread(fd, PAGE, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._open[path] = fd
+        entry[1].add(path)
+        return data
+
+    def _capacity(self) -> int:
+        if self._limit is None or len(self._open) >= self._limit:  # the soft limit may have been raised since
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            self._limit = KEPT_MAX if soft == resource.RLIM_INFINITY else min(KEPT_MAX, soft // 4)
+        return self._limit
+
+    def refresh(self) -> None:
+        """Close the kept files of every directory that changed since the last check."""
+        now = time.time_ns()
+        for directory, entry in list(self._dirs.items()):
+            identity = _identity(directory, now)
+            if identity is None or identity != entry[0]:
+                for path in list(entry[1]):
+                    self._close(path)
+                if identity is None and not os.path.isdir(directory):
+                    del self._dirs[directory]
+                    continue
+            entry[0] = identity
+
+    def listdir(self, path: str) -> list[str]:
+        """A directory holding kept files is listed again when it changed, or after `LIST_TTL`."""
+        entry = self._dirs.get(path)
+        if entry is None or entry[0] is None:
+            return sorted(os.listdir(path))
+        listing, now = entry[2], time.monotonic()
+        if listing is None or listing[0] != entry[0] or now >= listing[1]:
+            listing = entry[2] = (entry[0], now + LIST_TTL, sorted(os.listdir(path)))
+        return listing[2]
+
+    def _close(self, path: str) -> None:
+        fd = self._open.pop(path, None)
+        if fd is not None:
+            self._dirs.get(os.path.dirname(path), (None, set()))[1].discard(path)
+            os.close(fd)
+
+    def kept(self) -> int:
+        """How many files are kept open."""
+        return len(self._open)
+
+    def close(self) -> None:
+        for path in list(self._open):
+            self._close(path)
+        self._dirs.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _identity(directory: str, now_ns: int) -> tuple | None:
+    """What tells one directory from another at that path, and its last change; None when it
+    changed too recently to be trusted (or is not there)."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 def error_reason(exc: BaseException) -> str:

@@ -17,6 +17,12 @@ Traps handled here (../shared/DESIGN.md):
   The counter state of a port gone for `counters.FORGET_AFTER` is dropped.
 - `rate` is trusted only while `state` is ACTIVE: a down port reports a stale default.
 - `lifespan` in hw_counters is the counters' refresh period, not a counter.
+
+Cost (docs/PERFORMANCE.md): about 45 files per port each cycle. Each is kept
+open and re-read with one pread (`files.KeptFiles`), its path and counter key
+are built once per port, and a counter whose text is what it was last cycle is
+not parsed again (its counter still sees the reading, so bounds and resets
+behave as before).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from stoker.counters import CounterSet, Presence
-from stoker.sources.files import Backoff, BadValue, FileReader, error_reason, parse_counter
+from stoker.sources.files import Backoff, BadValue, FileReader, KeptFiles, error_reason, parse_counter
 
 WORD_BYTES = 4
 TRAFFIC = {
@@ -87,20 +93,70 @@ def parse_rate(text: str) -> float | None:
     return rate if 0.0 < rate < math.inf else None
 
 
+TRAFFIC_TARGET, ERRORS_TARGET, HW_TARGET = 0, 1, 2  # which of a port's dicts a counter goes to
+
+
+class _File:
+    """One counter file of a port: where it is, where its total goes, and its last text and value."""
+
+    __slots__ = ("path", "key", "target", "label", "scale", "bound", "text", "value")
+
+    def __init__(self, directory: str, name: str, owner: tuple[str, str], target: int, label: str,
+                 scale: int = 1, bound: float | None = EVENTS_PER_SECOND):
+        self.path = os.path.join(directory, name)
+        self.key = (owner, name)
+        self.target, self.label = target, label
+        self.scale, self.bound = scale, bound  # bound None: the link's rate
+        self.text: str | None = None  # the last text that parsed, and its value
+        self.value = 0
+
+
+class _PortFiles:
+    """The paths of one port's files, built once."""
+
+    def __init__(self, path: str, owner: tuple[str, str]):
+        self.owner = owner
+        self.link_layer = os.path.join(path, "link_layer")
+        self.state = os.path.join(path, "state")
+        self.rate = os.path.join(path, "rate")
+        self.ndev = os.path.join(path, "gid_attrs", "ndevs", "0")
+        counters = os.path.join(path, "counters")
+        self.counters = [
+            _File(counters, name, owner, TRAFFIC_TARGET, what, *((WORD_BYTES, None) if name.endswith("_data") else ()))
+            for name, what in TRAFFIC.items()
+        ] + [_File(counters, name, owner, ERRORS_TARGET, name) for name in ERROR_COUNTERS]
+        self.hw_dir = os.path.join(path, "hw_counters")
+        self._hw: dict[str, _File] = {}
+        self._hw_names: list[str] | None = None
+        self._hw_files: list[_File] = []
+
+    def hw(self, names: list[str]) -> list[_File]:
+        """The hw_counters files of this listing (kept while the listing is the same)."""
+        if names is not self._hw_names:
+            for name in names:
+                if name not in self._hw and name not in NOT_COUNTERS:
+                    self._hw[name] = _File(self.hw_dir, name, self.owner, HW_TARGET, name)
+            self._hw_files = [self._hw[name] for name in names if name not in NOT_COUNTERS]
+            self._hw_names = names
+        return self._hw_files
+
+
 class RdmaSource:
     def __init__(self, sysfs_root: str, reader: FileReader | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.base = os.path.join(sysfs_root, "class", "infiniband")
-        self.reader = reader or FileReader()
+        self.reader = reader or KeptFiles()
         self.backoff = Backoff()
         self._clock = clock
         self._counters = CounterSet()  # counters/: 64-bit on extended-PMA ports
         self._hw = CounterSet(width=32)  # hw_counters/: 32-bit queue counters that wrap
         self._present = Presence()
+        self._files: dict[tuple[str, str], _PortFiles] = {}
 
     def sample(self) -> RdmaSnapshot:
         problems: list[str] = []
         ports: list[RdmaPort] = []
+        self.reader.refresh()
         try:
             devices = self.reader.listdir(self.base)
         except FileNotFoundError:
@@ -113,12 +169,17 @@ class RdmaSource:
         self._forget(self._present.gone(now))
         return RdmaSnapshot(ports, problems)
 
+    def close(self) -> None:
+        """Close the files kept open."""
+        self.reader.close()
+
     def _forget(self, gone: set) -> None:
         """Ports gone past the grace period: their counter and backoff state goes too."""
         self._counters.forget(gone)
         self._hw.forget(gone)
         for device, port in gone:
             self.backoff.forget(os.path.join(self.base, device, "ports", port) + os.sep)
+            self._files.pop((device, port), None)
 
     def _device(self, device: str, now: float, problems: list[str]) -> list[RdmaPort]:
         root = os.path.join(self.base, device)
@@ -130,63 +191,55 @@ class RdmaSource:
         out = []
         for port in port_names:
             p = RdmaPort(device, port, fw_version=fw)
-            self._port(p, os.path.join(root, "ports", port), root, now, problems)
+            self._port(p, root, now, problems)
             out.append(p)
         return out
 
-    def _port(self, p: RdmaPort, path: str, device_root: str, now: float, problems: list[str]) -> None:
-        p.link_layer = self._text(os.path.join(path, "link_layer"))
-        p.interface = self._netdev(path, device_root)
-        state = self._text(os.path.join(path, "state"))
+    def _port(self, p: RdmaPort, device_root: str, now: float, problems: list[str]) -> None:
+        owner = (p.device, p.port)
+        files = self._files.get(owner)
+        if files is None:
+            files = self._files[owner] = _PortFiles(os.path.join(device_root, "ports", p.port), owner)
+        p.link_layer = self._text(files.link_layer)
+        p.interface = self._netdev(files.ndev, device_root)
+        state = self._text(files.state)
         p.state = parse_state(state) if state else ""
         p.up = (p.state == "ACTIVE") if p.state else None
         if p.up:
-            rate = self._text(os.path.join(path, "rate"))
+            rate = self._text(files.rate)
             p.speed_bytes_per_second = parse_rate(rate)
             if rate and p.speed_bytes_per_second is None:
                 problems.append("garbage")
-        owner = (p.device, p.port)
         link_bytes = LINK_HEADROOM * (p.speed_bytes_per_second or FASTEST_LINK_BYTES)
-
-        counters = os.path.join(path, "counters")
-        for name, what in TRAFFIC.items():
-            raw = self._counter(os.path.join(counters, name), now, problems)
-            if raw is not None:
-                if name.endswith("_data"):
-                    raw, bound = raw * WORD_BYTES, link_bytes
-                else:
-                    bound = EVENTS_PER_SECOND
-                p.traffic[what] = self._counters.update((owner, name), raw, now, bound)
-        for name in ERROR_COUNTERS:
-            raw = self._counter(os.path.join(counters, name), now, problems)
-            if raw is not None:
-                p.errors[name] = self._counters.update((owner, name), raw, now, EVENTS_PER_SECOND)
-
-        hw = os.path.join(path, "hw_counters")
         try:
-            names = self.reader.listdir(hw)
+            names = self.reader.listdir(files.hw_dir)
         except OSError:
             names = []
-        for name in names:
-            if name in NOT_COUNTERS:
-                continue
-            raw = self._counter(os.path.join(hw, name), now, problems)
-            if raw is not None:
-                p.hw_counters[name] = self._hw.update((owner, name), raw, now, EVENTS_PER_SECOND)
-
-    def _counter(self, path: str, now: float, problems: list[str]) -> int | None:
-        if not self.backoff.ready(path, now):
-            return None
-        try:
-            value = parse_counter(self.reader.read(path))
-        except FileNotFoundError:
-            return None  # this port simply has no such counter
-        except (OSError, BadValue) as exc:
-            self.backoff.failed(path, now)
-            problems.append(error_reason(exc))
-            return None
-        self.backoff.succeeded(path)
-        return value
+        targets = (p.traffic, p.errors, p.hw_counters)
+        sets = (self._counters, self._counters, self._hw)
+        read, backoff = self.reader.read, self.backoff
+        waiting = backoff._state  # the files in backoff; when none is, nothing to ask it
+        for files_ in (files.counters, files.hw(names)):
+            for f in files_:
+                if waiting and not backoff.ready(f.path, now):
+                    continue
+                try:
+                    text = read(f.path)
+                    if text == f.text:
+                        raw = f.value  # as last cycle: parsed then
+                    else:
+                        raw = parse_counter(text)
+                        f.text, f.value = text, raw
+                except FileNotFoundError:
+                    continue  # this port simply has no such counter
+                except (OSError, BadValue) as exc:
+                    backoff.failed(f.path, now)
+                    problems.append(error_reason(exc))
+                    continue
+                if waiting:
+                    backoff.succeeded(f.path)
+                target = f.target
+                targets[target][f.label] = sets[target].update(f.key, raw * f.scale, now, f.bound or link_bytes)
 
     def _text(self, path: str) -> str:
         try:
@@ -194,9 +247,9 @@ class RdmaSource:
         except OSError:
             return ""
 
-    def _netdev(self, port_path: str, device_root: str) -> str:
+    def _netdev(self, ndev_path: str, device_root: str) -> str:
         """The Ethernet interface behind the port: its GID table's netdev, else the PCI function's."""
-        name = self._text(os.path.join(port_path, "gid_attrs", "ndevs", "0"))
+        name = self._text(ndev_path)
         if name:
             return name
         try:

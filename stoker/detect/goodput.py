@@ -1,0 +1,374 @@
+"""Goodput: where each job's wall time on this node went, and what its restarts cost.
+
+Each verdict tick (`tick`) covers the time since the previous one and puts all
+of it in exactly one state, for the node and for every job on its GPUs:
+
+- `productive`: a job holds the GPUs, they are not starved, and they work
+  (busy ratio at or above `idle_floor`);
+- `storage`, `network`, `host`, `checkpoint`: starved, by the verdict's cause
+  (docs/VERDICTS.md);
+- `idle`: the job holds the GPUs and does not run kernels, and no verdict
+  explains it (before the job's level is known, or a job whose level is idle);
+- for the node only: `no_job` (no job holds a GPU) and `unknown` (NVML did not
+  answer, so nobody knows).
+
+So the node's states add up to its wall time since the agent started, and a
+job's to its time on the node. The verdict is the node's: on a node shared by
+several jobs, a starvation counts for each of them.
+
+**Which job holds a GPU** (`Binding`): the scheduler's job of its compute
+processes, from their cgroup or environment (sources/jobs.py); failing that,
+a job that declared itself through step hints (the hint API's `job`, with its
+PID or the GPUs it names, or the only job hinting on the node); else
+`unknown`. A job is followed by its **process set**: when the PIDs of a job
+are replaced by a disjoint set with the same job id (a relaunch, a requeue,
+within `FORGET_AFTER` of the last sighting), it **restarted**, and the
+productive seconds since its last completed checkpoint are **lost work**:
+the checkpoint holds the state of its start, so the productive time since that
+start is what must be done again. Steps hinted by the job give the same in
+steps, exactly: the new run resumes at the step after the checkpoint.
+
+**Steps** come from the job (`stoker.hints.step`): numbers increasing within
+a run (one process set, or one launch as the job names it); a step number
+already seen in the run is a duplicate (a retried batch, a second rank), a
+batch from a run that was replaced is stale. Durations go to a histogram.
+
+Cardinality: at most `MAX_JOBS` jobs; a job neither on a GPU nor hinting for
+`FORGET_AFTER` seconds is forgotten with its series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from stoker import logs
+from stoker.config import DetectConfig
+from stoker.detect.checkpoint import HintError
+from stoker.sources.jobs import JOB_ID, JobSnapshot
+
+if TYPE_CHECKING:
+    from stoker.detect.checkpoint import CheckpointTracker
+    from stoker.sources.gpu import GpuSnapshot
+
+log = logs.get("goodput")
+
+STATES = ("productive", "idle", "storage", "network", "host", "checkpoint")
+NODE_STATES = STATES + ("no_job", "unknown")
+UNKNOWN = "unknown"
+SCHEDULERS = ("slurm", "kubernetes", "none")
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
+"""A 1B model's step on 8 H100s takes a tenth of a second; a 70B model's with a large global batch, 10-30 s."""
+FORGET_AFTER = 900.0
+"""A job gone this long is forgotten: long enough for a Slurm requeue or a pod restart to count as a restart."""
+DECLARED_FOR = 60.0
+"""A job that hinted within this long is on the node for the purpose of claiming GPUs nobody else owns."""
+MAX_JOBS = 16
+RUNS_REMEMBERED = 8
+
+
+@dataclass(frozen=True)
+class Binding:
+    job_id: str
+    scheduler: str  # slurm | kubernetes | none
+    source: str  # cgroup | environ | hint | none
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    seconds: float | None = None  # since the previous step of the same process
+    tokens: int | None = None  # of the whole step (the global batch), as the job counts them
+    samples: int | None = None
+
+
+@dataclass(frozen=True)
+class Declaration:
+    t: float
+    pid: int | None
+    gpus: frozenset[str]  # UUIDs or NVML indexes the job says it uses
+
+
+class StepHistogram:
+    def __init__(self):
+        self.counts = [0] * (len(STEP_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(STEP_BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, n in zip([*map(str, STEP_BUCKETS), "+Inf"], self.counts):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+@dataclass
+class JobAccount:
+    job_id: str
+    scheduler: str = "none"
+    seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STATES})
+    pids: frozenset[int] = frozenset()  # the current process set
+    present: bool = False  # holds a GPU at the last tick
+    last_seen: float = 0.0  # monotonic: last tick on a GPU, or last hint
+    productive: float = 0.0
+    saved: float = 0.0  # productive seconds a completed checkpoint (or the run's start) covers
+    pending: dict[str, float] = field(default_factory=dict)  # mountpoint -> productive at its checkpoint's start
+    restarts: int = 0
+    lost_seconds: float = 0.0
+    lost_steps: int = 0
+    steps: int = 0
+    tokens: int = 0
+    samples: int = 0
+    step_seconds: StepHistogram = field(default_factory=StepHistogram)
+    last_step: int | None = None
+    run: str | None = None
+    runs: deque = field(default_factory=lambda: deque(maxlen=RUNS_REMEMBERED))  # replaced runs
+    declared: Declaration | None = None
+
+    @property
+    def unsaved(self) -> float:
+        """Productive seconds a restart now would lose."""
+        return max(0.0, self.productive - self.saved)
+
+
+class GoodputLedger:
+    def __init__(self, config: DetectConfig, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self._clock = clock
+        self.node = {s: 0.0 for s in NODE_STATES}
+        self.jobs: dict[str, JobAccount] = {}
+        self.gpus: dict[tuple[str, str], list[Binding]] = {}  # (index, uuid) -> jobs on it, at the last tick
+        self._pid_jobs: dict[int, str] = {}
+        self._held_since: dict[tuple[str, str], tuple[frozenset[int], float]] = {}  # GPU -> (its processes, since)
+        self._t: float | None = None
+        self._mounts: dict[str, tuple[float | None, int]] = {}  # mountpoint -> (last start, completed)
+
+    # -- each verdict tick ----------------------------------------------------------------------
+
+    def tick(self, t: float, gpu: GpuSnapshot | None, jobs: JobSnapshot | None, cause: str | None,
+             busy: dict[tuple[str, str], float], checkpoints: CheckpointTracker | None = None) -> None:
+        dt = 0.0 if self._t is None else max(0.0, t - self._t)
+        self._t = t
+        held: dict[str, tuple[Binding, set[tuple[str, str]], set[int]]] = {}
+        if gpu is not None:
+            self.gpus = self._bind(t, gpu, jobs.owners if jobs is not None else {})
+            self._pid_jobs = {}
+            for g in gpu.gpus:
+                for b in self.gpus.get((str(g.index), g.uuid), []):
+                    _, keys, pids = held.setdefault(b.job_id, (b, set(), set()))
+                    keys.add((str(g.index), g.uuid))
+                    pids.update(g.pids)
+                    self._pid_jobs.update((p, b.job_id) for p in g.pids)
+        else:
+            self.gpus = {}
+        node_busy = _mean(busy.values())
+        if gpu is None or (held and node_busy is None):
+            self.node["unknown"] += dt
+        elif not held:
+            self.node["no_job"] += dt
+        else:
+            self.node[self._state(cause, node_busy)] += dt
+        for acct in self.jobs.values():
+            acct.present = acct.job_id in held
+        for job_id, (binding, keys, pids) in held.items():
+            acct = self._account(job_id, binding.scheduler, t)
+            if acct is None:
+                continue
+            self._follow(acct, frozenset(pids))
+            acct.present, acct.last_seen = True, t
+            job_busy = _mean(busy[k] for k in keys if k in busy)
+            level = job_busy if job_busy is not None else node_busy
+            if level is not None:
+                state = self._state(cause, level)
+                acct.seconds[state] += dt
+                if state == "productive":
+                    acct.productive += dt
+        self._checkpoints(checkpoints)
+        self._forget(t)
+
+    def _state(self, cause: str | None, busy: float) -> str:
+        if cause:
+            return cause
+        return "idle" if busy < self.config.idle_floor else "productive"
+
+    def _bind(self, t: float, gpu: GpuSnapshot, owners: dict) -> dict[tuple[str, str], list[Binding]]:
+        out = {}
+        floor = self.config.job_memory_floor_bytes
+        since = {}
+        for g in gpu.gpus:
+            if not g.up or not ((g.processes or 0) > 0 or (g.memory_used_bytes or 0) > floor):
+                continue
+            key, pids = (str(g.index), g.uuid), frozenset(g.pids)
+            before = self._held_since.get(key)
+            # the GPU's processes since when: a new set (not one rank replaced) is a new holder
+            same = before is not None and (pids == before[0] or bool(pids & before[0]))
+            since[key] = before if same else (pids, t)
+            found = []
+            for pid in g.pids:
+                owner = owners.get(pid)
+                if owner is not None:
+                    b = Binding(owner.job_id, owner.scheduler, owner.source)
+                    if b not in found:
+                        found.append(b)
+            kept = self.gpus.get(key, [None])[0] if same else None  # a job that said it holds these processes
+            kept = kept if kept is not None and kept.source == "hint" and kept.job_id in self.jobs else None
+            out[key] = found or [self._declared_for(t, g, since[key][1], kept) or Binding(UNKNOWN, "none", "none")]
+        self._held_since = since
+        return out
+
+    def _declared_for(self, t: float, g, held_since: float, kept: Binding | None) -> Binding | None:
+        """A GPU no scheduler claims: the job that hinted from one of its processes; or, since these
+        processes hold it, the job that named it; or the job that claimed these processes before
+        (it still holds them in a checkpoint or an evaluation without steps); or the only job hinting
+        on the node without naming its GPUs. A job that stopped hinting does not claim the processes
+        that follow it."""
+        declared = [a for a in self.jobs.values()
+                    if a.declared is not None and t - a.declared.t <= DECLARED_FOR and a.job_id != UNKNOWN]
+        for a in declared:
+            if a.declared.pid is not None and a.declared.pid in g.pids:
+                return Binding(a.job_id, a.scheduler, "hint")
+        declared = [a for a in declared if a.declared.t >= held_since]
+        for a in declared:
+            if g.uuid in a.declared.gpus or str(g.index) in a.declared.gpus:
+                return Binding(a.job_id, a.scheduler, "hint")
+        if kept is not None:
+            return kept
+        anonymous = [a for a in declared if not a.declared.gpus]
+        if len(anonymous) == 1:
+            return Binding(anonymous[0].job_id, anonymous[0].scheduler, "hint")
+        return None
+
+    def _follow(self, acct: JobAccount, pids: frozenset[int]) -> None:
+        """The job's process set: replaced by a disjoint one, it restarted (one rank replaced is the same run)."""
+        if not pids:
+            return
+        if acct.pids and pids.isdisjoint(acct.pids) and acct.job_id != UNKNOWN:
+            self._restart(acct, "its processes were replaced")
+        acct.pids = pids
+
+    def _restart(self, acct: JobAccount, why: str) -> None:
+        lost = acct.unsaved
+        acct.restarts += 1
+        acct.lost_seconds += lost
+        acct.saved = acct.productive  # the new run starts from the checkpoint: nothing of it is unsaved yet
+        acct.pending.clear()
+        log.warning("job restarted", job=acct.job_id, why=why, lost_productive_seconds=round(lost, 1),
+                    restarts=acct.restarts)
+
+    def _checkpoints(self, tracker: CheckpointTracker | None) -> None:
+        """A checkpoint that starts marks the productive time it will hold; one that completes saves it."""
+        if tracker is None:
+            return
+        present = [a for a in self.jobs.values() if a.present]
+        for mp, m in tracker.mounts.items():
+            started, completed = m.last_started, m.outcomes.get("completed", 0)
+            before = self._mounts.get(mp)
+            self._mounts[mp] = (started, completed)
+            if before is None:
+                if m.active is not None:
+                    for a in present:
+                        a.pending.setdefault(mp, a.productive)
+                continue
+            if completed > before[1]:  # the mark of its start; none if it began and ended within this tick
+                for a in present:
+                    a.saved = max(a.saved, a.pending.pop(mp, a.productive))
+            if started is not None and started != before[0] and m.active is not None:
+                for a in present:
+                    a.pending[mp] = a.productive
+        for mp in [mp for mp in self._mounts if mp not in tracker.mounts]:
+            del self._mounts[mp]
+
+    def _account(self, job_id: str, scheduler: str, t: float, hinted: bool = False) -> JobAccount | None:
+        """The job's account, opened if new. At `MAX_JOBS`, a job on a GPU takes the place of the one
+        gone longest; a job that only hints is refused (HintError 429); None when nothing can go."""
+        acct = self.jobs.get(job_id)
+        if acct is None:
+            if len(self.jobs) >= MAX_JOBS:
+                idle = [a for a in self.jobs.values() if not a.present]
+                if hinted:
+                    raise HintError(f"the agent already follows {MAX_JOBS} jobs on this node", status=429)
+                if not idle:
+                    return None
+                del self.jobs[min(idle, key=lambda a: a.last_seen).job_id]
+            acct = self.jobs[job_id] = JobAccount(job_id, scheduler if scheduler in SCHEDULERS else "none",
+                                                  last_seen=t)
+            log.info("job seen", job=job_id, scheduler=acct.scheduler, hinted=hinted)
+        elif acct.scheduler == "none" and scheduler in SCHEDULERS:
+            acct.scheduler = scheduler
+        return acct
+
+    def _forget(self, t: float) -> None:
+        for job_id in [j for j, a in self.jobs.items() if not a.present and t - a.last_seen > FORGET_AFTER]:
+            del self.jobs[job_id]
+
+    # -- step hints (the hint API, on the event loop) -------------------------------------------
+
+    def record_steps(self, steps: Iterable[StepRecord], job: str | None = None, run: str | None = None,
+                     pid: int | None = None, gpus: Iterable[str] = (), scheduler: str | None = None
+                     ) -> tuple[str, int, int]:
+        """Steps a job reported: (the job they were counted for, accepted, duplicates or stale).
+        Raises HintError (400: no job to count them for; 429: too many jobs)."""
+        steps = sorted(steps, key=lambda s: s.step)
+        t = self._clock()
+        job_id = self._hinted_job(job, pid)
+        acct = self._account(job_id, scheduler or "none", t, hinted=job_id not in self.jobs)
+        acct.declared = Declaration(t, pid, frozenset(gpus))
+        acct.last_seen = max(acct.last_seen, t)
+        run = run or f"pid:{pid}"
+        if run != acct.run:
+            if run in acct.runs:
+                return job_id, 0, len(steps)  # a run already replaced: its steps are stale
+            if acct.run is not None:
+                acct.runs.append(acct.run)
+                if steps and acct.last_step is not None and steps[0].step <= acct.last_step:
+                    acct.lost_steps += acct.last_step - steps[0].step + 1
+                if not acct.pids:  # no process set to follow (another PID namespace): the run is the process set
+                    self._restart(acct, "it reports steps from a new run")
+            acct.run, acct.last_step = run, None
+        accepted = 0
+        for s in steps:
+            if acct.last_step is not None and s.step <= acct.last_step:
+                continue
+            acct.last_step = s.step
+            acct.steps += 1
+            accepted += 1
+            acct.tokens += s.tokens or 0
+            acct.samples += s.samples or 0
+            if s.seconds is not None:
+                acct.step_seconds.observe(s.seconds)
+        return job_id, accepted, len(steps) - accepted
+
+    def _hinted_job(self, job: str | None, pid: int | None) -> str:
+        """Whose steps: the job of the GPU process that sent them (same PID namespace: the agent knows
+        better), the job named if it is on the node, the only scheduler job on the node (the job's name
+        for itself is not the scheduler's), else the job named."""
+        if pid is not None and self._pid_jobs.get(pid, UNKNOWN) != UNKNOWN:
+            return self._pid_jobs[pid]
+        if job is not None and job in self.jobs:
+            return job
+        on_gpus = {b.job_id: b for bindings in self.gpus.values() for b in bindings}
+        if len(on_gpus) == 1:
+            (only,) = on_gpus.values()
+            if only.source in ("cgroup", "environ") or job is None:
+                return only.job_id
+        if job is None:
+            raise HintError("give `job`: no single job holds this node's GPUs", status=400)
+        if not JOB_ID.fullmatch(job) or job == UNKNOWN:
+            raise HintError("`job` must be 1-128 characters of letters, digits and ._:@+/-", status=400)
+        return job
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None

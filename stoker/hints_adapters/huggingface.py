@@ -1,0 +1,63 @@
+"""Step hints from a Hugging Face `transformers.Trainer`; imports transformers only when built.
+
+    from stoker.hints_adapters.huggingface import StokerCallback
+
+    trainer = Trainer(model, args, ..., callbacks=[StokerCallback()])
+
+A step is reported at each `on_step_end` (an optimizer step: `state.global_step`), with the
+tokens the Trainer counted since the last one when it counts them
+(`include_num_input_tokens_seen=True`), and the samples of the global batch
+(per-device batch x gradient accumulation x world size).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stoker import hints
+from stoker.hints_adapters._common import import_first, never_raises, reporter_or_default
+
+_classes: dict[type, type] = {}
+
+
+class _HuggingFaceSteps:
+    """The hooks, mixed into `transformers.TrainerCallback` (every other event is the base's no-op)."""
+
+    def __init__(self, reporter: hints.Steps | None = None, tokens_per_step: int | None = None):
+        super().__init__()
+        self._reporter = reporter_or_default(reporter)
+        self._tokens_per_step = tokens_per_step
+        self._last_step: int | None = None
+        self._tokens_seen = 0
+
+    @never_raises
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_step = int(state.global_step)  # a resumed run goes on from here
+        self._tokens_seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    @never_raises
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = int(state.global_step)
+        if self._last_step is not None and step <= self._last_step:
+            return
+        self._last_step = step
+        tokens = self._tokens_per_step
+        seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        if tokens is None and seen > self._tokens_seen:
+            tokens = seen - self._tokens_seen
+        self._tokens_seen = seen
+        samples = None
+        batch = getattr(args, "per_device_train_batch_size", None)
+        if batch:
+            samples = int(batch) * int(getattr(args, "gradient_accumulation_steps", 1) or 1) * int(
+                getattr(args, "world_size", 1) or 1)
+        self._reporter.step(step, tokens, samples)
+
+
+def StokerCallback(reporter: hints.Steps | None = None, tokens_per_step: int | None = None):
+    """A `transformers.TrainerCallback` that reports each optimizer step to the agent."""
+    base = import_first("transformers").TrainerCallback
+    cls = _classes.get(base)
+    if cls is None:
+        cls = _classes[base] = type("StokerCallback", (_HuggingFaceSteps, base), {"__module__": __name__})
+    return cls(reporter, tokens_per_step)

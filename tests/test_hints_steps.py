@@ -1,0 +1,413 @@
+"""Step hints: the job's side (`stoker.hints.Steps`) against a dead, a hung and a live agent, the
+step endpoint of the hint API, and the framework adapters against stand-ins of their callback
+protocols (torch, transformers and lightning are not installed, and must not be needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from stoker import hints
+from stoker.config import CheckpointConfig, DetectConfig
+from stoker.detect.checkpoint import CheckpointTracker
+from stoker.detect.goodput import MAX_JOBS, GoodputLedger
+from stoker.exporters.hints import make_hint_app
+from stoker.hints_adapters import huggingface, lightning, pytorch
+from tests.conftest import free_port
+
+TOKEN = "0123456789abcdef-test-token"
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
+
+
+def timed_loop(reporter, n: int) -> tuple[float, float]:
+    """(total seconds, slowest call) of n steps, as a training loop would call them."""
+    slowest, start = 0.0, time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        reporter.step(i, tokens=4096)
+        slowest = max(slowest, time.perf_counter() - t0)
+    return time.perf_counter() - start, slowest
+
+
+def warnings_of(caplog, fragment: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "stoker.hints" and fragment in r.getMessage()]
+
+
+# -- the training loop never blocks or raises ------------------------------------------------------
+
+def test_a_dead_agent_costs_the_loop_nothing_and_warns_once(caplog):
+    caplog.set_level(logging.WARNING, "stoker.hints")
+    reporter = hints.Steps(url=dead_url(), token=TOKEN, flush_every=0.01, all_ranks=True)
+    total, slowest = timed_loop(reporter, 5000)
+    time.sleep(0.1)  # several flushes fail meanwhile
+    more, slowest_more = timed_loop(reporter, 5000)
+    assert total + more < 1.0 and max(slowest, slowest_more) < 0.05
+    assert reporter.sent == 0 and reporter.dropped > 0
+    assert len(warnings_of(caplog, "not delivered")) == 1  # one warning, however many batches are dropped
+    started = time.monotonic()
+    reporter.close(timeout=0.5)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_hung_agent_does_not_hold_the_loop_or_the_exit():
+    """An agent that accepts connections and never answers: the sender waits, the loop does not."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)  # never accepted: the kernel completes the handshakes, nobody reads
+    try:
+        reporter = hints.Steps(url=f"http://127.0.0.1:{server.getsockname()[1]}", token=TOKEN, flush_every=0.01,
+                               all_ranks=True, timeout=5.0)
+        reporter.step(0)
+        time.sleep(0.2)  # the first batch is now stuck in its request
+        total, slowest = timed_loop(reporter, 5000)
+        assert total < 1.0 and slowest < 0.05
+        started = time.monotonic()
+        reporter.close(timeout=0.3)
+        assert time.monotonic() - started < 1.0
+    finally:
+        server.close()
+
+
+def test_the_queue_is_bounded_and_drops_with_one_warning(caplog):
+    caplog.set_level(logging.WARNING, "stoker.hints")
+    reporter = hints.Steps(url=dead_url(), token=TOKEN, max_pending=100, flush_every=60, all_ranks=True)
+    timed_loop(reporter, 1000)
+    assert len(reporter._pending) == 100 and reporter.dropped == 900
+    assert len(warnings_of(caplog, "queue is full")) == 1
+    reporter.close(timeout=0.2)
+
+
+def test_without_a_token_the_hints_turn_off_after_one_warning(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, "stoker.hints")
+    monkeypatch.delenv("STOKER_HINT_TOKEN", raising=False)
+    reporter = hints.Steps(url=dead_url(), token_file=str(tmp_path / "missing"), flush_every=0.01, all_ranks=True)
+    reporter.step(1)
+    deadline = time.monotonic() + 5
+    while reporter.enabled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not reporter.enabled
+    timed_loop(reporter, 100)
+    assert len(reporter._pending) == 0 and len(warnings_of(caplog, "disabled")) == 1
+    reporter.close(timeout=0.2)
+
+
+def test_only_local_rank_0_reports_by_default(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    reporter = hints.Steps(url=dead_url(), token=TOKEN)
+    reporter.step(1)
+    assert not reporter.enabled and reporter._thread is None and not reporter._pending
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert hints.Steps(url=dead_url(), token=TOKEN).enabled
+
+
+def test_the_environment_names_the_job_its_run_and_its_gpus(monkeypatch):
+    for key in ("STOKER_JOB_ID", "STOKER_RUN_ID", "TORCHELASTIC_RUN_ID", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    reporter = hints.Steps(url=dead_url(), token=TOKEN)
+    assert (reporter.job, reporter.scheduler, reporter.run) == ("4242", "slurm", "slurm:4242.0.1")
+    assert reporter.gpus == ["GPU-aaaa", "GPU-bbbb"]
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "all")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # indexes in CUDA's order: not NVML's, not sent
+    assert hints.Steps(url=dead_url(), token=TOKEN).gpus == []
+
+
+def test_step_costs_about_a_microsecond():
+    """Against a no-op loop of the same shape; generous bounds for a shared CI machine (measured
+    figures: docs/JOBS.md)."""
+    n = 200_000
+    reporter = hints.Steps(url=dead_url(), token=TOKEN, max_pending=n + 1, flush_every=3600, all_ranks=True)
+    reporter._thread = threading.current_thread()  # no sender: the cost of step() alone
+
+    class NoOp:
+        def step(self, step, tokens=None, samples=None, seconds=None):
+            pass
+
+    def loop(r):
+        start = time.perf_counter()
+        for i in range(n):
+            r.step(i, 4096)
+        return time.perf_counter() - start
+
+    base = min(loop(NoOp()) for _ in range(3))
+    cost = min(loop(reporter) - base for _ in range(1)) / n
+    assert cost < 20e-6, f"{cost * 1e6:.2f} us per step"
+
+
+# -- a live agent: the step endpoint ----------------------------------------------------------------
+
+@pytest.fixture
+async def agent():
+    tracker = CheckpointTracker(CheckpointConfig())
+    ledger = GoodputLedger(DetectConfig())
+    server = TestServer(make_hint_app(tracker, TOKEN, ledger), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}", ledger
+    finally:
+        await server.close()
+
+
+async def wait_until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert condition()
+
+
+async def test_steps_reach_the_agent_in_batches(agent):
+    url, ledger = agent
+    reporter = hints.Steps(job="llama70b-7", run="launch-1", url=url, token=TOKEN, flush_every=0.05, all_ranks=True)
+    for n in range(1, 301):
+        reporter.step(n, tokens=4096, samples=2, seconds=1.5)
+    await wait_until(lambda: "llama70b-7" in ledger.jobs and ledger.jobs["llama70b-7"].steps == 300)
+    job = ledger.jobs["llama70b-7"]
+    assert (job.tokens, job.samples, job.last_step, job.run) == (300 * 4096, 600, 300, "launch-1")
+    assert job.step_seconds.total == pytest.approx(450.0)
+    assert reporter.sent == 300 and reporter.dropped == 0
+    await asyncio.to_thread(reporter.close, 1.0)
+
+
+async def post(url: str, body, token: str | None = TOKEN, raw: bytes | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/api/v1/steps", json=None if raw is not None else body, data=raw,
+                                headers=headers) as resp:
+            return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({}, "`steps` must be a list"),
+    ({"steps": []}, "`steps` must be a list"),
+    ({"steps": [{"seconds": 1}]}, "steps[0].step"),
+    ({"steps": [{"step": -1}]}, "steps[0].step"),
+    ({"steps": [{"step": True}]}, "steps[0].step"),
+    ({"steps": [{"step": 1, "seconds": -2}]}, "steps[0].seconds"),
+    ({"steps": [{"step": 1, "tokens": 1.5}]}, "steps[0].tokens"),
+    ({"steps": [{"step": 1, "samples": 2**60}]}, "steps[0].samples"),
+    ({"steps": [{"step": 1}], "job": "a b"}, "`job`"),
+    ({"steps": [{"step": 1}], "job": 'x"}\n'}, "`job`"),
+    ({"steps": [{"step": 1}], "job": "x" * 129}, "`job`"),
+    ({"steps": [{"step": 1}], "job": "j", "pid": "12"}, "`pid`"),
+    ({"steps": [{"step": 1}], "job": "j", "gpus": "GPU-1"}, "`gpus`"),
+    ({"steps": [{"step": 1}], "job": "j", "scheduler": "pbs"}, "`scheduler`"),
+    ({"steps": [{"step": 1}]}, "give `job`"),
+])
+async def test_bad_step_hints_are_400_with_a_message(agent, body, fragment):
+    status, answer = await post(agent[0], body)
+    assert status == 400 and fragment in answer["error"], answer
+
+
+async def test_step_hints_need_the_token_and_are_bounded_in_jobs(agent):
+    url, ledger = agent
+    assert (await post(url, {"steps": [{"step": 1}], "job": "j"}, token="wrong-token-wrong-token"))[0] == 401
+    status, _ = await post(url, None, raw=b'{"steps": [{"step": 1, "seconds": NaN}], "job": "j"}')
+    assert status == 400  # JSON's NaN is not a duration
+    for n in range(MAX_JOBS):
+        status, answer = await post(url, {"steps": [{"step": 1}], "job": f"j{n}"})
+        assert status == 200 and answer == {"job": f"j{n}", "accepted": 1, "duplicates": 0}
+    status, answer = await post(url, {"steps": [{"step": 1}], "job": "one-more"})
+    assert status == 429 and "16 jobs" in answer["error"]
+    assert len(ledger.jobs) == MAX_JOBS
+
+
+async def test_the_checkpoint_endpoints_are_still_there_with_the_step_endpoint(agent):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{agent[0]}/api/v1/checkpoints/end", json={"mountpoint": "/x", "outcome": "done"},
+                                headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            assert resp.status == 400 and "outcome" in (await resp.json())["error"]
+
+
+@pytest.mark.slow
+def test_steps_through_a_real_agent_to_its_metrics(tmp_path):
+    """The helper, the hint API and /metrics of an agent process on the simulated node, whose only
+    job runs under Slurm: steps sent without a job id are that job's."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from stoker.sim.jobs import slurm_job_id
+    from tests.conftest import start_agent_process, wait_http
+
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "one-job.toml").write_text('[[steps]]\ngpu = "saturated"\nseconds = 600\njob = "train"\n')
+    port, hint_port = free_port(), free_port()
+    (tmp_path / "stoker.toml").write_text(f'[checkpoint]\ntoken_file = "{tmp_path / "token"}"\n'
+                                          f'listen = "127.0.0.1:{hint_port}"\n')
+    proc = start_agent_process("--simulate", str(tmp_path / "one-job.toml"), "--config", str(tmp_path / "stoker.toml"),
+                               "--listen", f"127.0.0.1:{port}", "--interval", "0.5")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/metrics")
+        time.sleep(1.5)  # the job is on the GPUs
+        reporter = hints.Steps(url=f"http://127.0.0.1:{hint_port}", token=TOKEN, run="e2e", flush_every=0.1,
+                               all_ranks=True)
+        for n in range(1, 21):
+            reporter.step(n, tokens=1000, seconds=2.0)
+        reporter.close(timeout=5)
+        assert reporter.sent == 20
+        job = slurm_job_id("train")
+        deadline, values = time.monotonic() + 10, {}
+        while time.monotonic() < deadline and values.get("stoker_job_steps_total") != 20:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            values = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples
+                      if s.labels.get("job_id") == job and s.name.startswith("stoker_job_")
+                      and s.labels.get("state", "productive") == "productive"}
+            time.sleep(0.2)
+        assert values["stoker_job_steps_total"] == 20 and values["stoker_job_tokens_total"] == 20_000
+        assert values["stoker_job_step_seconds_sum"] == 40.0 and values["stoker_job_seconds_total"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+# -- adapters, against stand-ins of the frameworks' callback protocols --------------------------------
+
+class Recording:
+    def __init__(self):
+        self.steps: list[tuple] = []
+
+    def step(self, step, tokens=None, samples=None, seconds=None):
+        self.steps.append((step, tokens, samples))
+
+
+class Broken:
+    def step(self, *args, **kwargs):
+        raise RuntimeError("the reporter is broken")
+
+
+def test_adapters_import_no_framework():
+    code = ("import sys, stoker.hints_adapters.pytorch, stoker.hints_adapters.huggingface, "
+            "stoker.hints_adapters.lightning; print([m for m in ('torch', 'transformers', 'lightning', "
+            "'pytorch_lightning') if m in sys.modules])")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+class FakeOptimizer:
+    """`torch.optim.Optimizer`'s step post-hooks: hook(optimizer, args, kwargs) after each step()."""
+
+    def __init__(self):
+        self.hooks: dict[int, object] = {}
+
+    def register_step_post_hook(self, hook):
+        key = len(self.hooks)
+        self.hooks[key] = hook
+        return types.SimpleNamespace(remove=lambda: self.hooks.pop(key))
+
+    def step(self):
+        for hook in list(self.hooks.values()):
+            hook(self, (), {})
+
+
+def test_pytorch_optimizer_hook_and_loop_wrapper(caplog):
+    rec = Recording()
+    opt = FakeOptimizer()
+    handle = pytorch.track_optimizer(opt, rec, start=100, tokens_per_step=8192)
+    for _ in range(3):
+        opt.step()
+    handle.remove()
+    opt.step()
+    assert rec.steps == [(101, 8192, None), (102, 8192, None), (103, 8192, None)]
+    rec = Recording()
+    seen = []
+    for n, batch in pytorch.steps(["a", "b", "c"], rec, samples_per_step=32):
+        seen.append((n, batch, len(rec.steps)))  # step n is reported after its body, not before
+    assert seen == [(1, "a", 0), (2, "b", 1), (3, "c", 2)] and [s[0] for s in rec.steps] == [1, 2, 3]
+    caplog.set_level(logging.WARNING, "stoker.hints")
+    broken = FakeOptimizer()
+    pytorch.track_optimizer(broken, Broken())
+    for _ in range(5):
+        broken.step()  # training goes on
+    assert len(warnings_of(caplog, "hook failed")) == 1
+
+
+@pytest.fixture
+def transformers_standin(monkeypatch):
+    module = types.ModuleType("transformers")
+
+    class TrainerCallback:  # transformers.TrainerCallback: every event a no-op
+        def __getattr__(self, name):
+            if name.startswith("on_"):
+                return lambda *args, **kwargs: None
+            raise AttributeError(name)
+
+    module.TrainerCallback = TrainerCallback
+    monkeypatch.setitem(sys.modules, "transformers", module)
+    return module
+
+
+def call_event(callbacks, event, args, state, control):
+    """What transformers' CallbackHandler.call_event does."""
+    for cb in callbacks:
+        result = getattr(cb, event)(args, state, control, model=None, tokenizer=None, optimizer=None)
+        if result is not None:
+            control = result
+    return control
+
+
+def test_huggingface_callback(transformers_standin):
+    rec = Recording()
+    cb = huggingface.StokerCallback(reporter=rec)
+    assert isinstance(cb, transformers_standin.TrainerCallback)
+    args = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=8, world_size=64)
+    state = types.SimpleNamespace(global_step=1200, num_input_tokens_seen=5_000_000)  # resumed at step 1200
+    control = object()
+    assert call_event([cb], "on_train_begin", args, state, control) is control
+    for _ in range(2):
+        call_event([cb], "on_step_begin", args, state, control)
+        state.global_step += 1
+        state.num_input_tokens_seen += 2048 * 4096
+        call_event([cb], "on_step_end", args, state, control)
+        call_event([cb], "on_log", args, state, control)
+    call_event([cb], "on_step_end", args, state, control)  # the same step again: not another one
+    assert rec.steps == [(1201, 2048 * 4096, 2048), (1202, 2048 * 4096, 2048)]
+    broken = huggingface.StokerCallback(reporter=Broken())
+    call_event([broken], "on_train_begin", args, state, control)
+    state.global_step += 1
+    call_event([broken], "on_step_end", args, state, control)  # no exception reaches the Trainer
+
+
+def test_lightning_callback_reports_optimizer_steps(monkeypatch):
+    lightning_pkg, pytorch_pkg = types.ModuleType("lightning"), types.ModuleType("lightning.pytorch")
+
+    class Callback:  # lightning.pytorch.Callback: hooks are no-op methods
+        def on_train_start(self, trainer, pl_module):
+            pass
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pass
+
+    pytorch_pkg.Callback = Callback
+    lightning_pkg.pytorch = pytorch_pkg
+    monkeypatch.setitem(sys.modules, "lightning", lightning_pkg)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", pytorch_pkg)
+    rec = Recording()
+    cb = lightning.StokerCallback(reporter=rec, tokens_per_step=1 << 22)
+    assert isinstance(cb, Callback)
+    trainer = types.SimpleNamespace(global_step=0)
+    cb.on_train_start(trainer, None)
+    for batch_idx in range(8):  # gradient accumulation over 4 batches: 2 optimizer steps
+        if batch_idx % 4 == 3:
+            trainer.global_step += 1
+        cb.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert rec.steps == [(1, 1 << 22, None), (2, 1 << 22, None)]
+
+
+def test_an_adapter_without_its_framework_says_so():
+    with pytest.raises(ImportError, match="lightning.pytorch, pytorch_lightning"):
+        lightning.StokerCallback(reporter=Recording())

@@ -1,0 +1,287 @@
+"""Which job holds each GPU (sources/jobs.py): real Slurm and Kubernetes cgroup layouts read from
+fixture procfs and cgroupfs trees, the environment as a fallback, PIDs the agent cannot see, and
+the whole path from a fake NVML process list to `stoker_gpu_job_info`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from stoker.config import DetectConfig
+from stoker.detect.goodput import GoodputLedger
+from stoker.exporters import jobs as job_families
+from stoker.exporters.exposition import render
+from stoker.sim import jobs as sim_jobs
+from stoker.sim import scenarios
+from stoker.sim.drive import ManualClock
+from stoker.sim.fake_nvml import FakeNVML
+from stoker.sim.node import SimNode
+from stoker.sources.gpu import GpuSource
+from stoker.sources.jobs import JobSource, Owner, parse_cgroup_file
+
+UID = "3f2b8c1e-5d7a-4c9e-9a61-3c1f2e4d5b6a"
+CID = "4b1f9e0c2a7d48e1b6c3a5f7d9e2b4c6a8f0e1d3c5b7a9f2e4d6c8b0a1f3e5d7"
+
+# /proc/<pid>/cgroup as each layout writes it (trimmed only of controllers that name no job)
+CGROUP_FILES = {
+    "slurm-v1": ("""12:pids:/system.slice/slurmd.service
+11:hugetlb:/
+10:memory:/slurm/uid_1001/job_4242/step_0/task_0
+9:devices:/slurm/uid_1001/job_4242/step_0
+8:cpuset:/slurm/uid_1001/job_4242/step_0
+7:freezer:/slurm/uid_1001/job_4242/step_0
+6:net_cls,net_prio:/
+5:perf_event:/
+4:blkio:/system.slice/slurmd.service
+3:cpu,cpuacct:/system.slice/slurmd.service
+2:rdma:/
+1:name=systemd:/system.slice/slurmd.service
+""", Owner("4242", "slurm", "cgroup")),
+    "slurm-v1-several-slurmd": ("""10:memory:/slurm_node017/uid_1001/job_4245/step_1/task_2
+1:name=systemd:/system.slice/slurmd@node017.service
+""", Owner("4245", "slurm", "cgroup")),
+    "slurm-v2": ("0::/system.slice/slurmstepd.scope/job_4343/step_0/user/task_0\n", Owner("4343", "slurm", "cgroup")),
+    "slurm-v2-batch-several-slurmd": ("0::/system.slice/node017_slurmstepd.scope/job_4344/step_batch/user/task_0\n",
+                                      Owner("4344", "slurm", "cgroup")),
+    "k8s-systemd-v2": (f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}"
+                       f".slice/cri-containerd-{CID}.scope\n", Owner(UID, "kubernetes", "cgroup")),
+    "k8s-systemd-v2-guaranteed": (f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/"
+                                  f"cri-containerd-{CID}.scope\n", Owner(UID, "kubernetes", "cgroup")),
+    "k8s-systemd-v1-docker": (f"""12:memory:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice/docker-{CID}.scope
+11:devices:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice/docker-{CID}.scope
+1:name=systemd:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice/docker-{CID}.scope
+""", Owner(UID, "kubernetes", "cgroup")),
+    "k8s-cgroupfs-v1": (f"""11:memory:/kubepods/burstable/pod{UID}/{CID}
+10:cpuset:/kubepods/burstable/pod{UID}/{CID}
+4:pids:/kubepods/burstable/pod{UID}/{CID}
+1:name=systemd:/kubepods/burstable/pod{UID}/{CID}
+""", Owner(UID, "kubernetes", "cgroup")),
+    "k8s-cgroupfs-v2-guaranteed": (f"0::/kubepods/pod{UID}/{CID}\n", Owner(UID, "kubernetes", "cgroup")),
+    "k8s-kind-kubelet-in-container": (
+        f"0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod"
+        f"{UID.replace('-', '_')}.slice/cri-containerd-{CID}.scope\n", Owner(UID, "kubernetes", "cgroup")),
+    "login-session": ("0::/user.slice/user-1000.slice/session-3.scope\n", None),
+    "docker-not-kubernetes": (f"0::/system.slice/docker-{CID}.scope\n", None),
+    "job-dir-not-slurm": ("0::/system.slice/batch.service/job_1/worker\n", None),
+}
+
+
+@pytest.mark.parametrize("layout", CGROUP_FILES)
+def test_cgroup_file_layouts(layout):
+    text, owner = CGROUP_FILES[layout]
+    assert parse_cgroup_file(text) == owner
+
+
+def write(root: Path, files: dict[str, str | bytes]) -> None:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+
+
+def test_procfs_each_pid_from_its_cgroup_else_its_environment(tmp_path):
+    files = {f"proc/{1000 + i}/cgroup": text for i, (text, _) in enumerate(CGROUP_FILES.values())}
+    files["proc/2000/cgroup"] = CGROUP_FILES["login-session"][0]  # srun without task/cgroup: the environment says
+    files["proc/2000/environ"] = b"HOME=/home/a\0SLURM_JOB_ID=777\0SLURM_LOCALID=0\0"
+    files["proc/2001/cgroup"] = CGROUP_FILES["login-session"][0]
+    files["proc/2001/environ"] = b"STOKER_JOB_ID=notebook-7\0"
+    files["proc/2002/cgroup"] = CGROUP_FILES["login-session"][0]
+    files["proc/2002/environ"] = b"SLURM_JOB_ID=$(rm -rf)\0"  # not a job id
+    write(tmp_path, files)
+    source = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys"))
+    snap = source.resolve([*(1000 + i for i in range(len(CGROUP_FILES))), 2000, 2001, 2002])
+    for i, (_, owner) in enumerate(CGROUP_FILES.values()):
+        assert snap.owners[1000 + i] == owner
+    assert snap.owners[2000] == Owner("777", "slurm", "environ")
+    assert snap.owners[2001] == Owner("notebook-7", "none", "environ")
+    assert snap.owners[2002] is None
+    assert snap.hidden == frozenset() and snap.problems == []
+
+
+def test_an_unreadable_environment_is_no_owner_not_an_error(tmp_path):
+    """Another user's environ is EACCES for an unprivileged agent (root reads it: chmod cannot make
+    it fail here), so the file is simply absent in this fixture."""
+    write(tmp_path, {"proc/3000/cgroup": CGROUP_FILES["login-session"][0]})
+    snap = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve([3000])
+    assert snap.owners == {3000: None} and snap.problems == []
+
+
+# cgroupfs as each layout lays it out: what the agent reads when /proc/<pid> is hidden from it
+CGROUP_TREES = {
+    "slurm-v2": ({
+        "fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+        "fs/cgroup/system.slice/slurmd.service/cgroup.procs": "812\n",
+        "fs/cgroup/system.slice/slurmstepd.scope/system/cgroup.procs": "1801\n",
+        "fs/cgroup/system.slice/slurmstepd.scope/job_4343/cgroup.procs": "",
+        "fs/cgroup/system.slice/slurmstepd.scope/job_4343/step_extern/user/task_special/cgroup.procs": "7000\n",
+        "fs/cgroup/system.slice/slurmstepd.scope/job_4343/step_0/slurm/cgroup.procs": "7010\n",
+        "fs/cgroup/system.slice/slurmstepd.scope/job_4343/step_0/user/task_0/cgroup.procs": "7001\n",
+        "fs/cgroup/system.slice/slurmstepd.scope/job_4343/step_0/user/task_1/cgroup.procs": "7002\n",
+        "fs/cgroup/user.slice/user-1000.slice/session-3.scope/cgroup.procs": "7003\n",
+    }, {7001: "4343", 7002: "4343", 7003: None}, "slurm"),
+    "slurm-v1": ({
+        "fs/cgroup/freezer/slurm/uid_1001/job_4242/step_0/cgroup.procs": "7101\n7102\n",
+        "fs/cgroup/freezer/slurm/uid_1001/job_4242/step_batch/cgroup.procs": "7100\n",
+        "fs/cgroup/memory/slurm/uid_1001/job_4242/step_0/task_0/cgroup.procs": "7101\n",
+        "fs/cgroup/memory/slurm/uid_1001/job_4242/step_0/task_1/cgroup.procs": "7102\n",
+        "fs/cgroup/memory/user.slice/cgroup.procs": "7103\n",
+    }, {7101: "4242", 7102: "4242", 7103: None}, "slurm"),
+    "k8s-systemd-v2": ({
+        "fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+        "fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+        f"{UID.replace('-', '_')}.slice/cri-containerd-{CID}.scope/cgroup.procs": "7201\n7202\n",
+        "fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+        f"{UID.replace('-', '_')}.slice/cri-containerd-{'e' * 64}.scope/cgroup.procs": "7200\n",  # the pause container
+        "fs/cgroup/system.slice/containerd.service/cgroup.procs": "7203\n",
+    }, {7201: UID, 7202: UID, 7203: None}, "kubernetes"),
+    "k8s-cgroupfs-v1": ({
+        f"fs/cgroup/pids/kubepods/burstable/pod{UID}/{CID}/cgroup.procs": "7301\n",
+        f"fs/cgroup/pids/kubepods/pod{'0' * 8}-1111-2222-3333-444444444444/{CID}/cgroup.procs": "7302\n",
+        "fs/cgroup/pids/system.slice/cgroup.procs": "7303\n",
+    }, {7301: UID, 7302: "00000000-1111-2222-3333-444444444444", 7303: None}, "kubernetes"),
+}
+
+
+@pytest.mark.parametrize("layout", CGROUP_TREES)
+def test_hidden_pids_are_found_in_the_scheduler_cgroup_tree(tmp_path, layout):
+    """ProtectProc=invisible: /proc/<pid> of another user's process does not exist for the agent;
+    the scheduler's cgroups list it all the same."""
+    tree, expected, scheduler = CGROUP_TREES[layout]
+    write(tmp_path / "sys", tree)
+    (tmp_path / "proc").mkdir()
+    source = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys"))
+    snap = source.resolve(expected)
+    got = {pid: None if o is None else o.job_id for pid, o in snap.owners.items()}
+    assert got == expected
+    assert {o.scheduler for o in snap.owners.values() if o} == {scheduler}
+    assert snap.hidden == frozenset(expected) and source.walks == 1
+
+
+def test_a_pid_is_read_once_and_one_not_placed_is_retried_with_backoff(tmp_path):
+    tree = CGROUP_TREES["slurm-v2"][0]
+    write(tmp_path / "sys", tree)
+    (tmp_path / "proc").mkdir()
+    clock = ManualClock(0.0)
+    source = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys"), clock=clock)
+    source.resolve([7001, 7003])
+    assert source.walks == 1 and not source.due([7001])
+    assert not source.due([7001, 7003])  # 7003 (in no job) waits a second before another try
+    clock.advance(1.0)
+    assert source.due([7003])
+    source.resolve([7001, 7003])
+    assert source.walks == 2
+    clock.advance(1.0)
+    assert not source.due([7003])  # then two seconds, four, ... a minute
+    clock.advance(1.0)
+    assert source.due([7003])
+    snap = source.resolve([7002])  # 7001 and 7003 are gone from the GPUs: forgotten
+    assert set(snap.owners) == {7002} and snap.owners[7002].job_id == "4343"
+
+
+def test_a_huge_cgroup_tree_is_walked_within_a_bound(tmp_path, monkeypatch):
+    from stoker.sources import jobs
+    monkeypatch.setattr(jobs, "MAX_CGROUPS", 20)
+    write(tmp_path / "sys", {"fs/cgroup/cgroup.controllers": "",
+                             **{f"fs/cgroup/kubepods.slice/pod-{i}/cgroup.procs": f"{9000 + i}\n" for i in range(50)}})
+    (tmp_path / "proc").mkdir()
+    snap = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve([1])
+    assert snap.owners == {1: None} and snap.problems == ["cgroup_walk_truncated"]
+
+
+def info_samples(ledger: GoodputLedger) -> list[dict]:
+    body = render(job_families.families(ledger)).decode()
+    fam = next(f for f in text_string_to_metric_families(body) if f.name == "stoker_gpu_job_info")
+    return [s.labels for s in fam.samples]
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "kubernetes"])
+def test_from_a_fake_nvml_process_list_to_the_info_metric(tmp_path, scheduler):
+    """NVML's compute PIDs (the fake returns one rank per GPU) looked up in the simulated procfs."""
+    clock = ManualClock(0.0)
+    scenario = scenarios.parse(f'[[steps]]\ngpu = "saturated"\nseconds = 60\njob = "llama70b"\n'
+                               f'scheduler = "{scheduler}"\n', "one-job")
+    node = SimNode(scenario, clock=clock)
+    sim_jobs.SimJobs(node, str(tmp_path / "proc")).build()
+    gpu = GpuSource(FakeNVML(node), clock=clock, wall=clock)
+    try:
+        clock.advance(1.0)
+        snapshot = gpu.sample()
+    finally:
+        gpu.close()
+    pids = [p for g in snapshot.gpus for p in g.pids]
+    assert len(pids) == 8
+    owners = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve(pids)
+    ledger = GoodputLedger(DetectConfig(), clock)
+    ledger.tick(clock(), snapshot, owners, None, {})
+    expected = sim_jobs.job_id("llama70b", scheduler)
+    samples = info_samples(ledger)
+    assert [s["gpu"] for s in samples] == [str(i) for i in range(8)]
+    assert {(s["job_id"], s["scheduler"], s["source"]) for s in samples} == {(expected, scheduler, "cgroup")}
+    assert all(s["uuid"].startswith("GPU-") for s in samples)
+    assert "job" not in samples[0]  # Prometheus would rename it exported_job
+
+
+def test_gpus_whose_processes_nobody_can_place_are_held_by_an_unknown_job(tmp_path):
+    clock = ManualClock(0.0)
+    node = SimNode(scenarios.parse('[[steps]]\ngpu = "saturated"\nseconds = 60\njob = "x"\n', "x"), clock=clock)
+    gpu = GpuSource(FakeNVML(node), clock=clock, wall=clock)  # no procfs entries: hidden, or another namespace
+    try:
+        clock.advance(1.0)
+        snapshot = gpu.sample()
+    finally:
+        gpu.close()
+    os.makedirs(tmp_path / "proc")
+    owners = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve(p for g in snapshot.gpus for p in g.pids)
+    assert owners.hidden == frozenset(p for g in snapshot.gpus for p in g.pids)
+    ledger = GoodputLedger(DetectConfig(), clock)
+    ledger.tick(clock(), snapshot, owners, None, {})
+    assert {(s["job_id"], s["scheduler"], s["source"]) for s in info_samples(ledger)} == {("unknown", "none", "none")}
+
+
+async def test_a_hung_lookup_fails_alone_and_the_verdicts_go_on():
+    """An environ read blocked behind a process stuck on a hung NFS mount: the verdict cycle waits
+    at most the deadline once, then not at all, and takes the owners when the read comes back."""
+    import asyncio
+    import threading
+    import time
+
+    from stoker.agent.jobs import JobAttributor
+    from stoker.agent.verdicts import VerdictCollector
+    from stoker.config import CheckpointConfig
+    from stoker.detect.view import NodeView
+    from stoker.sources.gpu import GpuSample, GpuSnapshot
+    from stoker.sources.jobs import JobSnapshot
+
+    class Stuck:
+        def __init__(self):
+            self.release = threading.Event()
+
+        def due(self, pids):
+            return True
+
+        def resolve(self, pids):
+            self.release.wait(10)
+            return JobSnapshot({p: Owner("4242", "slurm", "cgroup") for p in pids})
+
+    source = Stuck()
+    gpu = GpuSnapshot([GpuSample(i, f"GPU-{i}", processes=1, pids=(100 + i,), memory_used_bytes=50e9)
+                       for i in range(8)])
+    attributor = JobAttributor(source, timeout=0.2)
+    verdicts = VerdictCollector(1.0, DetectConfig(), CheckpointConfig(), view=lambda t: NodeView(t, gpu=gpu),
+                                jobs=attributor)
+    try:
+        started = time.monotonic()
+        await verdicts.cycle()
+        await verdicts.cycle()
+        assert time.monotonic() - started < 0.6  # the deadline once, then "hung" at once
+        assert {b.job_id for bs in verdicts.goodput.gpus.values() for b in bs} == {"unknown"}
+        source.release.set()
+        await asyncio.sleep(0.1)
+        await verdicts.cycle()
+        assert {b.job_id for bs in verdicts.goodput.gpus.values() for b in bs} == {"4242"}
+    finally:
+        source.release.set()
+        await verdicts.close()
