@@ -24,23 +24,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
-import gzip
 import json
 import os
 import resource
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
-import urllib.request
 from pathlib import Path
 
-from bench.common import emit, process_cpu, rss_bytes
-from bench.scrape import free_port, wait_http
+from bench.common import process_cpu, rss_bytes, thread_sum_cpu
+
+# The agent's process imports no more than this module needs (its RSS is measured): what only the
+# harness needs is imported in the harness's functions.
 
 SCENARIO = "healthy"
 SCRAPE_EVERY = 15.0
@@ -97,10 +93,8 @@ def thread_wakeups() -> dict[str, int]:
 def worker_seconds() -> dict[str, float]:
     """Time the sampling thread spent in each worker's calls, by worker name (one sampling thread
     for all); empty for older trees (a thread per collector, counted by thread)."""
-    import gc
-
     from stoker.agent import worker as w
-    return {o.name: o.seconds for o in gc.get_objects() if isinstance(o, w.Worker) and hasattr(o, "seconds")}
+    return {o.name: o.seconds for o in w.workers()} if hasattr(w, "workers") else {}
 
 
 def children_cpu() -> float:
@@ -111,10 +105,10 @@ def children_cpu() -> float:
             continue
         try:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == me:
+                total += thread_sum_cpu(int(entry))
         except OSError:
-            continue
-        if int(fields[1]) == me:
-            total += process_cpu(int(entry))
+            continue  # gone meanwhile
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return total + r.ru_utime + r.ru_stime
 
@@ -290,13 +284,7 @@ async def agent_run(args) -> dict:
 
 
 def agent_main(args) -> None:
-    runner = asyncio.run
-    try:
-        from stoker.agent.runtime import run_loop  # the agent's own choice of event loop, where it has one
-        runner = run_loop
-    except ImportError:
-        pass
-    result = runner(agent_run(args))
+    result = asyncio.run(agent_run(args))  # as `stoker run` does
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -343,6 +331,12 @@ def _wait_file(path: Path, timeout: float = 60.0) -> None:
 
 def measure(interval: float, seconds: float, warmup: float = 5.0, scenario: str = SCENARIO, ports: int = 8,
             tree: str | None = None, py_spy: str | None = None) -> dict:
+    import gzip
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    from bench.scrape import free_port, wait_http
     with tempfile.TemporaryDirectory(prefix="stoker-bench-agent-") as root:
         cmd, env, cwd = _python(tree, root)
         root = os.path.join(root, "node")
@@ -363,7 +357,7 @@ def measure(interval: float, seconds: float, warmup: float = 5.0, scenario: str 
             url = f"http://127.0.0.1:{port}/metrics"
             wait_http(url)
             time.sleep(warmup)
-            sim_cpu0, t0 = process_cpu(sim.pid), time.monotonic()
+            sim_cpu0, t0 = thread_sum_cpu(sim.pid), time.monotonic()
             spy = None
             if py_spy:
                 spy = subprocess.Popen([py_spy_binary(), "record", "-p", str(agent.pid), "-r", "1000", "-d",
@@ -377,7 +371,7 @@ def measure(interval: float, seconds: float, warmup: float = 5.0, scenario: str 
                         gzip.decompress(resp.read())
                     next_scrape += SCRAPE_EVERY
                 time.sleep(0.2)
-            sim_share = (process_cpu(sim.pid) - sim_cpu0) / (time.monotonic() - t0)
+            sim_share = (thread_sum_cpu(sim.pid) - sim_cpu0) / (time.monotonic() - t0)
             sim_rss = rss_bytes(sim.pid)
             _, err = agent.communicate(timeout=60)
             if agent.returncode != 0:
@@ -396,10 +390,13 @@ def measure(interval: float, seconds: float, warmup: float = 5.0, scenario: str 
 
 
 def py_spy_binary() -> str:
+    import shutil
     return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
 
 def reference(interval: float, seconds: float) -> float:
+    import subprocess
+    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ref.json")
         cmd, env, cwd = _python(None, tmp)
@@ -416,6 +413,7 @@ def run(intervals: list[float], seconds: float, warmup: float = 5.0, tree: str |
     for interval in intervals:
         spy = py_spy if interval == intervals[0] else None
         if against:
+            import concurrent.futures
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 mine = pool.submit(measure, interval, seconds, warmup, tree=tree, py_spy=spy)
                 theirs = pool.submit(measure, interval, seconds, warmup, tree=against)
@@ -462,6 +460,7 @@ def main() -> None:
     else:
         if args.py_spy and not os.path.exists(py_spy_binary()):
             parser.error("py-spy is not installed (.venv/bin/pip install py-spy)")
+        from bench.common import emit
         emit("agent", run(args.intervals, args.seconds, args.warmup, args.tree, args.py_spy, args.against), args.out)
 
 

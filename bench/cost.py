@@ -78,14 +78,15 @@ def run_agent(interval: float, seconds: float) -> dict:
         agent.wait(timeout=10)
 
 
-def simulator_alone(seconds: float) -> dict:
-    """The simulator's kernel-tree writes at the agent's pace, with no collector reading them."""
+def simulator_alone(seconds: float, interval: float = 1.0) -> dict:
+    """The simulator's kernel-tree writes at the pace it keeps for an agent sampling every
+    `interval` (once per cycle, at most every ADVANCE_EVERY), with no collector reading them."""
     with tempfile.TemporaryDirectory() as root:
         sim = Simulation("healthy", root)
         t0, cpu0 = time.monotonic(), time.process_time()
         while time.monotonic() - t0 < seconds:
             sim.advance()
-            time.sleep(ADVANCE_EVERY)
+            time.sleep(max(ADVANCE_EVERY, interval))
         return {"cpu_share_of_one_core": round((time.process_time() - cpu0) / (time.monotonic() - t0), 4)}
 
 
@@ -98,6 +99,7 @@ def scaling(sizes: list[int], cycles: int) -> list[dict]:
             network.build()
             storage = SimStorage(node, f"{root}/proc", f"{root}/nas", "bench", extra_mounts=max(0, n - 2))
             storage.build()
+            time.sleep(0.1)  # directories changed this recently are checked again each cycle (files.RACY_NS)
             gpu = GpuSource(FakeNVML(node))
             rdma = RdmaSource(f"{root}/sys")
             ethtool = EthtoolReader(lambda name: FakeEthtool(network, name))

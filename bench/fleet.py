@@ -7,7 +7,10 @@ For each fleet size the harness measures, from Prometheus' own metrics: series
 per node, head series, rule evaluation time, scrape durations, and Prometheus'
 memory; then extrapolates linearly to 1,000 and 10,000 nodes.
 
-    python -m bench.fleet [--nodes 5 10 20 40] [--per-process 10] [--seconds 60] [--out FILE]
+    python -m bench.fleet [--nodes 5 10 20 40] [--per-process 10] [--seconds 60] [--hw-counters default|all]
+                          [--out FILE]
+
+bench/fleet_vm.py measures the same fleet on VictoriaMetrics (vmagent, vmalert) for docs/SCALE.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +27,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from bench.common import emit
+from bench.common import emit, thread_sum_cpu
 from bench.scrape import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,27 +36,66 @@ SCENARIOS = ("healthy", "storage-starved", "network-congested", "checkpoint", "h
 NODE_INTERVAL = 5.0  # seconds between samples on a fleet node: Prometheus scrapes at 15 s anyway
 
 
-async def serve_nodes(ports: list[int], interval: float) -> None:
+async def serve_nodes(ports: list[int], interval: float, hw_counters: str = "default") -> None:
     from stoker import config, logs
     from stoker.agent.runtime import Agent
     from stoker.sim.simulation import Simulation
 
     logs.configure("json", level=40)
     agents = []
-    with tempfile.TemporaryDirectory() as tmp:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    with tempfile.TemporaryDirectory() as tmp:  # SIGTERM ends the agents, then removes their trees
         for i, port in enumerate(ports):
             sim = Simulation(SCENARIOS[i % len(SCENARIOS)], f"{tmp}/{i}")
             sim_cfg = sim.configure(config.load(overrides={
                 "agent": {"listen": f"127.0.0.1:{port}", "interval": interval},
-                "checkpoint": {"listen": "127.0.0.1:0"}}))
+                "rdma": {"hw_counters": hw_counters}, "checkpoint": {"listen": "127.0.0.1:0"}}))
             agents.append(Agent(sim_cfg, sim.platform()))
-        for agent in agents:
-            await agent.start()
-        await asyncio.Event().wait()
+        try:
+            for agent in agents:
+                await agent.start()
+            await stop.wait()
+        finally:
+            await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)
 
 
-def worker_main(ports: list[int], interval: float) -> None:
-    asyncio.run(serve_nodes(ports, interval))
+def worker_main(ports: list[int], interval: float, hw_counters: str = "default") -> None:
+    asyncio.run(serve_nodes(ports, interval, hw_counters))
+
+
+def start_workers(nodes: int, per_process: int, hw_counters: str = "default",
+                  interval: float = NODE_INTERVAL) -> tuple[list[int], list[subprocess.Popen]]:
+    """`nodes` simulated nodes, `per_process` to a worker process: their ports and the workers."""
+    ports: list[int] = []
+    while len(ports) < nodes:  # the kernel hands a port closed a moment ago out again: never one twice
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    workers = []
+    for i in range(0, nodes, per_process):
+        # a worker that fails says why in its log (one per worker, named after its first port)
+        path = Path(tempfile.gettempdir()) / f"stoker-fleet-worker-{ports[i]}.log"
+        with open(path, "wb") as log:
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.fleet", "--worker", "--interval", str(interval),
+                 "--hw-counters", hw_counters, "--ports", *map(str, ports[i:i + per_process])],
+                stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT))
+        workers[-1].log_path = path  # type: ignore[attr-defined]
+    return ports, workers
+
+
+def stop_workers(workers: list[subprocess.Popen]) -> None:
+    for w in workers:
+        w.terminate()
+    for w in workers:
+        try:
+            w.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            w.kill()
+        log = getattr(w, "log_path", None)
+        if log is not None and log.exists() and not log.stat().st_size:
+            log.unlink()
 
 
 def query(url: str, expr: str) -> list[dict]:
@@ -66,12 +109,8 @@ def scalar(url: str, expr: str) -> float:
     return float(result[0]["value"][1]) if result else float("nan")
 
 
-def measure(nodes: int, per_process: int, seconds: float, scrape_interval: str) -> dict:
-    ports = [free_port() for _ in range(nodes)]
-    workers = [subprocess.Popen([sys.executable, "-m", "bench.fleet", "--worker", "--interval", str(NODE_INTERVAL),
-                                 "--ports", *map(str, ports[i:i + per_process])],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-               for i in range(0, nodes, per_process)]
+def measure(nodes: int, per_process: int, seconds: float, scrape_interval: str, hw_counters: str = "default") -> dict:
+    ports, workers = start_workers(nodes, per_process, hw_counters)
     prom_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         static = "".join(f'      - targets: ["127.0.0.1:{p}"]\n        labels: {{node: "node-{i:04d}"}}\n'
@@ -89,12 +128,17 @@ def measure(nodes: int, per_process: int, seconds: float, scrape_interval: str) 
             for p in ports:
                 wait_http(f"http://127.0.0.1:{p}/metrics", timeout=120)
             wait_http(f"{url}/-/ready", timeout=60)
+            cpu0, t0 = sum(thread_sum_cpu(w.pid) for w in workers), time.monotonic()
             time.sleep(seconds)
+            nodes_cpu = (sum(thread_sum_cpu(w.pid) for w in workers) - cpu0) / (time.monotonic() - t0)
             up = scalar(url, 'sum(up{job="stoker"})')
             per_node = query(url, 'count by (node) ({job="stoker"})')
             series = [float(r["value"][1]) for r in per_node]
             return {
                 "nodes": nodes, "nodes_up": up,
+                # the worker processes: every simulated node's agent and simulator, all of them together
+                "nodes_cpu_share_of_one_core": round(nodes_cpu, 4),
+                "cpu_share_per_node": round(nodes_cpu / nodes, 5),
                 "series_per_node": round(sum(series) / max(1, len(series)), 1),
                 "head_series": scalar(url, "prometheus_tsdb_head_series"),
                 "rule_eval_seconds": scalar(url, "sum(prometheus_rule_group_last_duration_seconds)"),
@@ -106,9 +150,7 @@ def measure(nodes: int, per_process: int, seconds: float, scrape_interval: str) 
         finally:
             prom.terminate()
             prom.wait(timeout=30)
-            for w in workers:
-                w.terminate()
-                w.wait(timeout=30)
+            stop_workers(workers)
 
 
 def extrapolate(rows: list[dict], scrape_seconds: float) -> dict:
@@ -131,10 +173,12 @@ def extrapolate(rows: list[dict], scrape_seconds: float) -> dict:
     return out
 
 
-def run(sizes: list[int], per_process: int, seconds: float, scrape_interval: str = "15s") -> dict:
-    rows = [measure(n, per_process, seconds, scrape_interval) for n in sizes]
+def run(sizes: list[int], per_process: int, seconds: float, scrape_interval: str = "15s",
+        hw_counters: str = "default") -> dict:
+    rows = [measure(n, per_process, seconds, scrape_interval, hw_counters) for n in sizes]
     scrape_seconds = float(scrape_interval.rstrip("s"))
-    return {"scrape_interval": scrape_interval, "node_interval_s": NODE_INTERVAL, "sizes": rows,
+    return {"scrape_interval": scrape_interval, "node_interval_s": NODE_INTERVAL, "hw_counters": hw_counters,
+            "sizes": rows,
             "extrapolated": extrapolate(rows, scrape_seconds) if len(rows) >= 2 else {}}
 
 
@@ -147,12 +191,14 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ports", type=int, nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--interval", type=float, default=NODE_INTERVAL, help=argparse.SUPPRESS)
+    parser.add_argument("--hw-counters", default="default", choices=("default", "all"),
+                        help="the nodes' [rdma] hw_counters")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker:
-        worker_main(args.ports, args.interval)
+        worker_main(args.ports, args.interval, args.hw_counters)
         return
-    emit("fleet", run(args.nodes, args.per_process, args.seconds, args.scrape_interval), args.out)
+    emit("fleet", run(args.nodes, args.per_process, args.seconds, args.scrape_interval, args.hw_counters), args.out)
 
 
 if __name__ == "__main__":

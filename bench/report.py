@@ -76,6 +76,29 @@ def cost(d: dict, out: Path) -> str:
             + "\n![scaling](bench-scaling.png)\n")
 
 
+def agent(d: dict, out: Path) -> str:
+    def pct(x: float) -> str:
+        return f"{100 * x:.3f}%"
+    names = list(d["runs"][0]["collectors"])
+    rows = []
+    for r in d["runs"]:
+        for label, run in (("this tree", r), *((("against: " + r["against"]["tree"], r["against"]),)
+                                                if "against" in r else ())):
+            rows.append([r["interval_s"], label, pct(run["agent_share_of_one_core"]),
+                         *(pct(run["collectors"][n]["share_of_one_core"]) if n in run["collectors"] else "-"
+                           for n in names),
+                         pct(run["rest_share_of_one_core"]), pct(run["probe_children_share_of_one_core"]),
+                         f'{run["rss_bytes"] / 1e6:.1f}', run["series"], pct(run["simulator_share_of_one_core"])])
+    return ("## The agent alone (bench/agent.py)\n\n"
+            + f"Scenario `{d['scenario']}` on the full simulated XE9680, production probe intervals; the simulator "
+              "in a process of its own (its cost in the last column). CPU as a share of one core; per collector: its "
+              "sampling plus its families and rendering; rest: the event loop, the agent's own metrics, HTTP.\n\n"
+            + table(["interval s", "tree", "agent", *names, "rest", "NAS probe children", "RSS MB", "series",
+                     "simulator"], rows)
+            + f"\nSimulator per node: {pct(d['simulator_share_per_node'])} of a core; "
+              f"{d['simulated_nodes_per_core']} simulated nodes per core.\n")
+
+
 def detection(d: dict, out: Path) -> str:
     rows = [[r["scenario"], r["cause"], r.get("verdict_after_fault_s", "-"), r.get("alert", "-"),
              r.get("alert_after_fault_s", "-")] for r in d["scenarios"]]
@@ -94,7 +117,8 @@ def detection(d: dict, out: Path) -> str:
 
 
 def fleet(d: dict, out: Path) -> str:
-    rows = [[r["nodes"], r["nodes_up"], r["series_per_node"], r["head_series"], f'{r["rule_eval_seconds"]:.4f}',
+    rows = [[r["nodes"], r["nodes_up"], f'{100 * r["nodes_cpu_share_of_one_core"]:.1f}%' if "nodes_cpu_share_of_one_core" in r
+             else "-", r["series_per_node"], r["head_series"], f'{r["rule_eval_seconds"]:.4f}',
              f'{1000 * r["scrape_duration_avg_s"]:.1f} / {1000 * r["scrape_duration_max_s"]:.1f}',
              f'{r["prometheus_rss_bytes"] / 1e6:.0f}', f'{r["samples_per_second"]:.0f}'] for r in d["sizes"]]
     ext = [[n, f'{e["head_series"]:.3g}', f'{e["samples_per_second"]:.3g}', f'{e["rule_eval_seconds"]:.3g}',
@@ -113,14 +137,15 @@ def fleet(d: dict, out: Path) -> str:
     plt.close(fig)
     return ("## Fleet scale (bench/fleet.py)\n\n"
             + f"Scrape and rule interval {d['scrape_interval']}; each node samples every {d['node_interval_s']} s.\n\n"
-            + table(["nodes", "up", "series/node", "head series", "rule eval s", "scrape avg/max ms",
+            + table(["nodes", "up", "nodes' CPU (agents + simulators)", "series/node", "head series", "rule eval s",
+                     "scrape avg/max ms",
                      "Prometheus RSS MB", "samples/s"], rows)
             + "\nExtrapolated (least squares over the measured sizes):\n\n"
             + table(["nodes", "head series", "samples/s", "rule eval s", "Prometheus RSS GB"], ext)
             + "\n![fleet](bench-fleet.png)\n")
 
 
-SECTIONS = (("peer", peer), ("cost", cost), ("detection", detection), ("fleet", fleet))
+SECTIONS = (("agent", agent), ("peer", peer), ("cost", cost), ("detection", detection), ("fleet", fleet))
 
 
 def run(results: Path, out: Path) -> str:

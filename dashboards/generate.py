@@ -338,12 +338,11 @@ def fleet() -> dict:
         ts("Nodes with rail trouble", "short", "Nodes whose worst rail is congested (above 1,000 ECN marks and CNPs "
            "per second: StokerRoceCongestion), losing packets (above 20 retransmissions per second: "
            "StokerRocePacketLoss), paused over 2% of the time, or with a port down. Many nodes at once: the fabric.",
-           q(f"count(node:stoker_rdma_congestion_events:max_rate1m{{{s}}} > {ALERT_CONGESTION}) or vector(0)",
-             "congested"),
-           q(f"count(node:stoker_rdma_retransmits:max_rate1m{{{s}}} > {ALERT_RETRANSMITS}) or vector(0)",
-             "losing packets"),
-           q(f"count(node:stoker_net_rx_pause_ratio:max_rate1m{{{s}}} > {PAUSE}) or vector(0)", "paused"),
-           q(f"count(node:stoker_rdma_ports_down:sum{{{s}}} > 0) or vector(0)", "port down"), min=0, w=8),
+           # per-site counts recorded at these thresholds (stoker.fleet): one series a site over the range
+           q(f"sum(site:stoker_nodes_rail_congested:count{{{s}}})", "congested"),
+           q(f"sum(site:stoker_nodes_rail_losing_packets:count{{{s}}})", "losing packets"),
+           q(f"sum(site:stoker_nodes_rail_paused:count{{{s}}})", "paused"),
+           q(f"sum(site:stoker_nodes_rail_port_down:count{{{s}}})", "port down"), min=0, w=8),
         table("Worst rails", f"Per node, its worst rail: congestion events/s, retransmissions/s, transport retries "
               f"exceeded in 5 minutes (fatal: a queue pair gave up), share of time the switch paused it, pause storms "
               f"in 5 minutes, ports down; the {TOP} worst nodes by each. Red where an alert fires; click the node for "
@@ -371,11 +370,9 @@ def fleet() -> dict:
            thresholds=th((READ_LAT, "red")), min=0, w=8),
         ts("Mounts in trouble", "short", "Mounts not answering probes for over 30 s (StokerNasMountHung), with NFS "
            "major timeouts in 5 minutes (StokerNfsMajorTimeouts), or whose probes fail.",
-           q(f"count(node_mountpoint:stoker_nas_probe_inflight_seconds:max{{{s}}} > {ALERT_HUNG}) or vector(0)",
-             "hung"),
-           q(f"count(node_mountpoint:stoker_nfs_major_timeouts:increase5m{{{s}}} > 0) or vector(0)", "major timeouts"),
-           q(f"count(node_mountpoint:stoker_nas_probe_failure_ratio:rate5m{{{s}}} > 0) or vector(0)", "probes failing"),
-           min=0, w=4),
+           q(f"sum(site:stoker_mounts_hung:count{{{s}}})", "hung"),
+           q(f"sum(site:stoker_mounts_major_timeouts:count{{{s}}})", "major timeouts"),
+           q(f"sum(site:stoker_mounts_probes_failing:count{{{s}}})", "probes failing"), min=0, w=4),
         table("Worst mounts", f"Per node and mount: the slowest NAS probe's p99 (5 minutes), how long the mount has "
               f"not answered probes, the share of probes that failed (timeouts never reach the latency histogram), "
               f"major timeouts in 5 minutes, READ time per operation; the {TOP} worst by each. Red where an alert "

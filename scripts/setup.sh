@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what Stoker's tests and benchmarks need on a fresh Debian machine with Python >= 3.10:
 # Debian packages (prometheus with promtool, prometheus-alertmanager with amtool,
-# prometheus-node-exporter, wrk, openssl, python3-venv; for the .deb: dpkg-dev, binutils,
-# lintian), then .venv with the package and its test dependencies. Safe to run again: it
-# installs only what is missing, and stops only the daemons of the packages it installed.
+# prometheus-node-exporter, victoria-metrics with vmagent and vmalert, wrk, openssl,
+# python3-venv; for the .deb: dpkg-dev, binutils, lintian), then .venv with the package and
+# its test dependencies. Safe to run again: it installs only what is missing, and stops only
+# the daemons of the packages it installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,9 @@ need promtool prometheus
 need prometheus-alertmanager prometheus-alertmanager
 need amtool prometheus-alertmanager
 need prometheus-node-exporter prometheus-node-exporter
+need victoria-metrics victoria-metrics
+need vmagent victoria-metrics
+need vmalert victoria-metrics
 need wrk wrk
 need openssl openssl
 need systemd-analyze systemd
@@ -28,7 +32,7 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
   # Debian starts each daemon it installs; the tests start their own on loopback. Only the
   # services of packages installed now are stopped: one the user already runs stays up.
   new_services=()
-  for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
+  for svc in prometheus prometheus-alertmanager prometheus-node-exporter victoria-metrics; do
     case " ${apt_packages[*]} " in *" $svc "*) installed "$svc" || new_services+=("$svc") ;; esac
   done
   echo "installing Debian packages: ${apt_packages[*]}"

@@ -37,11 +37,30 @@ def _timed(fn, *args):
     return time.perf_counter() - started
 
 
+PAGE = 4096
+STAMP = 16  # fresh random bytes at the start of every 4 KiB of the block, for each probe
+_block: bytearray | None = None
+
+
+def fresh_block(size: int) -> bytearray:
+    """Random bytes that no earlier probe wrote, so the NAS can neither compress nor deduplicate them.
+    The block is drawn once per child and each 4 KiB of it gets a new random stamp per probe: every
+    page differs from every page written before, for 4 KiB of randomness instead of 1 MiB (3 ms of
+    CPU per probe, most of a probe's cost; docs/PERFORMANCE.md)."""
+    global _block
+    if _block is None or len(_block) != size:
+        _block = bytearray(os.urandom(size))
+    stamps = os.urandom(STAMP * ((size + PAGE - 1) // PAGE))
+    for i, at in enumerate(range(0, size, PAGE)):
+        _block[at:at + STAMP] = stamps[i * STAMP:(i + 1) * STAMP]
+    return _block
+
+
 def write_fsync(path: str, size: int) -> None:
     """A fresh file (created, or truncated if a crash left one), written and flushed to the server."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        block = os.urandom(min(size, BLOCK))
+        block = memoryview(fresh_block(min(size, BLOCK)))
         left = size
         while left > 0:
             left -= os.write(fd, block[:left])

@@ -55,8 +55,9 @@ class Prometheus:
 @contextmanager
 def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list[str] | None = None,
                extra_config: str = "", static_configs: str | None = None, prelude: str = "",
-               job_body: bool = False):
-    """A Prometheus on loopback scraping `targets` (or the `static_configs` YAML given)."""
+               job_body: bool = False, config_text: str | None = None):
+    """A Prometheus on loopback scraping `targets` (or the `static_configs` YAML given); `config_text`: this
+    whole configuration instead."""
     binary = need_binary("prometheus")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +67,8 @@ def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list
             f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
             + prelude + (f"rule_files:\n{rules}" if rules else "")
             + "scrape_configs:\n  - job_name: stoker\n" + ("" if job_body else "    static_configs:\n")
-            + (static_configs or f"      - targets: {json.dumps(targets)}\n") + extra_config)
+            + (static_configs or f"      - targets: {json.dumps(targets)}\n") + extra_config
+            if config_text is None else config_text)
         proc = subprocess.Popen(
             [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/data",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
@@ -192,9 +194,8 @@ class VictoriaMetrics(Prometheus):
 
 
 def _start(binary: str, args: list[str], ready: str, tmp: str, name: str) -> subprocess.Popen:
-    log = open(Path(tmp) / f"{name}.log", "wb")
-    proc = subprocess.Popen([binary, *args], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    with open(Path(tmp) / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen([binary, *args], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_http(ready, timeout=30)
     except TimeoutError:

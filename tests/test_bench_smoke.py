@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import gpu_cycle, scrape
+from bench import gpu_cycle, nvml_check, scrape
 
 
 def test_gpu_cycle_harness():
@@ -59,3 +59,69 @@ def test_cost_detection_fleet_and_report_harnesses(tmp_path):
     assert "## Fleet scale" in text and "## Detection latency" in text
     assert {p.name for p in tmp_path.glob("*.png")} == {"bench-peer.png", "bench-scaling.png",
                                                         "bench-detection.png", "bench-fleet.png"}
+
+
+@pytest.mark.slow
+def test_agent_alone_harness_and_its_report(tmp_path):
+    from bench import agent, report
+    result = agent.run([1.0], seconds=2, warmup=1)
+    r = result["runs"][0]
+    assert r["series"] > 500 and r["rss_bytes"] > 0 and r["simulator_share_of_one_core"] >= 0
+    assert {"gpu", "rdma", "netdev", "nfs", "host", "nasprobe", "verdicts"} <= set(r["collectors"])
+    assert r["agent_share_of_one_core"] > 0 and r["reference_bare_loop_share"] >= 0
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "agent.json").write_text(__import__("json").dumps(result))
+    assert "## The agent alone" in report.run(results, tmp_path)
+
+
+SMI_XML = """<?xml version="1.0" ?>
+<nvidia_smi_log><driver_version>550.54.15</driver_version>
+<gpu id="00000000:18:00.0"><uuid>GPU-aaaa</uuid>
+<pci><replay_counter>3</replay_counter></pci>
+<fb_memory_usage><total>143771 MiB</total><used>1024 MiB</used></fb_memory_usage>
+<utilization><gpu_util>87 %</gpu_util></utilization>
+<ecc_errors><volatile><sram_correctable>1</sram_correctable><sram_uncorrectable>0</sram_uncorrectable>
+<dram_correctable>2</dram_correctable><dram_uncorrectable>0</dram_uncorrectable></volatile></ecc_errors>
+<remapped_rows><remapped_row_corr>4</remapped_row_corr><remapped_row_unc>0</remapped_row_unc>
+<remapped_row_pending>No</remapped_row_pending><remapped_row_failure>No</remapped_row_failure></remapped_rows>
+<temperature><gpu_temp>51 C</gpu_temp><memory_temp>N/A</memory_temp></temperature>
+<gpu_power_readings><average_power_draw>512.30 W</average_power_draw><instant_power_draw>530.00 W</instant_power_draw>
+<enforced_power_limit>700.00 W</enforced_power_limit></gpu_power_readings>
+<clocks><sm_clock>1980 MHz</sm_clock></clocks>
+<clocks_event_reasons><clocks_event_reason_gpu_idle>Not Active</clocks_event_reason_gpu_idle>
+<clocks_event_reason_sw_power_cap>Active</clocks_event_reason_sw_power_cap></clocks_event_reasons>
+<processes><process_info><pid>4242</pid><type>C</type></process_info></processes>
+</gpu></nvidia_smi_log>"""
+
+
+def test_nvml_check_reads_nvidia_smi_and_compares_with_tolerances():
+    """The real-hardware check (bench/nvml_check.py) without a GPU: its parsers on nvidia-smi's
+    formats and its comparison on a sample the collector could have taken."""
+    from stoker.sources.gpu import GpuSample
+
+    smi = nvml_check.parse_smi_xml(SMI_XML)["GPU-aaaa"]
+    assert smi["utilization_ratio"] == 0.87 and smi["memory_total_bytes"] == 143771 * 2**20
+    assert smi["ecc_corrected"] == 3 and smi["remapped_correctable"] == 4 and smi["remapped_pending"] == 0
+    assert "temperature_memory" not in smi and smi["reason:sw_power_cap"] == 1 and smi["processes"] == 1
+    assert nvml_check.parse_dmon_line("20:01:02    0    1200    340") == ("20:01:02", 0, 1.2e9, 3.4e8)
+    assert nvml_check.parse_dmon_line("#Time        gpu   rxpci   txpci") is None
+    nvlink = nvml_check.parse_nvlink_counters("GPU 0: NVIDIA H200 (UUID: GPU-aaaa)\n"
+                                              "\t Link 0: Data Tx: 1000 KiB\n\t Link 0: Data Rx: 10 KiB\n"
+                                              "\t Link 1: Data Tx: 24 KiB\n\t Link 1: Data Rx: 0 KiB\n")
+    assert nvlink == {0: (10 * 1024, 1024 * 1024)}
+    before = GpuSample(0, "GPU-aaaa", pcie_rx_bytes=0.0, throttle_seconds={"sw_power_cap": 3.0})
+    mine = GpuSample(0, "GPU-aaaa", utilization=0.9, memory_used_bytes=1100 * 2**20,
+                     memory_total_bytes=143771 * 2**20, power_watts=528.0, power_limit_watts=700.0,
+                     temperature={"gpu": 52.0}, sm_clock_hertz=1.98e9, processes=1, pcie_replays=3,
+                     ecc_errors={"corrected": 3.0, "uncorrected": 0.0}, pcie_rx_bytes=1.2e9,
+                     remapped_rows={"correctable": 4.0, "uncorrectable": 0.0, "pending": 0.0, "failure": 0.0},
+                     throttle_seconds={"sw_power_cap": 4.0})
+    comparison = nvml_check.Comparison()
+    comparison.compare("GPU-aaaa", nvml_check.collector_values(mine, before, 1.0), smi)
+    comparison.add("GPU-aaaa", "pcie_rx_bytes_per_second", 1.2e9, 1.25e9)
+    report = comparison.report()
+    assert report["all_agree"], report
+    comparison.compare("GPU-aaaa", {"utilization_ratio": 0.2}, smi)
+    report = comparison.report()
+    assert not report["agree"]["utilization_ratio"] and report["fields"]["utilization_ratio"]["GPU-aaaa"]["n"] == 2

@@ -190,16 +190,19 @@ def test_gpm_samples_are_freed_when_a_gpu_is_reacquired(fake, clock):
 
 # -- the unprivileged service: profiling restricted to administrators --------------------------------
 
-def test_gpm_refused_falls_back_to_utilization_once_and_quietly(fake, clock, capsys):
+def test_gpm_refused_falls_back_to_utilization_once_and_quietly(fake, clock):
+    from structlog.testing import capture_logs
     fake.gpm_permission = False
     source = make_source(fake, clock)
-    snaps = [tick(source, clock) for _ in range(5)]
+    with capture_logs() as lines:
+        snaps = [tick(source, clock) for _ in range(5)]
     last = snaps[-1]
     assert all(g.activity_source == "utilization" and g.refused == ("gpm",) and not g.gpm for g in last.gpus)
     assert all(g.utilization > 0.5 and g.pcie_rx_bytes > 0 for g in last.gpus), "PCIe bytes from the counters"
     assert all("no_permission" not in s.problems for s in snaps), "a policy, not an error each cycle"
     assert fake.calls["nvmlGpmSampleGet"] == 8, "refused once per GPU, then left alone"
-    assert capsys.readouterr().out.count("NVML refuses this call") == 1
+    refusals = [x for x in lines if x["event"].startswith("NVML refuses this call")]
+    assert len(refusals) == 1 and refusals[0]["log_level"] == "warning"
 
 
 def test_gpm_granted_after_a_driver_reload_comes_back_without_a_restart(fake, clock):

@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from stoker import logs
 from stoker.agent.collector import Collector
+from stoker.agent import worker
 from stoker.agent.worker import CollectorError
-from stoker.exporters.exposition import Exposition, Renderer
+from stoker.exporters.exposition import Exposition, render
 
 log = logs.get("supervisor")
 
@@ -57,9 +58,7 @@ class Supervisor:
         self._last_success: dict[str, float] = {}
         self._origin: float | None = None
         self._due: dict[str, float] = {}  # collector -> event-loop time of its next cycle
-        self._renderers: dict[str, Renderer] = {}
         self._chunks: dict[str, Callable[[], bytes | None]] = {}
-        self._self_renderer = Renderer()
 
         self.registry = CollectorRegistry(auto_describe=False)
         self._up = Gauge("stoker_collector_up", "1 when the last cycle of that collector succeeded.",
@@ -94,8 +93,10 @@ class Supervisor:
             # What exists by now (modules, classes, the configuration, the collectors) lives as long as
             # the process: out of the collector's sight, a full collection walks only what the cycles
             # made since (one took 25 ms every half minute, 0.08% of a core; docs/PERFORMANCE.md).
+            gc.collect()
             gc.freeze()
             _gc_frozen = True
+            _release_free_heap()
         for c in self.collectors:
             try:
                 await c.start()
@@ -126,6 +127,7 @@ class Supervisor:
         """One supervised cycle: time it, classify its failure, mark its chunk changed."""
         child = self._child(c)
         started = time.perf_counter()
+        queued = worker.queued.set([0.0])  # the time its calls wait for their turn is not its own
         try:
             partial = await c.cycle()
         except asyncio.CancelledError:
@@ -143,7 +145,9 @@ class Supervisor:
                 self._errors.labels(c.name, reason).inc()
             if self._gate.clear((c.name,)):
                 log.info("collector recovered", collector=c.name)
-        child.duration.observe(time.perf_counter() - started)
+        waited = worker.queued.get()[0]
+        worker.queued.reset(queued)
+        child.duration.observe(max(0.0, time.perf_counter() - started - waited))
         chunk = self._chunks.get(c.name)
         if chunk is None:
             chunk = self._chunks[c.name] = self._chunk(c)
@@ -151,12 +155,10 @@ class Supervisor:
         self._render_self()
 
     def _chunk(self, c: Collector) -> Callable[[], bytes | None]:
-        """How `c`'s chunk is rendered when asked: from its families, by a renderer of its own."""
-        renderer = self._renderers.setdefault(c.name, Renderer())
-
+        """How `c`'s chunk is rendered when asked: from its families."""
         def chunk() -> bytes | None:
             try:
-                return renderer(c.families())
+                return render(c.families())
             except Exception as exc:  # a bug in one family must not take the endpoint down
                 self._record_failure(c, "render", exc)
                 return None  # its last chunk stays
@@ -196,7 +198,7 @@ class Supervisor:
     def _self_chunk(self) -> bytes:
         self._build.clear()
         self._build.labels(**self._build_labels()).set(1)
-        return self._self_renderer(self.registry.collect())
+        return render(self.registry.collect())  # byte-identical to generate_latest (tested), 3x faster
 
     def stale(self) -> list[str]:
         """Collectors that have not completed a cycle within 3 of their intervals."""
@@ -205,6 +207,16 @@ class Supervisor:
             c.name for c in self.collectors
             if now - self._last_success.get(c.name, self._started_at) > STALE_AFTER_INTERVALS * c.interval
         ]
+
+
+def _release_free_heap() -> None:
+    """Hand the heap that loading the modules left free back to the system (glibc only): a few
+    hundred kilobytes of RSS that would otherwise stay resident for the life of the agent."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Children:

@@ -21,6 +21,7 @@ interpreter exit, so a hung driver call cannot hold up shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import queue
 import threading
@@ -45,6 +46,7 @@ class Worker:
         self._busy = threading.Event()  # a call submitted and not returned (set on the loop, cleared in the thread)
         self.seconds = 0.0
         """Time the lane spent in this worker's calls (the benchmarks share the lane's CPU by it)."""
+        _workers.add(self)
 
     async def call(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
         """`fn(*args)` in the lane. Past `timeout` from its start the future fails with `timeout`;
@@ -54,11 +56,29 @@ class Worker:
         loop = asyncio.get_running_loop()
         job = _Job(self, loop.create_future(), fn, args, timeout)
         self._busy.set()
+        submitted = time.monotonic()
         _lane(loop).submit(job)
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            waited = queued.get()
+            if waited is not None and job.started is not None:
+                waited[0] += max(0.0, job.started - submitted)
 
     def close(self) -> None:
         """Nothing to release: the lane's thread is shared (and ends with its event loop)."""
+
+
+_workers: weakref.WeakSet = weakref.WeakSet()
+
+queued = contextvars.ContextVar("stoker_lane_queued", default=None)
+"""A one-item list the supervisor sets around a cycle: the seconds that cycle's calls waited for
+their turn in the lane are added to it, so a cycle's duration is its own work, not the others'."""
+
+
+def workers() -> list[Worker]:
+    """Every live worker of the process (for the benchmarks)."""
+    return list(_workers)
 
 
 class _Job:

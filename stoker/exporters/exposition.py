@@ -72,41 +72,6 @@ def _escape(value: str) -> str:
     return value
 
 
-class Renderer:
-    """`render` for one source rendered again and again: each series' name and labels are
-    formatted once and remembered, only its value each time. Byte-identical to `render`."""
-
-    def __init__(self) -> None:
-        self._series: dict[tuple, str] = {}  # (sample name, label items) -> "name{labels} "
-
-    def __call__(self, families: Iterable[Metric]) -> bytes:
-        out: list[str] = []
-        series = self._series
-        count = 0
-        for m in families:
-            name, kind = m.name, m.type
-            if kind == "counter":
-                name += "_total"
-            elif kind == "unknown":
-                kind = "untyped"
-            doc = m.documentation.replace("\\", r"\\").replace("\n", r"\n")
-            out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
-            for sample in m.samples:
-                key = (sample.name, tuple(sample.labels.items()))
-                prefix = series.get(key)
-                if prefix is None:
-                    if sample.labels:
-                        labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
-                        prefix = series[key] = f"{sample.name}{{{labels}}} "
-                    else:
-                        prefix = series[key] = f"{sample.name} "
-                out.append(f"{prefix}{floatToGoString(sample.value)}\n")
-            count += len(m.samples)
-        if len(series) > 2 * count + 1024:  # series come and go (hot plug, mounts): forget the old ones
-            series.clear()
-        return "".join(out).encode()
-
-
 GZIP_LEVEL = 5
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
 FINAL_BLOCK = b"\x03\x00"  # an empty fixed-Huffman block with BFINAL set: the end of the deflate stream
