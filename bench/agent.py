@@ -196,6 +196,7 @@ def agent_platform(root: str, scenario: str, ports: int):
     platform = Platform(nvml=FakeNVML(node), links=SimLinks(network),
                         open_ethtool=lambda ifname: FakeEthtool(network, ifname))
     attached = types.SimpleNamespace(storage=storage, token_file=os.path.join(root, "hint-token"),
+                                     state_file=os.path.join(root, "state.json"),
                                      sysfs_root=os.path.join(root, "sys"), procfs_root=os.path.join(root, "proc"))
     return platform, network, attached, info["period"]
 
@@ -213,7 +214,10 @@ async def agent_run(args) -> dict:
 
     logs.configure("json", level=40)
     platform, network, attached, period = agent_platform(args.root, args.scenario, args.ports)
-    cfg = config.load(overrides={"agent": {"listen": f"127.0.0.1:{args.port}", "interval": args.interval},
+    # a state file, as the package keeps one (/var/lib/stoker/state.json): the verdicts save the job's level
+    settings = {"listen": f"127.0.0.1:{args.port}", "interval": args.interval,
+                "state_file": os.path.join(args.root, "state.json")}
+    cfg = config.load(overrides={"agent": settings,
                                  "checkpoint": {"listen": "127.0.0.1:0"}, "sim": {"shorten": False}})
     cfg = Simulation.configure(attached, cfg)
     stop = threading.Event()

@@ -203,6 +203,7 @@ class DetectConfig:
     baseline_window: float = 300.0
     evidence_memory: float = 15.0
     tolerate_after: float = 10.0
+    prefetch_hides: float = 120.0
     reads_stalled_after: float = 1.0
     cnp_per_second: float = 500.0
     pause_ratio: float = 0.02
@@ -226,7 +227,7 @@ class DetectConfig:
         _within(self.flap_factor, "detect.flap_factor", 1.0, 100.0)
         _within(self.job_memory_floor_bytes, "detect.job_memory_floor_bytes", 0, 1 << 50, " bytes")
         for name in ("recover_after", "flap_window", "baseline_window", "evidence_memory", "tolerate_after",
-                     "reads_stalled_after"):
+                     "prefetch_hides", "reads_stalled_after"):
             _seconds(getattr(self, name), f"detect.{name}", *WINDOW)
         for name in ("read_latency_seconds", "read_queue_seconds", "write_latency_seconds",
                      "probe_latency_seconds", "probe_hung_seconds"):

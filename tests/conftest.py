@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 import pytest
+import structlog
 
 from stoker.sim.drive import ManualClock
 from stoker.sim.fake_nvml import FakeNVML
@@ -51,6 +52,15 @@ async def fetch(url: str, **kwargs) -> tuple[int, bytes, dict]:
 
 
 AGENT_LOGS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def structlog_defaults():
+    """Each test starts with structlog's defaults: the CLI run in-process (`stoker check`, `replay`)
+    configures it for the rest of the process (errors only), which would hide a later test's lines."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,7 +13,7 @@ from stoker.detect.checkpoint import FORGET_AFTER, CheckpointTracker
 from stoker.detect.evidence import Signal
 from stoker.detect.job import MIN_BASELINE_SAMPLES, JobTracker
 from stoker.detect.starvation import StarvationDetector
-from stoker.detect.state import LevelStore
+from stoker.detect.state import StateStore
 from stoker.sim.drive import ManualClock
 from stoker.sources.gpu import GpuSample, GpuSnapshot
 from stoker.sources.nfs import NfsSample, NfsSnapshot
@@ -256,6 +256,62 @@ def test_a_checkpoint_on_a_vanished_mount_is_lost_and_the_mount_forgotten():
     assert "/mnt/ckpt" not in t.mounts
 
 
+def _restarted(clock: ManualClock, records: list[dict], snap: NfsSnapshot) -> CheckpointTracker:
+    """A fresh tracker (the agent restarted) given the last run's open checkpoints."""
+    fresh = CheckpointTracker(CheckpointConfig(stall_after=20.0, quiet_after=5.0), clock)
+    tick(fresh, clock, snap, True)
+    fresh.restore(json.loads(json.dumps(records)))  # as the state file gives them back
+    return fresh
+
+
+def test_a_stalled_checkpoint_is_still_open_and_stalled_after_a_restart():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    tick(t, clock, mount.write(2e9, 6e9), True)  # 4 GB still in the page cache
+    for _ in range(22):
+        tick(t, clock, mount.write(0), True)
+    assert t.mounts["/mnt/ckpt"].active.stalled
+    records = t.open_records()
+    clock.advance(5.0)
+    fresh = _restarted(clock, records, mount.write(0))
+    a = fresh.mounts["/mnt/ckpt"].active
+    assert a is not None and a.stalled and a.source == "hint"
+    assert a.progress == records[0]["progress"], "no byte since: the saved progress is exact"
+    assert [s.kind for s in fresh.signals()] == ["checkpoint"]
+    fresh.hint_end("/mnt/ckpt", "completed")
+    assert fresh.mounts["/mnt/ckpt"].outcomes["stalled"] == 1
+
+
+def test_a_checkpoint_that_progressed_while_no_agent_watched_restarts_its_stall_clock():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    tick(t, clock, mount.write(2e9), True)  # detected: a burst
+    records = t.open_records()
+    assert records and records[0]["source"] == "detected"
+    clock.advance(30.0)
+    fresh = _restarted(clock, records, mount.write(1e9))
+    a = fresh.mounts["/mnt/ckpt"].active
+    assert a is not None and not a.stalled and a.progress == clock()
+    assert fresh.mounts["/mnt/ckpt"].written_bytes == 3e9, "counted from the checkpoint's start, not the restart"
+    for _ in range(8):
+        tick(fresh, clock, mount.write(0), False)
+    assert fresh.mounts["/mnt/ckpt"].active is None and fresh.mounts["/mnt/ckpt"].outcomes["completed"] == 1
+
+
+def test_a_remounted_checkpoint_mount_is_not_given_the_old_checkpoint():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    records = t.open_records()
+    remounted = Mount()
+    remounted.server = remounted.client = 0.0
+    fresh = _restarted(clock, records, remounted.write(0))
+    assert fresh.mounts["/mnt/ckpt"].active is None
+    assert _restarted(clock, [{"mountpoint": "/mnt/ckpt", "source": "hint"}], mount.write(0)) \
+        .mounts["/mnt/ckpt"].active is None, "a record missing its fields is left out"
+
+
 def test_a_stall_is_called_while_the_nfs_collector_is_down():
     t, clock, mount = tracker()
     tick(t, clock, mount.write(0), False)
@@ -267,24 +323,26 @@ def test_a_stall_is_called_while_the_nfs_collector_is_down():
 
 # -- saved levels ----------------------------------------------------------------------------------
 
-def test_a_saved_level_comes_back_for_the_same_job_only_and_only_while_fresh(tmp_path):
+def test_a_saved_state_comes_back_only_while_fresh(tmp_path):
     clock = ManualClock(1000.0)
-    store = LevelStore(str(tmp_path / "state.json"), max_age=300.0, wall=clock)
-    store.save(frozenset({1, 2}), 0.93)
-    assert store.load(frozenset({1, 2})) == 0.93
-    assert store.load(frozenset({1, 3})) is None
+    store = StateStore(str(tmp_path / "state.json"), max_age=300.0, wall=clock)
+    store.save(frozenset({1, 2}), 0.93, [{"mountpoint": "/mnt/ckpt"}])
+    saved = store.load()
+    assert (saved.pids, saved.level, saved.checkpoints) == (frozenset({1, 2}), 0.93, [{"mountpoint": "/mnt/ckpt"}])
     clock.advance(301)
-    assert store.load(frozenset({1, 2})) is None
+    assert store.load() is None
     (tmp_path / "state.json").write_text("{not json")
-    assert store.load(frozenset({1, 2})) is None
+    assert store.load() is None
     (tmp_path / "state.json").write_text(json.dumps({"pids": [1, 2], "level": 7, "saved": clock()}))
-    assert store.load(frozenset({1, 2})) is None, "a level above 1 is not one"
+    assert store.load().level is None, "a level above 1 is not one"
+    (tmp_path / "state.json").write_text(json.dumps({"pids": [1], "level": 0.5, "saved": clock(), "checkpoints": 3}))
+    assert store.load() is None
 
 
 def test_a_state_file_that_cannot_be_written_costs_only_the_feature(tmp_path):
-    store = LevelStore(str(tmp_path / "missing-dir" / "state.json"), max_age=300.0)
-    store.save(frozenset({1}), 0.5)
-    assert store.load(frozenset({1})) is None
+    store = StateStore(str(tmp_path / "missing-dir" / "state.json"), max_age=300.0)
+    store.save(frozenset({1}), 0.5, [])
+    assert store.load() is None
 
 
 def test_a_jittery_sample_between_the_lines_does_not_restart_the_recovery():

@@ -22,7 +22,7 @@ from stoker.detect.evidence import EvidenceTracker
 from stoker.detect.goodput import GoodputLedger
 from stoker.detect.job import JobTracker
 from stoker.detect.starvation import StarvationDetector, Verdict
-from stoker.detect.state import LevelStore
+from stoker.detect.state import Saved, StateStore
 from stoker.detect.view import NodeView, gpu_busy
 from stoker.exporters import jobs as job_families
 from stoker.exporters import verdicts as verdict_families
@@ -52,12 +52,14 @@ class VerdictCollector(Collector):
         self.checkpoints = CheckpointTracker(checkpoint)
         self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
         self.jobs = jobs
-        self.store = LevelStore(state_file, detect.baseline_window) if state_file else None
+        self.store = StateStore(state_file, detect.baseline_window) if state_file else None
+        self._saved: tuple = ()  # the open checkpoints as last saved: a change is saved at once
         self.busy: dict[tuple[str, str], float] = {}
         self.scores: dict[str, float] = {}
         self.source = ""  # where the busy ratio comes from: gpm, utilization, or both (per GPU)
         self.verdict = Verdict(None, None, None)
-        self._restore = False  # a new job: look up the level a previous run saved for it
+        self.previous: Saved | None = None  # what the last run saved, until the first job is seen
+        self._reopen: list[dict] = []  # its open checkpoints, reopened with the next NFS snapshot
         # Counters for the dashboards: what a 15 s scrape of 1 s gauges would miss.
         self.busy_seconds: dict[tuple[str, str], float] = {}  # integral of the busy ratio, per GPU
         self.job_present_seconds = 0.0  # time a job held the GPUs: the denominator of the starved time
@@ -75,21 +77,45 @@ class VerdictCollector(Collector):
     async def cycle(self) -> list[str]:
         view = self._view(self._clock())
         self.update(view, await self.jobs.refresh(view.gpu) if self.jobs is not None else None)
-        if self.store is not None and (self._restore or (self.verdict.baseline is not None and self.store.due())):
-            await asyncio.to_thread(self.persist)
+        if self.store is not None and (state := self._state_to_save()) is not None:
+            await asyncio.to_thread(self.store.save, *state)  # file I/O: not on the event loop
         return []
 
+    async def start(self) -> None:
+        if self.store is not None:
+            self.recall(await asyncio.to_thread(self.store.load))
+
+    def recall(self, saved: Saved | None) -> None:
+        """What the last run of the agent saved; used if the first job on the GPUs is the same."""
+        self.previous = saved
+
     def persist(self) -> None:
-        """Restore the level a previous run saved for the job that just appeared, or save this
-        job's level (file I/O: the agent calls it in a worker thread, between two updates)."""
-        if self._restore:
-            self._restore = False
-            level = self.store.load(self.job.pids)
-            if level is not None and self.job.baseline() is None:
-                self.job.seed(self._clock(), level)
-                log.info("job level restored from the last run", level=_round(level), path=self.store.path)
-        elif self.verdict.baseline is not None and self.store.due():
-            self.store.save(self.job.pids, self.verdict.baseline)
+        """`cycle`'s saving, in the caller's thread (the simulated clock's drive)."""
+        if (state := self._state_to_save()) is not None:
+            self.store.save(*state)
+
+    def _resume(self, saved: Saved) -> None:
+        """The same job as the last run's: its level now, its open checkpoints with the next NFS snapshot."""
+        if saved.level is not None and self.job.baseline() is None:
+            self.job.seed(self._clock(), saved.level)
+            log.info("job level restored from the last run", level=_round(saved.level), path=self.store.path)
+        self._reopen = saved.checkpoints
+
+    def _state_to_save(self) -> tuple | None:
+        """The job's PIDs, level and open checkpoints, when due: a checkpoint opened, stalled or ended
+        since the last save, or `SAVE_EVERY` passed with something worth keeping. Nothing while the last
+        run's state waits for the first job: it is still the state to keep."""
+        if self.previous is not None:
+            return None
+        key = self._checkpoint_key()
+        if key == self._saved and not ((self.verdict.baseline is not None or key) and self.store.due()):
+            return None
+        self._saved = key
+        return self.job.pids, self.verdict.baseline, self.checkpoints.open_records()
+
+    def _checkpoint_key(self) -> tuple:
+        return tuple((mp, m.active.started, m.active.source, m.active.stalled)
+                     for mp, m in sorted(self.checkpoints.mounts.items()) if m.active is not None)
 
     def update(self, view: NodeView, jobs: JobSnapshot | None = None) -> Verdict:
         """One tick; `jobs`: the owners of the GPU processes, for the goodput accounting."""
@@ -106,6 +132,10 @@ class VerdictCollector(Collector):
         busy = sum(self.busy.values()) / len(self.busy) if self.busy else None
         job, baseline = self.job.present, self.job.baseline()
         self.checkpoints.update(view.nfs, job and busy is not None and self._waiting(busy, baseline))
+        if self._reopen and view.nfs is not None:
+            reopened, self._reopen = self.checkpoints.restore(self._reopen), []
+            if reopened:
+                log.info("checkpoints still open from the last run", mountpoints=reopened)
         self._note_checkpoints()
         signals = self.evidence.signals(view) + self.checkpoints.signals()
         self.attribution.observe(t, signals, job and self.starvation.at_level(busy, baseline))
@@ -148,7 +178,10 @@ class VerdictCollector(Collector):
         self.evidence.new_job()
         self.attribution.new_job()
         self.starvation.new_job()
-        self._restore = self.store is not None and bool(self.job.pids)
+        if self.previous is not None:  # only the first job seen can be the one the last run saved
+            if self.previous.pids == self.job.pids:
+                self._resume(self.previous)
+            self.previous = None
         log.info("job on the GPUs", processes=len(self.job.pids))
 
     def _follow_source(self, view: NodeView) -> None:

@@ -13,7 +13,10 @@ weight for the ranking:
 - timing: a signal that was present for `tolerate_after` seconds while the
   GPUs ran at their level did not starve them then; it weighs a tenth, unless
   it has since grown to more than twice what was tolerated. Evidence that
-  appears with the drop outranks evidence that predates it.
+  appears with the drop outranks evidence that predates it. A slow or silent
+  NAS is tolerated only after `prefetch_hides` seconds: the input pipeline's
+  prefetch hides it until its buffer runs dry, so evidence that predates the
+  drop by less is still its cause.
 
 A cause's score is the weight of its strongest signal. A score of at least
 `MIN_SCORE` explains a drop; `STRONG` is needed to call one without knowing the
@@ -26,7 +29,7 @@ import math
 from dataclasses import dataclass
 
 from stoker.config import DetectConfig
-from stoker.detect.evidence import Signal
+from stoker.detect.evidence import PREFETCHED, Signal
 
 MIN_SCORE = 1.0
 STRONG = 2.0
@@ -83,12 +86,16 @@ class Attribution:
         for key in [k for k, tr in self.traces.items() if t - tr.last_seen > memory]:
             del self.traces[key]
 
+    def tolerated(self, trace: Trace) -> bool:
+        c = self.config
+        return trace.tolerated(c.prefetch_hides if trace.signal.kind in PREFETCHED else c.tolerate_after)
+
     def weight(self, trace: Trace, fresh_only: bool = False) -> float:
         age = self.t - trace.last_seen
         if age > 0 and (fresh_only or trace.signal.kind == "checkpoint"):
             return 0.0
         freshness = max(0.0, 1.0 - age / self.config.evidence_memory)
-        timing = TOLERATED if trace.tolerated(self.config.tolerate_after) else 1.0
+        timing = TOLERATED if self.tolerated(trace) else 1.0
         return strength_score(trace.signal) * freshness * timing
 
     def scores(self, fresh_only: bool = False) -> dict[str, float]:
@@ -103,7 +110,7 @@ class Attribution:
         ranked = sorted((tr for tr in self.traces.values() if tr.signal.cause == cause),
                         key=self.weight, reverse=True)
         return [tr.signal.text + ("" if tr.last_seen == self.t else f" ({self.t - tr.last_seen:.0f} s ago)")
-                + (" (present before the drop)" if tr.tolerated(self.config.tolerate_after) else "")
+                + (" (present before the drop)" if self.tolerated(tr) else "")
                 for tr in ranked if self.weight(tr) > 0]
 
     def current(self) -> list[Signal]:

@@ -48,6 +48,11 @@ FORGET_AFTER = 600.0
 """A checkpoint mount gone this long (and no checkpoint open) is forgotten with its series."""
 
 
+RECORD_FIELDS = ("started", "source", "start_server", "start_client", "last_server", "progress",
+                 "expected_bytes", "stalled")
+"""What of an open checkpoint the state file keeps: the rest is measured again from the next snapshot."""
+
+
 class HintError(ValueError):
     """A hint that cannot be applied; the message is for the caller (HTTP 404/409)."""
 
@@ -255,6 +260,42 @@ class CheckpointTracker:
         m.active, m.settling, m.candidate = None, True, None
         log.info("checkpoint ended", mountpoint=m.mountpoint, outcome=outcome,
                  duration_seconds=round(m.last_duration, 1), written_bytes=m.written_bytes)
+
+    # -- across agent restarts (detect/state.py) ------------------------------------------------
+
+    def open_records(self) -> list[dict]:
+        """The open checkpoints, as the state file keeps them."""
+        return [{"mountpoint": mp, **{k: getattr(m.active, k) for k in RECORD_FIELDS}}
+                for mp, m in self.mounts.items() if m.active is not None]
+
+    def restore(self, records: list[dict]) -> list[str]:
+        """Reopen the checkpoints a previous run of the agent had open, each only on the same mount as
+        then: its counters not below what was saved (a remount starts them again from zero). Bytes that
+        reached the server while no agent watched restart the stall clock (when they came is unknown);
+        none did: the saved time of the last progress is exact. Replaces a checkpoint detected since the
+        start (the same writes, seen from their middle). Returns the mountpoints reopened."""
+        now, reopened = self._wall(), []
+        for r in records:
+            try:
+                mp, source = str(r["mountpoint"]), r["source"]
+                started, start_server, start_client, last_server, progress = (
+                    float(r[k]) for k in ("started", "start_server", "start_client", "last_server", "progress"))
+                expected = None if r["expected_bytes"] is None else float(r["expected_bytes"])
+                stalled = bool(r["stalled"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            sample = self._known.get(mp)
+            if source not in ("hint", "detected") or sample is None or sample.write_bytes is None \
+                    or sample.write_bytes < last_server:
+                continue
+            m = self._mount(mp)
+            a = Active(started, source, start_server, start_client, last_server, progress, expected, stalled)
+            if sample.write_bytes > last_server:
+                a.last_server, a.progress, a.stalled = sample.write_bytes, now, False
+            m.active, m.candidate, m.settling = a, None, False
+            m.last_started, m.last_progress, m.written_bytes = started, a.progress, a.last_server - start_server
+            reopened.append(mp)
+        return reopened
 
     # -- what the verdicts read ---------------------------------------------------------------
 

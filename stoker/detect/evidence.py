@@ -40,6 +40,10 @@ KINDS = {
 }
 """Every signal kind and the cause it points at (the `signal` label of stoker_evidence_strength)."""
 
+PREFETCHED = frozenset({"read_latency", "read_queue", "reads_stalled", "probe_slow", "probe_hung"})
+"""Kinds whose effect on the GPUs a data loader's prefetch buffer delays: a NAS that slows (or stops)
+starves the GPUs only once the buffered batches are used up, seconds to minutes later."""
+
 
 @dataclass(frozen=True)
 class Signal:

@@ -11,7 +11,9 @@ restarted in the middle of an incident does.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 from stoker import config as config_mod
@@ -68,9 +70,12 @@ class SimDrive:
 
     def restart(self) -> None:
         """A fresh agent on the same node: new sources and counters, no learned level, no evidence."""
+        cfg = self.config
         if self.gpu is not None:
             self.gpu.close()
-        cfg = self.config
+            if self.sim.node.scenario.state == "lost" and cfg.agent.state_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(cfg.agent.state_file)
         self.gpu = GpuSource(self.platform.nvml, clock=self.clock, wall=self.clock)
         self.rdma = RdmaSource(cfg.agent.sysfs_root, clock=self.clock)
         self.ethtool = EthtoolReader(self.platform.open_ethtool)
@@ -81,6 +86,7 @@ class SimDrive:
                                          state_file=cfg.agent.state_file)
         if self.verdicts.store is not None:
             self.verdicts.store._wall = self.clock
+            self.verdicts.recall(self.verdicts.store.load())  # the agent does this in a worker thread
         self.verdicts.checkpoints._wall = self.clock
 
     def step(self):

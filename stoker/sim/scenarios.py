@@ -87,6 +87,7 @@ class Scenario:
     expect: tuple[Expectation, ...] = ()
     outcomes: dict[str, int] = field(default_factory=dict)  # checkpoint outcomes expected by the end
     restarts: tuple[float, ...] = ()  # `stoker replay` restarts the agent at these scenario seconds
+    state: str = "kept"  # what a restart finds of the agent's state file: kept (the package's), or lost
 
     @property
     def period(self) -> float:
@@ -132,6 +133,7 @@ STEP_KEYS = {"gpu", "seconds", "network", "storage", "host", "lost_gpus", "job",
 STEP_DEFAULTS = ("scheduler", "step_rate", "tokens_per_step")
 """Step keys a scenario may also set at its top level, for every step that does not say otherwise."""
 PROFILING = ("allowed", "admin-only")
+STATES = ("kept", "lost")
 SCHEDULERS = ("slurm", "kubernetes", "none")
 EXPECT_KEYS = {"from", "to", "verdict", "checkpoint", "within", "share", "never"}
 
@@ -195,7 +197,8 @@ def parse(text: str, name: str) -> Scenario:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{name}: not valid TOML: {exc}") from None
-    _known(table, {"description", "loop", "fault_at", "restarts", "steps", "expect", "outcomes", *STEP_DEFAULTS}, name)
+    _known(table, {"description", "loop", "fault_at", "restarts", "state", "steps", "expect", "outcomes",
+                   *STEP_DEFAULTS}, name)
     defaults = {key: table[key] for key in STEP_DEFAULTS if key in table}
     steps = table.get("steps")
     if not isinstance(steps, list) or not steps:
@@ -216,7 +219,8 @@ def parse(text: str, name: str) -> Scenario:
         loop=loop,
         fault_at=_number(table, "fault_at", name, 0.0),
         expect=tuple(_expectation(e, f"{name}.expect[{i}]") for i, e in enumerate(table.get("expect", []))),
-        outcomes=dict(outcomes), restarts=tuple(sorted(float(r) for r in restarts)))
+        outcomes=dict(outcomes), restarts=tuple(sorted(float(r) for r in restarts)),
+        state=_check(table.get("state", "kept"), STATES, f"{name}.state"))
 
 
 def builtin_names() -> list[str]:

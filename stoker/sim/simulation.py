@@ -46,6 +46,7 @@ class Simulation:
         self.procfs_root = os.path.join(root, "proc")
         self.token_file = os.path.join(root, "hint-token")
         self.hint_url_file = os.path.join(root, "hint-url")
+        self.state_file = os.path.join(root, "state.json")  # /var/lib/stoker/state.json of the package
         self.node = SimNode(scenario, clock=clock, skip=skip)
         self.nvml = FakeNVML(self.node)
         self.network = SimNetwork(self.node, self.sysfs_root, rdma_ports)
@@ -61,7 +62,8 @@ class Simulation:
 
     def configure(self, cfg: Config) -> Config:
         """The configuration pointed at the simulated kernel, its mounts and their roles; the hint
-        API on a free loopback port unless one was chosen (several simulated nodes fit on a machine)."""
+        API on a free loopback port unless one was chosen (several simulated nodes fit on a machine);
+        the state file in the simulated tree unless one was chosen, as the package keeps one."""
         targets = tuple(ProbeTarget(m.mountpoint, m.probe_dir) for m in self.storage.mounts)
         token_file = cfg.checkpoint.token_file
         if not token_file:
@@ -77,7 +79,8 @@ class Simulation:
             for section, keys in SHORTENED.items()}
         return dataclasses.replace(
             cfg,
-            agent=dataclasses.replace(cfg.agent, sysfs_root=self.sysfs_root, procfs_root=self.procfs_root),
+            agent=dataclasses.replace(cfg.agent, sysfs_root=self.sysfs_root, procfs_root=self.procfs_root,
+                                      state_file=cfg.agent.state_file or self.state_file),
             nfs=dataclasses.replace(cfg.nfs, data_mounts=("/mnt/data",), checkpoint_mounts=(CHECKPOINT_MOUNT,)),
             probes=dataclasses.replace(shortened["probes"], targets=cfg.probes.targets or targets),
             detect=shortened["detect"],

@@ -18,11 +18,21 @@ Traps handled here (../shared/DESIGN.md):
 - `rate` is trusted only while `state` is ACTIVE: a down port reports a stale default.
 - `lifespan` in hw_counters is the counters' refresh period, not a counter.
 
-Cost (docs/PERFORMANCE.md): about 45 files per port each cycle. Each is kept
-open and re-read with one pread (`files.KeptFiles`), its path and counter key
-are built once per port, and a counter whose text is what it was last cycle is
-not parsed again (its counter still sees the reading, so bounds and resets
-behave as before).
+Cost (docs/PERFORMANCE.md): about 45 files per port. Each is kept open and
+re-read with one pread (`files.KeptFiles`), its path and counter key are built
+once per port, and a counter whose text is what it was last cycle is not parsed
+again (its counter still sees the reading, so bounds and resets behave as
+before). With tiers (`every_cycle`, as the agent runs it), only what the
+verdicts judge is read each cycle: `state` and the hw_counters they read. The
+rest is only exported, and Prometheus scrapes it every 15 s: `counters/`, the
+other hw_counters and the port's identity (link_layer, netdev, rate, fw_ver)
+are read every `SLOW_EVERY` seconds, and on the cycle a port's state changes
+(its rate then). Between those reads a port carries the totals of the last,
+so every series stays and stays monotonic. hw_counters neither exported nor
+judged are not read. A 32-bit counter read on the slow tier must not move 2^28
+between two reads, or its wrap could not be told from a reset
+(counters.Monotonic): one that moves more than `PROMOTE_STEP` between two slow
+reads is read every cycle from then on.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 from stoker.counters import CounterSet, Presence
 from stoker.sources.files import Backoff, BadValue, FileReader, KeptFiles, error_reason, parse_counter
@@ -57,6 +67,13 @@ RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*Gb/sec")
 LINK_HEADROOM = 2.0
 FASTEST_LINK_BYTES = 800e9 / 8  # XDR, the fastest RDMA port shipping: the bound when `rate` is unknown
 EVENTS_PER_SECOND = 2e9  # packets or error events: above minimum-size frames at 800 Gb/s (1.19e9/s)
+SLOW_EVERY = 5.0
+"""Seconds between reads of what only the exposition shows, with tiers: a third of a 15 s scrape."""
+SLACK = 0.1
+"""A slow read due within this many seconds is done now: cycles come a few milliseconds early or late."""
+PROMOTE_STEP = 1 << 24
+"""A slow-tier hw_counter that moved this much between two reads (1/16 of the 2^28 a read may see and still
+unwrap) is read every cycle from then on."""
 
 
 @dataclass
@@ -97,22 +114,25 @@ TRAFFIC_TARGET, ERRORS_TARGET, HW_TARGET = 0, 1, 2  # which of a port's dicts a 
 
 
 class _File:
-    """One counter file of a port: where it is, where its total goes, and its last text and value."""
+    """One counter file of a port: where it is, where its total goes, its last text and value, and
+    its total after its last read (None when that read failed or found no such file)."""
 
-    __slots__ = ("path", "key", "target", "label", "scale", "bound", "text", "value")
+    __slots__ = ("path", "key", "target", "label", "scale", "bound", "text", "value", "total", "every_cycle")
 
     def __init__(self, directory: str, name: str, owner: tuple[str, str], target: int, label: str,
-                 scale: int = 1, bound: float | None = EVENTS_PER_SECOND):
+                 scale: int = 1, bound: float | None = EVENTS_PER_SECOND, every_cycle: bool = False):
         self.path = os.path.join(directory, name)
         self.key = (owner, name)
         self.target, self.label = target, label
         self.scale, self.bound = scale, bound  # bound None: the link's rate
         self.text: str | None = None  # the last text that parsed, and its value
         self.value = 0
+        self.total: float | None = None
+        self.every_cycle = every_cycle
 
 
 class _PortFiles:
-    """The paths of one port's files, built once."""
+    """The paths of one port's files, built once, and what its slow tier read last."""
 
     def __init__(self, path: str, owner: tuple[str, str]):
         self.owner = owner
@@ -127,23 +147,41 @@ class _PortFiles:
         ] + [_File(counters, name, owner, ERRORS_TARGET, name) for name in ERROR_COUNTERS]
         self.hw_dir = os.path.join(path, "hw_counters")
         self._hw: dict[str, _File] = {}
-        self._hw_names: list[str] | None = None
-        self._hw_files: list[_File] = []
+        self._hw_key: tuple | None = None
+        self._hw_files: tuple[list[_File], list[_File]] = ([], [])
+        self.read_at: float | None = None  # when the slow tier was last read
+        self.state_text: str | None = None  # `state` as last read: a change reads the identity at once
+        self.link_layer_text = self.interface = ""
+        self.speed: float | None = None  # the rate read with the identity, while the port was up
 
-    def hw(self, names: list[str]) -> list[_File]:
-        """The hw_counters files of this listing (kept while the listing is the same)."""
-        if names is not self._hw_names:
+    def hw(self, names: list[str], tier: Callable[[str], int]) -> tuple[list[_File], list[_File]]:
+        """The hw_counters files of this listing read every cycle, and those read on the slow tier
+        (kept while the listing and the tiers are the same objects, and nothing was promoted)."""
+        if self._hw_key is None or self._hw_key[0] is not names or self._hw_key[1] is not tier:
+            fast, slow = [], []
             for name in names:
-                if name not in self._hw and name not in NOT_COUNTERS:
-                    self._hw[name] = _File(self.hw_dir, name, self.owner, HW_TARGET, name)
-            self._hw_files = [self._hw[name] for name in names if name not in NOT_COUNTERS]
-            self._hw_names = names
+                level = SKIP if name in NOT_COUNTERS else tier(name)
+                if level == SKIP:
+                    continue
+                f = self._hw.get(name)
+                if f is None:
+                    f = self._hw[name] = _File(self.hw_dir, name, self.owner, HW_TARGET, name)
+                f.every_cycle = f.every_cycle or level == FAST
+                (fast if f.every_cycle else slow).append(f)
+            self._hw_files, self._hw_key = (fast, slow), (names, tier)
         return self._hw_files
+
+
+FAST, SLOW, SKIP = 0, 1, 2  # an hw_counter read every cycle, on the slow tier, or not at all
 
 
 class RdmaSource:
     def __init__(self, sysfs_root: str, reader: FileReader | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, every_cycle: Collection[str] | None = None,
+                 exported: Collection[str] | None = None, slow_every: float = SLOW_EVERY):
+        """`every_cycle`: the hw_counters read each cycle (those the verdicts judge), with `state`; the
+        rest on the slow tier (module doc). None: every file every cycle. `exported`: the other
+        hw_counters worth reading (None: all); see `select`."""
         self.base = os.path.join(sysfs_root, "class", "infiniband")
         self.reader = reader or KeptFiles()
         self.backoff = Backoff()
@@ -152,6 +190,22 @@ class RdmaSource:
         self._hw = CounterSet(width=32)  # hw_counters/: 32-bit queue counters that wrap
         self._present = Presence()
         self._files: dict[tuple[str, str], _PortFiles] = {}
+        self._fw: dict[str, str] = {}  # device -> fw_ver as last read
+        self.slow_every = slow_every
+        self._every_cycle = None if every_cycle is None else frozenset(every_cycle)
+        self._slow_due = -math.inf
+        self.select(exported)
+
+    def select(self, exported: Collection[str] | None) -> None:
+        """The hw_counters exported (None: all): with tiers, those neither exported nor in
+        `every_cycle` are not read. Called on reload, from another thread: one assignment."""
+        fast, wanted = self._every_cycle, None if exported is None else frozenset(exported)
+
+        def tier(name: str) -> int:
+            if fast is None or name in fast:
+                return FAST
+            return SLOW if wanted is None or name in wanted else SKIP
+        self._tier = tier
 
     def sample(self) -> RdmaSnapshot:
         problems: list[str] = []
@@ -162,8 +216,12 @@ class RdmaSource:
         except FileNotFoundError:
             devices = []  # no RDMA devices (or no driver): nothing to report, not a failure
         now = self._clock()
+        slow = self._every_cycle is None or now >= self._slow_due
+        if slow:
+            self._slow_due = now + self.slow_every - SLACK
+            self._fw = {d: v for d, v in self._fw.items() if d in devices}
         for device in devices:
-            ports.extend(self._device(device, now, problems))
+            ports.extend(self._device(device, now, slow, problems))
         for p in ports:
             self._present.seen((p.device, p.port), now)
         self._forget(self._present.gone(now))
@@ -181,65 +239,98 @@ class RdmaSource:
             self.backoff.forget(os.path.join(self.base, device, "ports", port) + os.sep)
             self._files.pop((device, port), None)
 
-    def _device(self, device: str, now: float, problems: list[str]) -> list[RdmaPort]:
+    def _device(self, device: str, now: float, slow: bool, problems: list[str]) -> list[RdmaPort]:
         root = os.path.join(self.base, device)
         try:
             port_names = self.reader.listdir(os.path.join(root, "ports"))
         except OSError:
             return []  # vanished between listing and reading: it is simply gone this cycle
-        fw = self._text(os.path.join(root, "fw_ver"))
+        if slow or device not in self._fw:
+            self._fw[device] = self._text(os.path.join(root, "fw_ver"))
         out = []
         for port in port_names:
-            p = RdmaPort(device, port, fw_version=fw)
-            self._port(p, root, now, problems)
+            p = RdmaPort(device, port, fw_version=self._fw[device])
+            self._port(p, root, now, slow, problems)
             out.append(p)
         return out
 
-    def _port(self, p: RdmaPort, device_root: str, now: float, problems: list[str]) -> None:
+    def _port(self, p: RdmaPort, device_root: str, now: float, slow: bool, problems: list[str]) -> None:
         owner = (p.device, p.port)
         files = self._files.get(owner)
         if files is None:
             files = self._files[owner] = _PortFiles(os.path.join(device_root, "ports", p.port), owner)
-        p.link_layer = self._text(files.link_layer)
-        p.interface = self._netdev(files.ndev, device_root)
         state = self._text(files.state)
         p.state = parse_state(state) if state else ""
         p.up = (p.state == "ACTIVE") if p.state else None
+        slow = slow or files.read_at is None
+        if slow or state != files.state_text:
+            self._identity(files, p.up, device_root, problems)
+        files.state_text = state
+        p.link_layer, p.interface = files.link_layer_text, files.interface
         if p.up:
-            rate = self._text(files.rate)
-            p.speed_bytes_per_second = parse_rate(rate)
-            if rate and p.speed_bytes_per_second is None:
-                problems.append("garbage")
+            p.speed_bytes_per_second = files.speed
         link_bytes = LINK_HEADROOM * (p.speed_bytes_per_second or FASTEST_LINK_BYTES)
         try:
             names = self.reader.listdir(files.hw_dir)
         except OSError:
             names = []
+        fast_hw, slow_hw = files.hw(names, self._tier)
+        if slow:
+            files.read_at = now
+            self._read(files.counters, self._counters, now, link_bytes, problems)
+        self._read(fast_hw, self._hw, now, link_bytes, problems)
+        if slow and self._read(slow_hw, self._hw, now, link_bytes, problems, promote=True):
+            files._hw_key = None  # a promoted counter moves to the every-cycle list
         targets = (p.traffic, p.errors, p.hw_counters)
-        sets = (self._counters, self._counters, self._hw)
+        for group in (files.counters, fast_hw, slow_hw):
+            for f in group:
+                if f.total is not None:
+                    targets[f.target][f.label] = f.total
+
+    def _read(self, files: list[_File], counters: CounterSet, now: float, link_bytes: float, problems: list[str],
+              promote: bool = False) -> bool:
+        """Read these counter files into their totals; True when one of them moved past `PROMOTE_STEP`
+        since its last read (with `promote`: it is read every cycle from now on)."""
         read, backoff = self.reader.read, self.backoff
         waiting = backoff._state  # the files in backoff; when none is, nothing to ask it
-        for files_ in (files.counters, files.hw(names)):
-            for f in files_:
-                if waiting and not backoff.ready(f.path, now):
-                    continue
-                try:
-                    text = read(f.path)
-                    if text == f.text:
-                        raw = f.value  # as last cycle: parsed then
-                    else:
-                        raw = parse_counter(text)
-                        f.text, f.value = text, raw
-                except FileNotFoundError:
-                    continue  # this port simply has no such counter
-                except (OSError, BadValue) as exc:
-                    backoff.failed(f.path, now)
-                    problems.append(error_reason(exc))
-                    continue
-                if waiting:
-                    backoff.succeeded(f.path)
-                target = f.target
-                targets[target][f.label] = sets[target].update(f.key, raw * f.scale, now, f.bound or link_bytes)
+        promoted = False
+        for f in files:
+            if waiting and not backoff.ready(f.path, now):
+                f.total = None
+                continue
+            try:
+                text = read(f.path)
+                if text == f.text:
+                    raw = f.value  # as last cycle: parsed then
+                else:
+                    raw = parse_counter(text)
+                    f.text, f.value = text, raw
+            except FileNotFoundError:
+                f.total = None
+                continue  # this port simply has no such counter
+            except (OSError, BadValue) as exc:
+                backoff.failed(f.path, now)
+                problems.append(error_reason(exc))
+                f.total = None
+                continue
+            if waiting:
+                backoff.succeeded(f.path)
+            before = f.total
+            f.total = counters.update(f.key, raw * f.scale, now, f.bound or link_bytes)
+            if promote and before is not None and f.total - before > PROMOTE_STEP:
+                f.every_cycle = promoted = True
+        return promoted
+
+    def _identity(self, files: _PortFiles, up: bool | None, device_root: str, problems: list[str]) -> None:
+        """What names and bounds the port: link layer, netdev, and its rate while it is up."""
+        files.link_layer_text = self._text(files.link_layer)
+        files.interface = self._netdev(files.ndev, device_root)
+        files.speed = None
+        if up:
+            rate = self._text(files.rate)
+            files.speed = parse_rate(rate)
+            if rate and files.speed is None:
+                problems.append("garbage")
 
     def _text(self, path: str) -> str:
         try:
