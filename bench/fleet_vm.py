@@ -195,6 +195,8 @@ def export_templates(vm) -> dict:
     for line in lines:
         series = json.loads(line)
         labels, value = series["metric"], series["values"][-1]
+        if value is None:  # a staleness marker (exported as null): the series is gone at the last instant
+            continue
         (per_node.setdefault(labels["node"], []) if "node" in labels else per_site).append((labels, value))
     return {"per_node": per_node, "per_site": per_site}
 
@@ -280,6 +282,14 @@ def query_cost(url: str, expr: str, end: float, minutes: float, ranged: bool, re
     return statistics.median(times), len(result)
 
 
+def instant(url: str, expr: str, at: float) -> list[dict]:
+    q = urllib.parse.urlencode({"query": expr, "time": str(at)})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=60) as resp:
+        data = json.load(resp)
+    assert data["status"] == "success", data
+    return data["data"]["result"]
+
+
 def fleet_dashboard_cost(templates: dict, nodes: int, minutes: float) -> dict:
     s = servers()
     end = time.time() - 60
@@ -304,7 +314,8 @@ def fleet_dashboard_cost(templates: dict, nodes: int, minutes: float) -> dict:
             seconds, returned = query_cost(vm.url, expr, end, minutes, q["range"])
             touched = 0
             for name, labels in re.findall(r"\b([a-z_]+:stoker_[a-z0-9_]+:[a-z0-9_]+|ALERTS)\b(\{[^}]*\})?", expr):
-                r = vm.query(f"count({name}{labels or ''})")
+                # at `end`, as the dashboard's queries: the import may outlast the 5-minute lookback
+                r = instant(vm.url, f"count({name}{labels or ''})", end)
                 touched += int(float(r[0]["value"][1])) if r else 0
             rows.append({"panel": q["panel"], "ref": q["ref"], "kind": q["kind"], "range": q["range"],
                          "seconds": round(seconds, 4), "series_touched": touched, "series_returned": returned})

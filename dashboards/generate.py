@@ -445,7 +445,7 @@ def node() -> dict:
         return f"rate({metric}{{{n}{extra}}}[{RI}])"
 
     def hw(counters: str) -> str:
-        return rate("stoker_rdma_hw_counter_total", f', counter=~"{counters}"')
+        return rate("stoker_rdma_hw_events_total", f', counter=~"{counters}"')
 
     def per_op(kind: str, op: str) -> str:
         where = f', operation="{op}"'
@@ -593,7 +593,7 @@ def node() -> dict:
            thresholds=th((ALERT_RETRANSMITS, "red")), min=0),
         ts("Transport retries exceeded (fatal)", "short", "Queue pairs that gave up after their retries, per rail: "
            "the NCCL communicator using it has failed or will (StokerRoceRetriesExceeded pages on any).",
-           q(f'increase(stoker_rdma_hw_counter_total{{{n}, counter="req_transport_retries_exceeded"}}[{RI}])',
+           q(f'increase(stoker_rdma_hw_events_total{{{n}, counter="req_transport_retries_exceeded"}}[{RI}])',
              "{{device}}/{{port}}"),
            bars=True, thresholds=th((1, "red")), min=0),
         ts("PFC pause: share of time paused", "percentunit", "rx: the switch paused this rail; tx: this node paused "

@@ -39,6 +39,10 @@ class Report:
 
 
 async def run_check(agent: Agent, seconds: float) -> Report:
+    if agent.verdicts is not None and agent.verdicts.store is not None:
+        agent.verdicts.store.read_only = True  # the service's saved level helps; the check's must not replace it
+    if agent.probes is not None:
+        agent.probes.tag = "check"  # its own probe files: the service may be probing the same directory
     await agent.start(serve_http=False)
     try:
         await asyncio.sleep(seconds)
@@ -139,13 +143,21 @@ def _evidence(agent: Agent, r: Report) -> None:
     """Network and storage signals seen during the check, each a problem of the node's plumbing."""
     if agent.verdicts is None:
         return
-    seen = [tr.signal for tr in agent.verdicts.attribution.traces.values() if tr.signal.cause in ("network", "storage")]
+    seen = [(_plumbing(tr.signal), tr.signal.text) for tr in agent.verdicts.attribution.traces.values()]
+    seen = sorted((where, text) for where, text in seen if where is not None)
     if not seen:
         return
     r.lines.append("Evidence")
-    for s in sorted(seen, key=lambda s: (s.cause, s.text)):
-        r.lines.append(f"  {s.cause:<8} {s.text}")
-        r.problems.append(f"{s.cause}: {s.text}")
+    for where, text in seen:
+        r.lines.append(f"  {where:<8} {text}")
+        r.problems.append(f"{where}: {text}")
+
+
+def _plumbing(signal) -> str | None:
+    """The part of the node's plumbing a signal faults, if any: slow checkpoint writes are the NAS's."""
+    if signal.kind == "checkpoint_write_latency":
+        return "storage"
+    return signal.cause if signal.cause in ("network", "storage") else None
 
 
 def _verdict(agent: Agent, r: Report) -> None:

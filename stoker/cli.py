@@ -1,4 +1,5 @@
-"""`stoker run | check | checkpoint | --version`: flags over the TOML configuration, clear errors, exit codes.
+"""`stoker run | check | checkpoint | replay | rules | --version`: flags over the TOML configuration, clear
+errors, exit codes.
 
 Exit status 2 means the agent could not start as asked (a configuration
 error); systemd's RestartPreventExitStatus=2 keeps such a unit from looping.
@@ -63,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     hint.add_argument("--outcome", choices=["completed", "aborted"], default="completed", help="with end")
     hint.add_argument("--url", help="the agent's hint API (default $STOKER_HINT_URL or http://127.0.0.1:9478)")
     hint.add_argument("--token-file", help="default $STOKER_HINT_TOKEN_FILE or /etc/stoker/hint-token")
+
+    rules = sub.add_parser("rules", help="print the alerting and recording rules, every alert's runbook_url "
+                                         "at the runbook base given")
+    rules.add_argument("file", nargs="?", metavar="RULES",
+                       help="the rules file (default: the shipped stoker.rules.yml)")
+    rules.add_argument("--runbook-base", metavar="URL",
+                       help="where the runbook is: each runbook_url becomes URL#<alert name in lower case>, or "
+                            "URL with %%s replaced by that name (default: the runbook the package installs, "
+                            "file:///opt/stoker/share/doc/stoker/runbook.md)")
     return parser
 
 
@@ -152,6 +162,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if judgement.right else 1
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    from stoker import rules
+    try:
+        path = args.file or rules.shipped_rules()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        base = rules.DEFAULT_BASE if args.runbook_base is None else args.runbook_base
+        sys.stdout.write(rules.with_runbook_base(text, base))
+    except (OSError, rules.RulesError) as exc:
+        print(f"stoker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from stoker.agent import platform as platforms
     with contextlib.ExitStack() as stack:
@@ -195,7 +219,8 @@ def serve(cfg: config_mod.Config, platform, reload) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "check": cmd_check, "checkpoint": cmd_checkpoint, "replay": cmd_replay}
+    commands = {"run": cmd_run, "check": cmd_check, "checkpoint": cmd_checkpoint, "replay": cmd_replay,
+                "rules": cmd_rules}
     return commands[args.command](args)
 
 

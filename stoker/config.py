@@ -84,7 +84,7 @@ class RdmaConfig:
     call_timeout: float = 2.0
     """Deadline for one pass over class/infiniband; a hung firmware query fails the cycle, not the agent."""
     hw_counters: str | tuple[str, ...] = "default"
-    """Which `hw_counters/` files become `stoker_rdma_hw_counter_total` series: "default" (those the verdicts,
+    """Which `hw_counters/` files become `stoker_rdma_hw_events_total` series: "default" (those the verdicts,
     alerts and dashboards read, and the error counters checked first: stoker/exporters/rdma.py), "all", or a
     list of kernel file names. Only the export: the verdicts read every counter whatever this says."""
 

@@ -89,14 +89,22 @@ def read_uncached(path: str, size: int) -> None:
 
 
 def metadata(path: str) -> None:
+    """Create (exclusively: the NAS must make the file), stat and remove a file. A probe killed in
+    the middle (a hung mount) can leave it behind: removed first, or every later probe would fail."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(fd)
     os.stat(path)
     os.unlink(path)
 
 
-def probe(directory: str, size: int) -> dict:
-    base = os.path.join(directory, f".stoker-probe-{socket.gethostname()}")
+def probe(directory: str, size: int, tag: str = "") -> dict:
+    """`tag`: the prober's name in the file names, so that `stoker check` beside the service (and the
+    nodes sharing a directory: the host name) never use the same files."""
+    base = os.path.join(directory, f".stoker-probe-{socket.gethostname()}{'-' + tag if tag else ''}")
     result = {"write": _timed(write_fsync, base, size)}
     result["read"] = _timed(read_uncached, base, size) if isinstance(result["write"], float) else result["write"]
     result["metadata"] = _timed(metadata, base + ".meta")
@@ -108,11 +116,11 @@ def probe(directory: str, size: int) -> dict:
 
 
 def main() -> None:
-    directory, size = sys.argv[1], int(sys.argv[2])
+    directory, size, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else ""
     for line in sys.stdin:
         if line.strip() != "probe":
             continue
-        sys.stdout.write(json.dumps(probe(directory, size)) + "\n")
+        sys.stdout.write(json.dumps(probe(directory, size, tag)) + "\n")
         sys.stdout.flush()
 
 

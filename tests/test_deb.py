@@ -146,6 +146,25 @@ def test_hint_token_created_once_for_the_service_and_stoker_hints(installed):
     assert token.read_text() == first  # an upgrade keeps it
 
 
+def test_runbook_links_resolve_on_the_node_and_stoker_rules_rebases_them(installed):
+    """The shipped rules' runbook_url (file:///opt/stoker/share/doc/stoker/runbook.md#...) names the
+    runbook the package installs; the installed `stoker rules` finds the installed rules by itself."""
+    root, _ = installed
+    from stoker.rules import DEFAULT_BASE
+    doc = root / "opt/stoker/share/doc/stoker"
+    assert (root / DEFAULT_BASE.removeprefix("file:///")).read_text() == (REPO / "alerts/runbook.md").read_text()
+    assert (doc / "stoker.rules.yml").read_text() == (REPO / "alerts/stoker.rules.yml").read_text()
+    shipped = subprocess.run([str(root / "opt/stoker/bin/python"), "-m", "stoker", "rules"],
+                             capture_output=True, text=True, timeout=60)
+    assert shipped.returncode == 0 and shipped.stdout == (doc / "stoker.rules.yml").read_text(), shipped.stderr
+    rebased = subprocess.run([str(root / "opt/stoker/bin/python"), "-m", "stoker", "rules",
+                              "--runbook-base", "https://wiki.example.org/stoker"],
+                             capture_output=True, text=True, timeout=60)
+    assert rebased.returncode == 0, rebased.stderr
+    assert f"runbook_url: {DEFAULT_BASE}" not in rebased.stdout
+    assert "runbook_url: https://wiki.example.org/stoker#stokergpulost" in rebased.stdout
+
+
 def test_conffile_and_purge(installed):
     root, deb = installed
     info = subprocess.run(["dpkg-deb", "--info", str(deb)], capture_output=True, text=True).stdout

@@ -8,12 +8,12 @@ import random
 import pytest
 
 from stoker.config import CheckpointConfig, DetectConfig
-from stoker.detect.attribution import Attribution, TOLERATED
+from stoker.detect.attribution import PREDATES, TOLERATED, Attribution
 from stoker.detect.checkpoint import FORGET_AFTER, CheckpointTracker
 from stoker.detect.evidence import Signal
 from stoker.detect.job import MIN_BASELINE_SAMPLES, JobTracker
 from stoker.detect.starvation import StarvationDetector
-from stoker.detect.state import StateStore
+from stoker.detect.state import Saved, StateStore
 from stoker.sim.drive import ManualClock
 from stoker.sources.gpu import GpuSample, GpuSnapshot
 from stoker.sources.nfs import NfsSample, NfsSnapshot
@@ -50,12 +50,26 @@ def test_evidence_the_gpus_worked_through_is_discounted_until_it_grows():
     assert a.scores()["network"] == pytest.approx(min(5.0, 1 + 3.17), abs=0.01), "more than twice as bad: full weight"
 
 
+def test_a_slow_nas_the_prefetch_hid_weighs_half_until_it_cannot_have_been_hidden():
+    a = Attribution(DetectConfig(tolerate_after=10.0, prefetch_hides=120.0))
+    slow = Signal("read_latency", "/mnt/data", 4.0, "READ takes 80 ms")  # score 3
+    for t in range(30):
+        a.observe(float(t), [slow, RAIL], at_level=True)
+    assert a.scores()["storage"] == pytest.approx(3.0 * PREDATES), "the prefetch may have run dry only now"
+    assert a.scores()["network"] == pytest.approx(3.0 * TOLERATED), "a rail is not buffered"
+    assert "present before the drop" in a.reasons("storage")[0]
+    for t in range(30, 121):
+        a.observe(float(t), [slow], at_level=True)
+    assert a.scores()["storage"] == pytest.approx(3.0 * TOLERATED), "two minutes at full speed: tolerated"
+
+
 def test_a_checkpoint_is_not_remembered_once_it_ended():
     a = Attribution(DetectConfig())
-    a.observe(0.0, [Signal("checkpoint", "/mnt/checkpoints", 1.0, "")], at_level=False)
+    a.observe(0.0, [Signal("checkpoint", "/mnt/checkpoints", 1.0, ""),
+                    Signal("checkpoint_write_latency", "/mnt/checkpoints", 4.0, "")], at_level=False)
     assert a.scores()["checkpoint"] == 6.0
     a.observe(1.0, [], at_level=False)
-    assert a.scores()["checkpoint"] == 0.0
+    assert a.scores()["checkpoint"] == 0.0, "nor its slow writes"
 
 
 # -- starvation ------------------------------------------------------------------------------------
@@ -335,6 +349,8 @@ def test_a_saved_state_comes_back_only_while_fresh(tmp_path):
     assert store.load() is None
     (tmp_path / "state.json").write_text(json.dumps({"pids": [1, 2], "level": 7, "saved": clock()}))
     assert store.load().level is None, "a level above 1 is not one"
+    (tmp_path / "state.json").write_text(json.dumps({"pids": [1, 2], "level": 0.8, "saved": clock()}))
+    assert store.load() == Saved(frozenset({1, 2}), 0.8, []), "the file of the release before (no checkpoints)"
     (tmp_path / "state.json").write_text(json.dumps({"pids": [1], "level": 0.5, "saved": clock(), "checkpoints": 3}))
     assert store.load() is None
 

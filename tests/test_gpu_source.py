@@ -34,6 +34,34 @@ def test_eight_gpus_with_gpm_activity_after_two_ticks(fake, clock):
         assert g.memory_total_bytes == 81559 * 2**20
 
 
+def test_one_gpm_request_serves_every_gpu_and_tick(clock):
+    """The metrics request is built once and reused: each GPU's activity is still that of its own two
+    latest samples, tick after tick, through the phases of the `cycle` scenario (staggered per GPU)."""
+    from stoker.sim.fake_nvml import FakeNVML
+    from stoker.sim.node import SimNode
+    from stoker.sources.gpu import GPM_METRICS
+    fake = FakeNVML(SimNode("cycle", clock=clock))
+    source = make_source(fake, clock)
+    source.sample()
+    distinct = set()
+    for _ in range(30):
+        s = tick(source, clock, 3.0)
+        for g, kept in zip(s.gpus, source._gpus):
+            cur, prev = kept.gpm_samples
+            request = N.c_nvmlGpmMetricsGet_t()  # built afresh, as before
+            request.version = N.NVML_GPM_METRICS_GET_VERSION
+            request.numMetrics = len(GPM_METRICS)
+            request.sample1, request.sample2 = prev, cur
+            for i, metric_id in enumerate(GPM_METRICS.values()):
+                request.metrics[i].metricId = metric_id
+            fake.nvmlGpmMetricsGet(request)
+            expected = {name: max(0.0, min(1.0, request.metrics[i].value / 100.0))
+                        for i, name in enumerate(GPM_METRICS) if name in g.gpm}
+            assert g.gpm == expected and len(expected) == 4
+            distinct.add(round(g.gpm["sm_active"], 3))
+    assert len(distinct) > 10, "the phases moved the activity"
+
+
 def test_gpm_bytes_integrate_rate_over_the_window(fake, clock):
     source = make_source(fake, clock)
     source.sample()
@@ -148,6 +176,34 @@ def test_xid_event_is_counted_with_its_code(fake, clock):
     assert s.gpus[6].xid_counts == {48: 1}
     assert s.gpus[0].xid_counts == {}
     assert s.gpus[2].xid_last_seen[79] > 0
+    source.close()
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_an_xid_is_counted_once_while_a_replaced_event_thread_still_waits(fake, clock):
+    """A re-acquired GPU restarts the XID thread; the old one, stopped, still waits in the driver
+    (up to its timeout) on an event set that also gets the event, and must not count it again."""
+    source = make_source(fake, clock)
+    source.sample()
+    assert wait_for(lambda: sum(3 in watched for watched in fake._registered.values()) == 1)
+    fake.lost.add(1)
+    tick(source, clock)
+    fake.lost.discard(1)
+    tick(source, clock)  # GPU 1 is back: a new thread watches every GPU
+    assert wait_for(lambda: sum(3 in watched for watched in fake._registered.values()) == 2)
+    fake.inject_xid(3, 48)
+    assert wait_for(lambda: all(q.empty() for q in fake._events.values())), "both threads took the event"
+    assert wait_for(lambda: tick(source, clock).gpus[3].xid_counts == {48: 1})
+    time.sleep(0.05)
+    assert tick(source, clock).gpus[3].xid_counts == {48: 1}
     source.close()
 
 

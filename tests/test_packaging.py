@@ -216,6 +216,27 @@ def test_postinst_never_replaces_an_existing_token(fake_root):
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.stat().st_gid == 0
 
 
+def test_postinst_keeps_a_service_user_created_beforehand_with_the_fleet_s_uid(fake_root):
+    """docs/OPERATIONS.md: NFS checks numeric ids, so a site creates `stoker` with one uid on every node
+    before installing; the package then uses that user as it is (useradd alone would pick the next free
+    system uid, which differs from node to node)."""
+    with open(fake_root / "etc/passwd", "a") as f:
+        f.write("stoker:x:9477:9477:Stoker telemetry agent:/nonexistent:/usr/sbin/nologin\n")
+    with open(fake_root / "etc/group", "a") as f:
+        f.write("stoker:x:9477:\n")
+    with open(fake_root / "etc/shadow", "a") as f:
+        f.write("stoker:!:19000::::::\n")
+    with open(fake_root / "etc/gshadow", "a") as f:
+        f.write("stoker:!::\n")
+    result = _maintainer_script(fake_root, "postinst", "configure", "")
+    assert result.returncode == 0, result.stdout + result.stderr
+    users = [line for line in (fake_root / "etc/passwd").read_text().splitlines() if line.startswith("stoker:")]
+    assert users == ["stoker:x:9477:9477:Stoker telemetry agent:/nonexistent:/usr/sbin/nologin"]
+    assert _group(fake_root, "stoker")[0] == 9477
+    assert _group(fake_root, "stoker-hints")[1] == ["stoker"]
+    assert (fake_root / "etc/stoker/stoker.toml").stat().st_gid == 9477
+
+
 def test_lintian_overrides_each_state_their_reason():
     lines = (PACKAGING / "deb" / "lintian-overrides").read_text().splitlines()
     for i, line in enumerate(lines):

@@ -91,6 +91,32 @@ def test_a_file_replaced_by_another_inode_is_read_afresh(small, name):
         assert {**p.errors, **p.hw_counters}[os.path.basename(name)] >= 4242
 
 
+@pytest.mark.parametrize("name, tier", [("hw_counters/out_of_sequence", "every cycle"), ("state", "every cycle"),
+                                        ("counters/symbol_error", "slow"), ("rate", "slow")])
+def test_with_tiers_a_replaced_file_is_read_afresh_at_its_next_read(small, name, tier):
+    """With tiers, a cycle checks only the directories it reads from, and every directory on the slow
+    tier's cycles: a file replaced in either is read afresh the next time it is read."""
+    clock = ManualClock()
+    source = RdmaSource(str(small), clock=clock, every_cycle=("out_of_sequence", "np_cnp_sent"))
+    source.sample()
+    clock.advance(1.0)
+    source.sample()
+    path = port_dir(small) / name
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text({"state": "1: DOWN\n", "rate": "200 Gb/sec (4X HDR)\n"}.get(name, "4242\n"))
+    os.replace(tmp, path)
+    for second in range(2, 6):
+        clock.advance(1.0)
+        p = port(source.sample())
+        if name == "state":
+            fresh = p.up is False
+        elif name == "rate":
+            fresh = p.speed_bytes_per_second == 200e9 / 8
+        else:
+            fresh = {**p.errors, **p.hw_counters}[os.path.basename(name)] >= 4242
+        assert fresh == (tier == "every cycle" or second == 5), (second, p)
+
+
 def test_a_file_replaced_long_after_its_directory_changed_is_read_afresh(small):
     """The directory's timestamps are old when it is checked (not racy), then a file is replaced."""
     source = RdmaSource(str(small), clock=ManualClock())
@@ -110,7 +136,7 @@ def test_an_attribute_removed_under_its_descriptor_is_opened_again(small, monkey
     reader = KeptFiles()
     path = str(port_dir(small) / "counters" / "symbol_error")
     assert reader.read(path).strip() == Path(path).read_text().strip()
-    fd = reader._open[path]
+    fd = reader._open[path][0]
     real_pread = os.pread
     removed = [fd]
 

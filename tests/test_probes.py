@@ -60,6 +60,18 @@ async def test_probe_measures_write_read_metadata(tmp_path):
     assert os.listdir(tmp_path) == [], "probe files are removed"
 
 
+async def test_files_left_by_a_killed_probe_do_not_fail_the_next_and_a_tag_keeps_probers_apart(tmp_path):
+    from stoker.probe_child import probe
+    host = socket.gethostname()
+    (tmp_path / f".stoker-probe-{host}.meta").write_bytes(b"")  # the last probe was killed in metadata
+    first = probe(str(tmp_path), 4096)
+    assert all(isinstance(first[p], float) for p in ("write", "read", "metadata")), first
+    (tmp_path / f".stoker-probe-{host}.meta").write_bytes(b"")  # the service's, mid-probe
+    checked = probe(str(tmp_path), 4096, "check")
+    assert all(isinstance(checked[p], float) for p in ("write", "read", "metadata")), checked
+    assert os.listdir(tmp_path) == [f".stoker-probe-{host}.meta"], "the service's file is not the check's"
+
+
 async def test_missing_directory_is_an_error_not_a_crash(tmp_path):
     collector = await probed("/mnt/gone", tmp_path / "nope", 1.0, 0.2)
     failures = values(collector.families(), "stoker_nas_probe_failures_total")

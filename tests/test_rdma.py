@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from stoker.config import DetectConfig
+from stoker.detect.evidence import CONGESTION, RETRANSMITS, EvidenceTracker
+from stoker.detect.view import NodeView
 from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import render
 from stoker.sources.files import FileReader
+from stoker.sim.simulation import Simulation
 from stoker.sources.rdma import RdmaSource, parse_rate
 from tests.conftest import ManualClock
 
@@ -155,5 +159,117 @@ def test_families_render_every_rdma_metric():
     text = render(rdma_families.families(RdmaSource(str(FIXTURES / "xe9680")).sample())).decode()
     for name in ("stoker_rdma_port_info", "stoker_rdma_port_up", "stoker_rdma_port_speed_bytes_per_second",
                  "stoker_rdma_port_transmit_bytes_total", "stoker_rdma_port_receive_packets_total",
-                 "stoker_rdma_port_errors_total", "stoker_rdma_hw_counter_total"):
+                 "stoker_rdma_port_errors_total", "stoker_rdma_hw_events_total"):
         assert f"\n{name}{{" in text
+
+
+# -- tiers: what the verdicts judge each cycle, what is only exported every SLOW_EVERY ------------
+
+def tiered(root, clock, reader=None) -> RdmaSource:
+    """The source as the agent builds it (agent/runtime.py)."""
+    return RdmaSource(str(root), reader=reader, clock=clock, every_cycle=CONGESTION + RETRANSMITS)
+
+
+@pytest.mark.parametrize("scenario", ["network-congested", "network-lossy", "port-down"])
+def test_tiers_leave_the_verdicts_evidence_unchanged_each_second(tmp_path, scenario):
+    """The evidence measured each second from the tiered source is the evidence from reading every
+    file every cycle, in the scenarios that move the counters the verdicts judge and the port state."""
+    clock = ManualClock(0.0)
+    sim = Simulation(scenario, str(tmp_path), clock=clock)
+    every, tiers = RdmaSource(sim.sysfs_root, clock=clock), tiered(sim.sysfs_root, clock)
+    trackers = [EvidenceTracker(DetectConfig()), EvidenceTracker(DetectConfig())]
+    signals_seen = 0
+    for _ in range(40):
+        clock.advance(1.0)
+        sim.network.advance()
+        views = [NodeView(clock(), rdma=source.sample()) for source in (every, tiers)]
+        a, b = (tracker.signals(view) for tracker, view in zip(trackers, views))
+        assert a == b
+        assert [(p.device, p.port, p.up, p.state) for p in views[0].rdma.ports] == \
+               [(p.device, p.port, p.up, p.state) for p in views[1].rdma.ports]
+        signals_seen += len(a)
+    assert signals_seen, "the scenario raised no RDMA evidence: nothing was compared"
+
+
+def test_only_exported_counters_are_read_on_the_slow_tier_and_held_between(small):
+    clock = ManualClock()
+    reader = FailingReader({})
+    source = tiered(small, clock, reader)
+    first = by_port(source.sample())[("rocep24s0f0", "1")]
+    reads = dict(reader.reads)
+    counters = port_dir(small, "rocep24s0f0") / "counters"
+    words = int((counters / "port_xmit_data").read_text())
+    (counters / "port_xmit_data").write_text(f"{words + 1000}\n")
+    (counters / "symbol_error").write_text("20\n")
+    for _ in range(4):
+        clock.advance(1.0)
+        held = by_port(source.sample())[("rocep24s0f0", "1")]
+        assert held.traffic == first.traffic and held.errors == first.errors, "held, every series still there"
+        assert held.fw_version == first.fw_version and held.interface == first.interface
+    assert reader.reads["port_xmit_data"] == reads["port_xmit_data"]
+    assert reader.reads["fw_ver"] == reads["fw_ver"] and reader.reads["rate"] == reads["rate"]
+    assert reader.reads["state"] == reads["state"] + 8 and reader.reads["np_cnp_sent"] == reads["np_cnp_sent"] + 8
+    clock.advance(1.0)  # SLOW_EVERY after the first read
+    later = by_port(source.sample())[("rocep24s0f0", "1")]
+    assert later.traffic["transmit_bytes"] == first.traffic["transmit_bytes"] + 4000
+    assert later.errors["symbol_error"] == 20
+
+
+def test_a_port_that_comes_up_shows_its_rate_in_the_same_cycle(small):
+    clock = ManualClock()
+    source = tiered(small, clock)
+    down = by_port(source.sample())[("rocep24s0f0", "2")]
+    assert down.up is False and down.speed_bytes_per_second is None
+    clock.advance(1.0)
+    source.sample()
+    (port_dir(small, "rocep24s0f0", "2") / "state").write_text("4: ACTIVE\n")
+    clock.advance(1.0)
+    up = by_port(source.sample())[("rocep24s0f0", "2")]
+    rate = (port_dir(small, "rocep24s0f0", "2") / "rate").read_text()
+    assert up.up and up.speed_bytes_per_second == parse_rate(rate) > 0
+    (port_dir(small, "rocep24s0f0", "2") / "state").write_text("1: DOWN\n")
+    clock.advance(1.0)
+    again = by_port(source.sample())[("rocep24s0f0", "2")]
+    assert again.up is False and again.speed_bytes_per_second is None
+
+
+def test_a_slow_tier_32_bit_counter_that_moves_fast_is_read_every_cycle_from_then_on(small):
+    """Read every 5 s, a 32-bit counter that moves 2^28 between reads could not be unwrapped: one that
+    moved more than 2^24 between two slow reads goes to the every-cycle tier, and its wraps count."""
+    clock = ManualClock()
+    source = RdmaSource(str(small), clock=clock, every_cycle=("np_cnp_sent",))  # out_of_sequence: slow tier
+    path = port_dir(small, "rocep24s0f0") / "hw_counters" / "out_of_sequence"
+    path.write_text("0\n")
+    total = lambda: by_port(source.sample())[("rocep24s0f0", "1")].hw_counters["out_of_sequence"]
+    assert total() == 0
+    path.write_text(f"{(1 << 24) + 1}\n")
+    clock.advance(1.0)
+    assert total() == 0, "held until its slow read"
+    clock.advance(4.0)
+    assert total() == (1 << 24) + 1
+    raw = (1 << 24) + 1
+    for _ in range(20):  # 200 M a second: a wrap every 21 s, each seen one second apart
+        raw = (raw + 200_000_000) % (1 << 32)
+        path.write_text(f"{raw}\n")
+        clock.advance(1.0)
+        assert total() == (1 << 24) + 1 + 200_000_000 * (_ + 1)
+
+
+def test_with_tiers_a_vanished_device_leaves_at_once_and_a_new_one_joins_within_the_slow_tier(small):
+    clock = ManualClock()
+    source = tiered(small, clock)
+    assert len(source.sample().ports) == 2
+    cls = small / "class" / "infiniband"
+    target = os.readlink(cls / "rocep24s0f0")
+    (cls / "rocep24s0f0").unlink()
+    clock.advance(1.0)
+    assert source.sample().ports == [], "gone in the cycle it is found gone, as when listed each cycle"
+    os.symlink(target, cls / "rocep24s0f0")
+    clock.advance(1.0)
+    assert len(source.sample().ports) == 2, "listed again after a port was found gone"
+    os.symlink(target, cls / "rocep99s0f0")  # hot plug (the same tree under a second name)
+    seen = []
+    for _ in range(5):
+        clock.advance(1.0)
+        seen.append(sorted({p.device for p in source.sample().ports}))
+    assert seen[-1] == ["rocep24s0f0", "rocep99s0f0"]

@@ -15,6 +15,7 @@ import pytest
 from stoker.sim import scenarios
 from stoker.sim.drive import SimDrive
 from stoker.sim.judge import judge, run_length
+from tests.random_scenarios import scenario as random_scenario
 
 SUITE = sorted((Path(__file__).parent / "scenarios").glob("*.toml"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,19 @@ def cases() -> list[str]:
 
 @pytest.mark.parametrize("name", cases(), ids=lambda n: Path(n).stem)
 def test_scenario_verdicts_are_right(tmp_path, name):
-    scenario = scenarios.get(name)
+    assert_right(scenarios.get(name), tmp_path)
+
+
+RANDOM_SEEDS = range(40)
+
+
+@pytest.mark.parametrize("seed", RANDOM_SEEDS)
+def test_random_field_scenarios_are_right(tmp_path, seed):
+    """tests/random_scenarios.py: incidents drawn at random, with restarts, job changes and lead times."""
+    assert_right(scenarios.parse(random_scenario(seed), f"random-{seed}"), tmp_path)
+
+
+def assert_right(scenario, tmp_path) -> None:
     drive = SimDrive(scenario, str(tmp_path))
     try:
         drive.run(run_length(scenario))

@@ -19,13 +19,13 @@ from stoker.sources.rdma import RdmaSource
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "sysfs" / "xe9680"
-HW = re.compile(r'stoker_rdma_hw_counter_total\{[^}]*?counter(=~|=)\\?"([^"\\]+)\\?"')
+HW = re.compile(r'stoker_rdma_hw_events_total\{[^}]*?counter(=~|=)\\?"([^"\\]+)\\?"')
 
 
 def hw_series(families) -> dict[tuple[str, str], set[str]]:
     out: dict[tuple[str, str], set[str]] = {}
     for family in families:
-        if family.name == "stoker_rdma_hw_counter":
+        if family.name == "stoker_rdma_hw_events":
             for s in family.samples:
                 out.setdefault((s.labels["device"], s.labels["port"]), set()).add(s.labels["counter"])
     return out
@@ -57,7 +57,7 @@ def test_export_filters_and_the_snapshot_keeps_every_counter():
     assert all(names == {"out_of_buffer", "rx_write_requests"} for names in chosen.values())
     assert not hw_series(rdma_families.RdmaFamilies(())(snapshot))
     text = render(rdma_families.RdmaFamilies("all")(snapshot)).decode()
-    assert text.count("stoker_rdma_hw_counter_total{") == 26 * 8
+    assert text.count("stoker_rdma_hw_events_total{") == 26 * 8
 
 
 @pytest.mark.parametrize("value, error", [
@@ -94,7 +94,7 @@ async def test_a_reload_changes_the_selection_without_a_restart():
 
 def test_the_contract_names_the_default_selection():
     row = next(line for line in (ROOT / "docs" / "METRICS.md").read_text().splitlines()
-               if line.startswith("| stoker_rdma_hw_counter_total |"))
+               if line.startswith("| stoker_rdma_hw_events_total |"))
     listed = set(re.findall(r"\b([a-z_]+)\b", row.split("read and the errors checked first:", 1)[1].split(".", 1)[0]))
     assert listed == rdma_families.DEFAULT_HW_COUNTERS
     assert f"the {len(rdma_families.DEFAULT_HW_COUNTERS)} the verdicts" in row

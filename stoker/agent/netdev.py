@@ -27,14 +27,17 @@ class NetdevCollector(Collector):
         self._worker = Worker(self.name)
 
     async def cycle(self) -> list[str]:
+        """The ethtool counters first: the call leaves with the other collectors' calls of this tick, in
+        one batch. The link state comes after, on the loop, while the sampling thread is idle (before,
+        the netlink round trip ran beside the batch, and the two threads traded the GIL)."""
         names = self.wanted()
         problems: list[str] = []
+        stats, read_problems = await self._worker.call(self._reader.read, names, timeout=self.timeout)
         try:
             states = await within(self._links.operstates(), self.timeout)
         except Exception as exc:  # netlink trouble costs the link state, not the counters
             states = None
             problems.append(f"netlink_{error_reason(exc)}")
-        stats, read_problems = await self._worker.call(self._reader.read, names, timeout=self.timeout)
         self.snapshot = snapshot(names, states, stats, problems + read_problems)
         self.sampled_at = time.monotonic()
         return self.snapshot.problems

@@ -79,6 +79,7 @@ class ProbeCollector(Collector):
         self.config = config
         self._clock = clock
         self.mounts = [Mount(t) for t in config.targets]
+        self.tag = ""  # in the probe files' names: `stoker check` sets its own (probe_child.py)
 
     def configure(self, config: ProbesConfig) -> None:
         """New targets, interval, deadline or size; mounts probed before keep their histograms."""
@@ -109,7 +110,7 @@ class ProbeCollector(Collector):
         try:
             if m.proc is None or m.proc.returncode is not None:
                 m.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "stoker.probe_child", m.target.directory, str(self.config.size),
+                    sys.executable, "-m", "stoker.probe_child", m.target.directory, str(self.config.size), self.tag,
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
             m.proc.stdin.write(b"probe\n")

@@ -24,6 +24,7 @@ from stoker.agent.supervisor import Supervisor
 from stoker.agent.verdicts import VerdictCollector
 from stoker.agent.worker import within
 from stoker.config import Config, ConfigError, parse_listen, read_text
+from stoker.detect import evidence
 from stoker.detect.view import NodeView
 from stoker.exporters import nfs as nfs_families
 from stoker.exporters import pressure as pressure_families
@@ -58,7 +59,9 @@ class Agent:
         if config.gpu.enabled:
             self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout)
         if config.rdma.enabled:
-            rdma = RdmaSource(config.agent.sysfs_root)
+            # each cycle: what the verdicts judge (port state, these hw_counters); the rest, only exported,
+            # on the slow tier (sources/rdma.py)
+            rdma = RdmaSource(config.agent.sysfs_root, every_cycle=evidence.CONGESTION + evidence.RETRANSMITS)
             self.rdma_export = rdma_families.RdmaFamilies(config.rdma.hw_counters)
             self.rdma = SourceCollector("rdma", interval, rdma, self.rdma_export, config.rdma.call_timeout)
         if config.netdev.enabled:

@@ -31,6 +31,7 @@ from stoker.sources.jobs import JobSnapshot
 log = logs.get("verdicts")
 
 NO_EVIDENCE = "no network, storage or checkpoint evidence: input pipeline or CPU"
+CARRIED = "as before the agent restarted; its evidence is being measured again"
 RECENT_CHECKPOINTS = 5  # finished checkpoints kept per mount for the dashboards' table
 
 
@@ -53,13 +54,14 @@ class VerdictCollector(Collector):
         self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
         self.jobs = jobs
         self.store = StateStore(state_file, detect.baseline_window) if state_file else None
-        self._saved: tuple = ()  # the open checkpoints as last saved: a change is saved at once
+        self._saved: tuple = ((), None)  # the open checkpoints and the verdict as last saved
         self.busy: dict[tuple[str, str], float] = {}
         self.scores: dict[str, float] = {}
         self.source = ""  # where the busy ratio comes from: gpm, utilization, or both (per GPU)
         self.verdict = Verdict(None, None, None)
         self.previous: Saved | None = None  # what the last run saved, until the first job is seen
         self._reopen: list[dict] = []  # its open checkpoints, reopened with the next NFS snapshot
+        self._carried = False  # the verdict is the last run's until evidence is measured again
         # Counters for the dashboards: what a 15 s scrape of 1 s gauges would miss.
         self.busy_seconds: dict[tuple[str, str], float] = {}  # integral of the busy ratio, per GPU
         self.job_present_seconds = 0.0  # time a job held the GPUs: the denominator of the starved time
@@ -100,22 +102,29 @@ class VerdictCollector(Collector):
             self.job.seed(self._clock(), saved.level)
             log.info("job level restored from the last run", level=_round(saved.level), path=self.store.path)
         self._reopen = saved.checkpoints
+        if saved.cause is not None:
+            self.starvation.resume(self._clock(), saved.cause, saved.cold)
+            self._carried = True
+            log.info("verdict carried over from the last run", cause=saved.cause)
 
     def _state_to_save(self) -> tuple | None:
-        """The job's PIDs, level and open checkpoints, when due: a checkpoint opened, stalled or ended
-        since the last save, or `SAVE_EVERY` passed with something worth keeping. Nothing while the last
-        run's state waits for the first job: it is still the state to keep."""
+        """The job's PIDs, level, open checkpoints and verdict, when due: a checkpoint opened, stalled or
+        ended or the verdict changed since the last save, or `SAVE_EVERY` passed with something worth
+        keeping. Nothing while the last run's state waits for the first job: it is still the state to keep."""
         if self.previous is not None:
             return None
-        key = self._checkpoint_key()
-        if key == self._saved and not ((self.verdict.baseline is not None or key) and self.store.due()):
+        key = self._state_key()
+        if key == self._saved and not ((any(key) or self.verdict.baseline is not None) and self.store.due()):
             return None
         self._saved = key
-        return self.job.pids, self.verdict.baseline, self.checkpoints.open_records()
+        s = self.starvation.state
+        return self.job.pids, self.verdict.baseline, self.checkpoints.open_records(), s and (s.cause, s.cold)
 
-    def _checkpoint_key(self) -> tuple:
-        return tuple((mp, m.active.started, m.active.source, m.active.stalled)
-                     for mp, m in sorted(self.checkpoints.mounts.items()) if m.active is not None)
+    def _state_key(self) -> tuple:
+        """What is saved at once when it changes: the open checkpoints and the verdict."""
+        return (tuple((mp, m.active.started, m.active.source, m.active.stalled)
+                      for mp, m in sorted(self.checkpoints.mounts.items()) if m.active is not None),
+                self.starvation.cause)
 
     def update(self, view: NodeView, jobs: JobSnapshot | None = None) -> Verdict:
         """One tick; `jobs`: the owners of the GPU processes, for the goodput accounting."""
@@ -145,7 +154,8 @@ class VerdictCollector(Collector):
                                        self.attribution.scores(fresh_only=True))
         if cause is None and job and busy is not None and not self.starvation.low(busy, baseline):
             self.job.remember(t, busy)
-        reasons = (self.attribution.reasons(cause) or [NO_EVIDENCE]) if cause else []
+        self._carried = self._carried and cause == before and not self.attribution.current()
+        reasons = (self.attribution.reasons(cause) or [CARRIED if self._carried else NO_EVIDENCE]) if cause else []
         self.verdict = Verdict(cause, busy, baseline, reasons)
         if cause != before and cause:
             log.warning("GPUs starved", cause=cause, was=before, busy=_round(busy), baseline=_round(baseline),

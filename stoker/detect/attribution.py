@@ -14,9 +14,10 @@ weight for the ranking:
   GPUs ran at their level did not starve them then; it weighs a tenth, unless
   it has since grown to more than twice what was tolerated. Evidence that
   appears with the drop outranks evidence that predates it. A slow or silent
-  NAS is tolerated only after `prefetch_hides` seconds: the input pipeline's
-  prefetch hides it until its buffer runs dry, so evidence that predates the
-  drop by less is still its cause.
+  NAS weighs half until `prefetch_hides` seconds, a tenth after: the input
+  pipeline's prefetch hides it until its buffer runs dry, so evidence that
+  predates the drop by less can still be its cause, though not against
+  evidence that appeared with the drop.
 
 A cause's score is the weight of its strongest signal. A score of at least
 `MIN_SCORE` explains a drop; `STRONG` is needed to call one without knowing the
@@ -29,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from stoker.config import DetectConfig
-from stoker.detect.evidence import PREFETCHED, Signal
+from stoker.detect.evidence import PREFETCHED, PRESENT_ONLY, Signal
 
 MIN_SCORE = 1.0
 STRONG = 2.0
@@ -37,6 +38,9 @@ MAX_SCORE = 5.0
 CHECKPOINT_SCORE = 6.0
 """A synchronous checkpoint explains a wait fully: it outranks any other signal while it writes."""
 TOLERATED = 0.1
+PREDATES = 0.5
+"""A slow NAS present at the job's level for longer than `tolerate_after`, not yet `prefetch_hides`: it may
+be what starves the GPUs now that the prefetch ran dry, but evidence that appears with the drop comes first."""
 CAUSES = ("storage", "network", "checkpoint", "host")
 
 
@@ -90,13 +94,17 @@ class Attribution:
         c = self.config
         return trace.tolerated(c.prefetch_hides if trace.signal.kind in PREFETCHED else c.tolerate_after)
 
+    def timing(self, trace: Trace) -> float:
+        if self.tolerated(trace):
+            return TOLERATED
+        return PREDATES if trace.tolerated(self.config.tolerate_after) else 1.0
+
     def weight(self, trace: Trace, fresh_only: bool = False) -> float:
         age = self.t - trace.last_seen
-        if age > 0 and (fresh_only or trace.signal.kind == "checkpoint"):
+        if age > 0 and (fresh_only or trace.signal.kind in PRESENT_ONLY):
             return 0.0
         freshness = max(0.0, 1.0 - age / self.config.evidence_memory)
-        timing = TOLERATED if self.tolerated(trace) else 1.0
-        return strength_score(trace.signal) * freshness * timing
+        return strength_score(trace.signal) * freshness * self.timing(trace)
 
     def scores(self, fresh_only: bool = False) -> dict[str, float]:
         out = {cause: 0.0 for cause in CAUSES}
@@ -110,7 +118,7 @@ class Attribution:
         ranked = sorted((tr for tr in self.traces.values() if tr.signal.cause == cause),
                         key=self.weight, reverse=True)
         return [tr.signal.text + ("" if tr.last_seen == self.t else f" ({self.t - tr.last_seen:.0f} s ago)")
-                + (" (present before the drop)" if self.tolerated(tr) else "")
+                + (" (present before the drop)" if self.timing(tr) < 1 else "")
                 for tr in ranked if self.weight(tr) > 0]
 
     def current(self) -> list[Signal]:

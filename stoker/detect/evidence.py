@@ -34,11 +34,16 @@ KINDS = {
     "port_down": "network", "link_down": "network", "congestion": "network", "retransmits": "network",
     "pfc_pause": "network",
     "read_latency": "storage", "read_queue": "storage", "reads_stalled": "storage", "write_latency": "storage",
+    "checkpoint_write_latency": "checkpoint",
     "probe_slow": "storage", "probe_hung": "storage",
     "cpu_pressure": "host", "memory_pressure": "host",
     "checkpoint": "checkpoint",
 }
 """Every signal kind and the cause it points at (the `signal` label of stoker_evidence_strength)."""
+
+PRESENT_ONLY = frozenset({"checkpoint", "checkpoint_write_latency"})
+"""Kinds that explain a wait only while present: a checkpoint that has ended explains nothing after it
+(the starvation that follows it is another incident), however recently it wrote."""
 
 PREFETCHED = frozenset({"read_latency", "read_queue", "reads_stalled", "probe_slow", "probe_hung"})
 """Kinds whose effect on the GPUs a data loader's prefetch buffer delays: a NAS that slows (or stops)
@@ -164,7 +169,12 @@ class EvidenceTracker:
             if m.role != "checkpoint":
                 out += self._reads(m, prev, t)
             per_op = _per_op(prev, m, "WRITE")
-            if per_op is not None:
+            if per_op is None:
+                continue
+            if m.role == "checkpoint":  # only checkpoints write there: GPUs waiting on them wait on a checkpoint
+                out += _over("checkpoint_write_latency", m.mountpoint, per_op[0], c.write_latency_seconds,
+                             f"{m.mountpoint}: checkpoint WRITE takes {1000 * per_op[0]:.0f} ms")
+            else:
                 out += _over("write_latency", m.mountpoint, per_op[0], c.write_latency_seconds,
                              f"{m.mountpoint}: WRITE takes {1000 * per_op[0]:.0f} ms")
         return out

@@ -195,6 +195,12 @@ class StarvationDetector:
         if (replaces and samples >= 2) or t - since >= self.config.recover_after:
             self._set_cause(explained)
 
+    def resume(self, t: float, cause: str, cold: bool) -> None:
+        """The verdict the agent's last run held (detect/state.py): followed from here as if never left,
+        so a restart does not read as a recovery; its evidence is measured again within a window."""
+        if cause in CAUSES:
+            self.state = _Starved(cause, t, cold)
+
     def new_job(self) -> None:
         """Another job: no verdict, and the last job's verdicts are not this one's to come back."""
         self.state, self._ended, self._unexplained_lows = None, None, 0

@@ -5,12 +5,13 @@ that needs a restart) would otherwise meet starved GPUs with no idea of their
 normal, and a checkpoint that stalled before the restart with no idea that
 one was open: once the page cache is full and the NAS takes no byte, nothing
 on the node moves that would show a checkpoint afresh. The file holds the
-job's compute PIDs, its level and its open checkpoints; they are used again
+job's compute PIDs, its level, its open checkpoints and the verdict; they are used again
 only for the same PIDs (the same job, not a relaunch) and only within
 `max_age` seconds of being written (PIDs are reused after a reboot, levels go
-stale). Written atomically every `SAVE_EVERY` seconds while there is
-something to keep, and at once when a checkpoint opens, stalls or ends; any
-error is logged and costs only this feature.
+stale; a verdict within `CARRY_FOR`, so that the restart does not read as a
+recovery). Written atomically every `SAVE_EVERY` seconds while there is
+something to keep, and at once when a checkpoint opens, stalls or ends or the
+verdict changes; any error is logged and costs only this feature.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from stoker import logs
 log = logs.get("state")
 
 SAVE_EVERY = 30.0
+CARRY_FOR = 2 * SAVE_EVERY
+"""A verdict saved this recently is carried over a restart (the file is rewritten at least every
+`SAVE_EVERY` while a verdict holds): an older one may have ended while no agent watched."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class Saved:
     pids: frozenset[int]
     level: float | None
     checkpoints: list[dict]  # CheckpointTracker.open_records() of the last run
+    cause: str | None = None  # the verdict when saved, if saved less than CARRY_FOR ago
+    cold: bool = False  # that verdict was reached before the job's level was known
 
 
 class StateStore:
@@ -41,6 +47,7 @@ class StateStore:
         self.max_age = max_age
         self._wall = wall
         self.saved_at: float | None = None
+        self.read_only = False  # `stoker check` reads the service's file and must not replace it
 
     def load(self) -> Saved | None:
         """What the previous run saved, if it saved it recently."""
@@ -49,6 +56,8 @@ class StateStore:
                 data = json.loads(fh.read(65536))
             level, saved, saved_pids = data["level"], float(data["saved"]), frozenset(data["pids"])
             checkpoints = data.get("checkpoints", [])
+            verdict = data.get("verdict") or {}
+            cause, cold = verdict.get("cause"), bool(verdict.get("cold", False))
             if level is not None:
                 level = float(level)
             if not isinstance(checkpoints, list) or not all(isinstance(c, dict) for c in checkpoints):
@@ -58,21 +67,27 @@ class StateStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("saved job state unreadable; learning it afresh", path=self.path, error=str(exc))
             return None
-        if not 0 <= self._wall() - saved <= self.max_age:
+        age = self._wall() - saved
+        if not 0 <= age <= self.max_age:
             return None
-        return Saved(saved_pids, level if level is not None and 0 < level <= 1 else None, checkpoints)
+        carried = cause if isinstance(cause, str) and age <= CARRY_FOR else None
+        return Saved(saved_pids, level if level is not None and 0 < level <= 1 else None, checkpoints, carried,
+                     cold and carried is not None)
 
     def due(self) -> bool:
         return self.saved_at is None or self._wall() - self.saved_at >= SAVE_EVERY
 
-    def save(self, pids: frozenset[int], level: float | None, checkpoints: list[dict]) -> None:
+    def save(self, pids: frozenset[int], level: float | None, checkpoints: list[dict],
+             verdict: tuple[str, bool] | None = None) -> None:
         """Runs in a worker thread: a file write does not belong on the event loop."""
         self.saved_at = self._wall()
+        if self.read_only:
+            return
         tmp = f"{self.path}.tmp"
         try:
             with open(tmp, "w") as fh:
-                json.dump({"pids": sorted(pids), "level": level, "saved": self.saved_at,
-                           "checkpoints": checkpoints}, fh)
+                json.dump({"pids": sorted(pids), "level": level, "saved": self.saved_at, "checkpoints": checkpoints,
+                           "verdict": None if verdict is None else {"cause": verdict[0], "cold": verdict[1]}}, fh)
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("cannot save the job state", path=self.path, error=str(exc))

@@ -64,7 +64,7 @@ def families(snapshot: RdmaSnapshot, hw_counters: frozenset[str] | None = DEFAUL
     traffic = {k: CounterMetricFamily(name, h, labels=L) for k, name, h in TRAFFIC}
     errors = CounterMetricFamily("stoker_rdma_port_errors", "Port error counters, by kernel file name.",
                                  labels=L + ["counter"])
-    hw = CounterMetricFamily("stoker_rdma_hw_counter", "hw_counters by kernel file name, wraps unwrapped.",
+    hw = CounterMetricFamily("stoker_rdma_hw_events", "hw_counters by kernel file name, wraps unwrapped.",
                              labels=L + ["counter"])
     for p in snapshot.ports:
         ids = [p.device, p.port]

@@ -37,7 +37,7 @@ READ_BYTES_PER_BUSY_S = 2.4e9  # input pipeline at full GPU load, bytes/s from t
 CHECKPOINT_BYTES_PER_S = 1.25e9  # what the job hands to the page cache while it writes a checkpoint
 SERVER_WRITE_BYTES_PER_S = {"slow-write": 4e6, "write-stall": 0.0, "hung": 0.0}  # else the NAS keeps up
 DIRTY_LIMIT = 512 * MIB  # NFS write-back throttles a writer once this much waits for the server
-PROBE_FILE = ".stoker-probe-{node}"
+PROBE_FILES = (".stoker-probe-{node}", ".stoker-probe-{node}-check")  # the service's and `stoker check`'s
 
 
 @dataclass
@@ -169,11 +169,12 @@ class SimStorage:
         for m in self.mounts:
             if (m.mountpoint in mountpoints) == (m.mountpoint in self._blocked):
                 continue
-            path = os.path.join(m.probe_dir, PROBE_FILE.format(node=self.hostname))
-            if os.path.lexists(path):
-                os.unlink(path)
-            if m.mountpoint in mountpoints:
-                os.mkfifo(path)
+            for name in PROBE_FILES:
+                path = os.path.join(m.probe_dir, name.format(node=self.hostname))
+                if os.path.lexists(path):
+                    os.unlink(path)
+                if m.mountpoint in mountpoints:
+                    os.mkfifo(path)
         self._blocked = mountpoints
 
     def _write(self) -> None:

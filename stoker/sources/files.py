@@ -18,12 +18,15 @@ go stale in two ways, both handled:
 - the kernel removes the attribute (driver reload, hot unplug): a read of the
   old descriptor fails with ENODEV; the file is opened afresh and read again.
 - the file is replaced by another inode (a rename over it, unlink and create,
-  a directory or symlink above it changed): `refresh()`, once per cycle,
-  stats each directory that holds kept files; when a directory is not the
-  one it was (inode, mtime, ctime, size), its files are closed and opened
-  again at their next read. Timestamps are coarse (a jiffy), so a directory
-  modified within `RACY_NS` of the check is checked again next cycle, as git
-  does with racily clean index entries.
+  a directory or symlink above it changed): once per cycle, before the first
+  read of one of its files, each directory that holds kept files is stat'ed;
+  when it is not the one it was (inode, mtime, ctime, size), its files are
+  closed and opened again at their next read. Timestamps are coarse (a
+  jiffy), so a directory modified within `RACY_NS` of the check is checked
+  again next cycle, as git does with racily clean index entries. A directory
+  none of whose files a cycle reads is not checked in that cycle (a reader
+  with tiers reads some files every few cycles only); `refresh(everything=
+  True)` checks them all, and closes the files of those that are gone.
 At most a quarter of the soft descriptor limit is kept open (the HTTP
 listener takes another quarter); past it, files are read the old way.
 """
@@ -92,27 +95,42 @@ class FileReader:
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
 
-    def refresh(self) -> None:
-        """Called once per cycle, before the reads."""
+    def refresh(self, everything: bool = True) -> None:
+        """Called once per cycle, before the reads; `everything`: the cycle may read any file."""
 
     def close(self) -> None:
         """Release what the reader holds."""
+
+
+class _Dir:
+    """A directory holding kept files: its identity when last checked (None: check again), the cycle
+    of that check, its kept paths, its listing."""
+
+    __slots__ = ("path", "identity", "checked", "paths", "listing")
+
+    def __init__(self, path: str, identity: tuple | None, cycle: int):
+        self.path, self.identity, self.checked = path, identity, cycle
+        self.paths: set[str] = set()
+        self.listing: tuple | None = None  # (identity, relist after, names)
 
 
 class KeptFiles(FileReader):
     """Each file kept open and read again with one pread at offset 0 (see the module's doc)."""
 
     def __init__(self) -> None:
-        self._open: dict[str, int] = {}  # path -> kept descriptor
-        # directory -> [identity when last checked (None: check again), its kept paths, its listing]
-        self._dirs: dict[str, list] = {}
+        self._open: dict[str, tuple[int, _Dir]] = {}  # path -> kept descriptor, its directory
+        self._dirs: dict[str, _Dir] = {}
+        self._cycle = 0
         self._limit: int | None = None
 
     def read(self, path: str) -> str:
-        fd = self._open.get(path)
-        if fd is not None:
+        kept = self._open.get(path)
+        if kept is not None and kept[1].checked != self._cycle:
+            self._check(kept[1])
+            kept = self._open.get(path)  # closed if its directory changed
+        if kept is not None:
             try:
-                return os.pread(fd, PAGE, 0).decode("ascii", "replace")
+                return os.pread(kept[0], PAGE, 0).decode("ascii", "replace")
             except OSError as exc:
                 self._close(path)
                 if exc.errno not in GONE:
@@ -126,15 +144,15 @@ class KeptFiles(FileReader):
         directory = os.path.dirname(path)
         entry = self._dirs.get(directory)
         if entry is None:  # the directory's identity is taken before the file is opened
-            entry = self._dirs[directory] = [_identity(directory, time.time_ns()), set(), None]
+            entry = self._dirs[directory] = _Dir(directory, _identity(directory, time.time_ns()), self._cycle)
         fd = open_regular(path)
         try:
             data = os.pread(fd, PAGE, 0)
         except BaseException:
             os.close(fd)
             raise
-        self._open[path] = fd
-        entry[1].add(path)
+        self._open[path] = (fd, entry)
+        entry.paths.add(path)
         return data
 
     def _capacity(self) -> int:
@@ -143,34 +161,41 @@ class KeptFiles(FileReader):
             self._limit = KEPT_MAX if soft == resource.RLIM_INFINITY else min(KEPT_MAX, soft // 4)
         return self._limit
 
-    def refresh(self) -> None:
-        """Close the kept files of every directory that changed since the last check."""
-        now = time.time_ns()
-        for directory, entry in list(self._dirs.items()):
-            identity = _identity(directory, now)
-            if identity is None or identity != entry[0]:
-                for path in list(entry[1]):
-                    self._close(path)
-                if identity is None and not os.path.isdir(directory):
-                    del self._dirs[directory]
-                    continue
-            entry[0] = identity
+    def refresh(self, everything: bool = True) -> None:
+        """A new cycle: each directory is checked again before its files are read. With `everything`,
+        every directory now, and the files of those that are gone closed."""
+        self._cycle += 1
+        if everything:
+            for entry in list(self._dirs.values()):
+                self._check(entry)
+
+    def _check(self, entry: _Dir) -> None:
+        """Close the kept files of a directory that changed since its last check."""
+        identity = _identity(entry.path, time.time_ns())
+        if identity is None or identity != entry.identity:
+            for path in list(entry.paths):
+                self._close(path)
+            if identity is None and not os.path.isdir(entry.path):
+                self._dirs.pop(entry.path, None)
+        entry.identity, entry.checked = identity, self._cycle
 
     def listdir(self, path: str) -> list[str]:
         """A directory holding kept files is listed again when it changed, or after `LIST_TTL`."""
         entry = self._dirs.get(path)
-        if entry is None or entry[0] is None:
+        if entry is not None and entry.checked != self._cycle:
+            self._check(entry)
+        if entry is None or entry.identity is None:
             return sorted(os.listdir(path))
-        listing, now = entry[2], time.monotonic()
-        if listing is None or listing[0] != entry[0] or now >= listing[1]:
-            listing = entry[2] = (entry[0], now + LIST_TTL, sorted(os.listdir(path)))
+        listing, now = entry.listing, time.monotonic()
+        if listing is None or listing[0] != entry.identity or now >= listing[1]:
+            listing = entry.listing = (entry.identity, now + LIST_TTL, sorted(os.listdir(path)))
         return listing[2]
 
     def _close(self, path: str) -> None:
-        fd = self._open.pop(path, None)
-        if fd is not None:
-            self._dirs.get(os.path.dirname(path), (None, set()))[1].discard(path)
-            os.close(fd)
+        kept = self._open.pop(path, None)
+        if kept is not None:
+            kept[1].paths.discard(path)
+            os.close(kept[0])
 
     def kept(self) -> int:
         """How many files are kept open."""

@@ -193,8 +193,6 @@ class _Gpu:
         self.unsupported: set[str] = set()
         self.gpm = False
         self.gpm_samples: list[Any] = []
-        self.gpm_requests: list[_GpmRequest] = []  # [k]: the request whose current sample is gpm_samples[k]
-        self.gpm_turn = 0  # which of gpm_samples the next sample goes to
         self.gpm_prev_at: float | None = None
         self.last_fast_at: float | None = None
         self.totals: dict[str, float] = {}  # integrated counters: bytes, throttle seconds
@@ -232,34 +230,46 @@ def _field_value(fv: Any) -> float:
 
 
 class _GpmRequest:
-    """One `nvmlGpmMetricsGet` request (previous sample, current sample, the metrics wanted), built
-    once per pair of samples and reused every tick: NVML writes each metric's value and status
-    anew on each call. Built per tick it took 100 attribute calls through pynvml's structure
-    wrappers per GPU, a fifth of the GPU collector's Python time (docs/PERFORMANCE.md)."""
+    """The `nvmlGpmMetricsGet` request, built once and reused for every GPU and tick (the samples run in
+    one thread): the metrics wanted are set once, the two samples before each call, and NVML writes
+    each metric's value and status anew on each call. Built for each call, it took 100 attribute
+    calls through pynvml's structure wrappers per GPU and tick. One for all GPUs: it holds room for
+    every GPM metric NVML knows (19 KB); one per GPU and sample pair held 0.3 MB."""
 
     __slots__ = ("struct", "metrics")
 
-    def __init__(self, prev: Any, cur: Any):
+    def __init__(self) -> None:
         request = N.c_nvmlGpmMetricsGet_t()
         request.version = N.NVML_GPM_METRICS_GET_VERSION
         request.numMetrics = len(GPM_METRICS)
-        request.sample1 = prev
-        request.sample2 = cur
         metrics = request.metrics
         for i, metric_id in enumerate(GPM_METRICS.values()):
             metrics[i].metricId = metric_id
         self.struct = request
         self.metrics = [metrics[i] for i in range(len(GPM_METRICS))]  # views of the request's memory
 
+    def get(self, nvml: Any, prev: Any, cur: Any) -> list:
+        """The metrics between two samples of one GPU, in `GPM_METRICS` order (raises NVMLError)."""
+        request = self.struct
+        request.sample1 = prev
+        request.sample2 = cur
+        nvml.nvmlGpmMetricsGet(request)
+        return self.metrics
+
 
 class XidRecorder:
     """XID events from `nvmlEventSetWait` in a thread of their own.
 
     The wait blocks in the driver for up to `wait_ms`; the sampler only reads
-    the counts under a lock, so the fast tier never waits on events.
+    the counts under a lock, so the fast tier never waits on events. An event
+    ends the wait at once, so the timeout only says how often the thread wakes
+    for nothing (each wake-up costs tens of microseconds on a virtual machine)
+    and how long a stopped thread lingers: nothing waits for it (a daemon
+    thread), and it records nothing once stopped, so a thread replaced by
+    `watch` never counts an event twice with its successor.
     """
 
-    def __init__(self, nvml: Any, wait_ms: int = 500, clock: Callable[[], float] = time.time):
+    def __init__(self, nvml: Any, wait_ms: int = 5000, clock: Callable[[], float] = time.time):
         self._nvml = nvml
         self._wait_ms = wait_ms
         self._clock = clock
@@ -308,7 +318,7 @@ class XidRecorder:
                     self.error = error_name(exc)
                     stop.wait(self._wait_ms / 1000)
                     continue
-                if data.eventType & N.nvmlEventTypeXidCriticalError:
+                if data.eventType & N.nvmlEventTypeXidCriticalError and not stop.is_set():
                     self._record(self._handles.get(_handle_key(data.device)), int(data.eventData))
         finally:
             try:
@@ -346,6 +356,7 @@ class GpuSource:
         self.nvml_version = ""
         self.xid = XidRecorder(nvml, clock=wall)
         self._announced: set[str] = set()  # refused calls already logged
+        self._gpm_request: _GpmRequest | None = None
 
     # -- library lifecycle -------------------------------------------------
 
@@ -378,7 +389,6 @@ class GpuSource:
             except N.NVMLError:
                 pass  # the GPU or the library is gone, and the memory with it
         gpu.gpm_samples = []
-        gpu.gpm_requests = []
         gpu.gpm_prev_at = None
 
     def _drop_library(self) -> None:
@@ -579,11 +589,8 @@ class GpuSource:
         try:
             if not gpu.gpm_samples:
                 gpu.gpm_samples = [nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()]
-                a, b = gpu.gpm_samples
-                gpu.gpm_requests = [_GpmRequest(b, a), _GpmRequest(a, b)]
-                gpu.gpm_turn = 0
-            turn = gpu.gpm_turn
-            nvml.nvmlGpmSampleGet(gpu.handle, gpu.gpm_samples[turn])
+            prev, cur = gpu.gpm_samples
+            nvml.nvmlGpmSampleGet(gpu.handle, cur)
         except N.NVMLError as exc:
             self._gpm_failed(gpu, exc, problems)
             return
@@ -593,16 +600,17 @@ class GpuSource:
         taken_at = self._clock()
         window = None if gpu.gpm_prev_at is None else taken_at - gpu.gpm_prev_at
         gpu.gpm_prev_at = taken_at
-        gpu.gpm_turn = 1 - turn  # this sample becomes the baseline of the next tick
+        gpu.gpm_samples = [cur, prev]  # this sample becomes the baseline of the next tick
         if window is None or window <= 0:
             return
-        request = gpu.gpm_requests[turn]
+        if self._gpm_request is None:
+            self._gpm_request = _GpmRequest()
         try:
-            nvml.nvmlGpmMetricsGet(request.struct)
+            metrics = self._gpm_request.get(nvml, prev, cur)
         except N.NVMLError as exc:
             self._gpm_failed(gpu, exc, problems)
             return
-        for name, metric in zip(GPM_METRICS, request.metrics):
+        for name, metric in zip(GPM_METRICS, metrics):
             if metric.nvmlReturn != N.NVML_SUCCESS:
                 continue
             if name in GPM_RATIOS:

@@ -25,14 +25,15 @@ again (its counter still sees the reading, so bounds and resets behave as
 before). With tiers (`every_cycle`, as the agent runs it), only what the
 verdicts judge is read each cycle: `state` and the hw_counters they read. The
 rest is only exported, and Prometheus scrapes it every 15 s: `counters/`, the
-other hw_counters and the port's identity (link_layer, netdev, rate, fw_ver)
-are read every `SLOW_EVERY` seconds, and on the cycle a port's state changes
-(its rate then). Between those reads a port carries the totals of the last,
-so every series stays and stays monotonic. hw_counters neither exported nor
-judged are not read. A 32-bit counter read on the slow tier must not move 2^28
-between two reads, or its wrap could not be told from a reset
-(counters.Monotonic): one that moves more than `PROMOTE_STEP` between two slow
-reads is read every cycle from then on.
+other hw_counters, the port's identity (link_layer, netdev, rate, fw_ver) and
+the listing of devices and ports are read every `SLOW_EVERY` seconds, and on
+the cycle a port's state changes (its rate then); a port whose directory is
+gone leaves the snapshot in the cycle it is found gone, as when it was listed
+each cycle, and a new one joins within `SLOW_EVERY`. Between those reads a port carries the totals of the last,
+so every series stays and stays monotonic. A 32-bit counter read on the slow
+tier must not move 2^28 between two reads, or its wrap could not be told from
+a reset (counters.Monotonic): one that moves more than `PROMOTE_STEP` between
+two slow reads is read every cycle from then on.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class _PortFiles:
     """The paths of one port's files, built once, and what its slow tier read last."""
 
     def __init__(self, path: str, owner: tuple[str, str]):
-        self.owner = owner
+        self.owner, self.path = owner, path
         self.link_layer = os.path.join(path, "link_layer")
         self.state = os.path.join(path, "state")
         self.rate = os.path.join(path, "rate")
@@ -147,41 +148,36 @@ class _PortFiles:
         ] + [_File(counters, name, owner, ERRORS_TARGET, name) for name in ERROR_COUNTERS]
         self.hw_dir = os.path.join(path, "hw_counters")
         self._hw: dict[str, _File] = {}
-        self._hw_key: tuple | None = None
+        self._hw_names: list[str] | None = None
         self._hw_files: tuple[list[_File], list[_File]] = ([], [])
         self.read_at: float | None = None  # when the slow tier was last read
         self.state_text: str | None = None  # `state` as last read: a change reads the identity at once
         self.link_layer_text = self.interface = ""
         self.speed: float | None = None  # the rate read with the identity, while the port was up
 
-    def hw(self, names: list[str], tier: Callable[[str], int]) -> tuple[list[_File], list[_File]]:
-        """The hw_counters files of this listing read every cycle, and those read on the slow tier
-        (kept while the listing and the tiers are the same objects, and nothing was promoted)."""
-        if self._hw_key is None or self._hw_key[0] is not names or self._hw_key[1] is not tier:
+    def hw(self, names: list[str], every_cycle: frozenset[str] | None) -> tuple[list[_File], list[_File]]:
+        """The hw_counters files of this listing read every cycle (`every_cycle`, None: all), and those
+        read on the slow tier; kept while the listing is the same and nothing was promoted."""
+        if names is not self._hw_names:
             fast, slow = [], []
             for name in names:
-                level = SKIP if name in NOT_COUNTERS else tier(name)
-                if level == SKIP:
+                if name in NOT_COUNTERS:
                     continue
                 f = self._hw.get(name)
                 if f is None:
-                    f = self._hw[name] = _File(self.hw_dir, name, self.owner, HW_TARGET, name)
-                f.every_cycle = f.every_cycle or level == FAST
+                    f = self._hw[name] = _File(self.hw_dir, name, self.owner, HW_TARGET, name,
+                                               every_cycle=every_cycle is None or name in every_cycle)
                 (fast if f.every_cycle else slow).append(f)
-            self._hw_files, self._hw_key = (fast, slow), (names, tier)
+            self._hw_files, self._hw_names = (fast, slow), names
         return self._hw_files
-
-
-FAST, SLOW, SKIP = 0, 1, 2  # an hw_counter read every cycle, on the slow tier, or not at all
 
 
 class RdmaSource:
     def __init__(self, sysfs_root: str, reader: FileReader | None = None,
                  clock: Callable[[], float] = time.monotonic, every_cycle: Collection[str] | None = None,
-                 exported: Collection[str] | None = None, slow_every: float = SLOW_EVERY):
+                 slow_every: float = SLOW_EVERY):
         """`every_cycle`: the hw_counters read each cycle (those the verdicts judge), with `state`; the
-        rest on the slow tier (module doc). None: every file every cycle. `exported`: the other
-        hw_counters worth reading (None: all); see `select`."""
+        rest on the slow tier (module doc). None: every file every cycle."""
         self.base = os.path.join(sysfs_root, "class", "infiniband")
         self.reader = reader or KeptFiles()
         self.backoff = Backoff()
@@ -191,37 +187,25 @@ class RdmaSource:
         self._present = Presence()
         self._files: dict[tuple[str, str], _PortFiles] = {}
         self._fw: dict[str, str] = {}  # device -> fw_ver as last read
+        self._listing: list[tuple[str, str, list[str]]] | None = None  # (device, its directory, its ports)
         self.slow_every = slow_every
         self._every_cycle = None if every_cycle is None else frozenset(every_cycle)
         self._slow_due = -math.inf
-        self.select(exported)
-
-    def select(self, exported: Collection[str] | None) -> None:
-        """The hw_counters exported (None: all): with tiers, those neither exported nor in
-        `every_cycle` are not read. Called on reload, from another thread: one assignment."""
-        fast, wanted = self._every_cycle, None if exported is None else frozenset(exported)
-
-        def tier(name: str) -> int:
-            if fast is None or name in fast:
-                return FAST
-            return SLOW if wanted is None or name in wanted else SKIP
-        self._tier = tier
 
     def sample(self) -> RdmaSnapshot:
         problems: list[str] = []
         ports: list[RdmaPort] = []
-        self.reader.refresh()
-        try:
-            devices = self.reader.listdir(self.base)
-        except FileNotFoundError:
-            devices = []  # no RDMA devices (or no driver): nothing to report, not a failure
         now = self._clock()
         slow = self._every_cycle is None or now >= self._slow_due
+        self.reader.refresh(everything=slow)
         if slow:
             self._slow_due = now + self.slow_every - SLACK
-            self._fw = {d: v for d, v in self._fw.items() if d in devices}
-        for device in devices:
-            ports.extend(self._device(device, now, slow, problems))
+        if slow or self._listing is None:
+            self._listing = self._list()
+            listed = {device for device, _, _ in self._listing}
+            self._fw = {d: v for d, v in self._fw.items() if d in listed}
+        for device, root, port_names in self._listing:
+            ports.extend(self._device(device, root, port_names, now, slow, problems))
         for p in ports:
             self._present.seen((p.device, p.port), now)
         self._forget(self._present.gone(now))
@@ -239,27 +223,47 @@ class RdmaSource:
             self.backoff.forget(os.path.join(self.base, device, "ports", port) + os.sep)
             self._files.pop((device, port), None)
 
-    def _device(self, device: str, now: float, slow: bool, problems: list[str]) -> list[RdmaPort]:
-        root = os.path.join(self.base, device)
+    def _list(self) -> list[tuple[str, str, list[str]]]:
+        """The devices and their ports."""
         try:
-            port_names = self.reader.listdir(os.path.join(root, "ports"))
-        except OSError:
-            return []  # vanished between listing and reading: it is simply gone this cycle
+            devices = self.reader.listdir(self.base)
+        except FileNotFoundError:
+            return []  # no RDMA devices (or no driver): nothing to report, not a failure
+        out = []
+        for device in devices:
+            root = os.path.join(self.base, device)
+            try:
+                out.append((device, root, self.reader.listdir(os.path.join(root, "ports"))))
+            except OSError:
+                continue  # vanished between listing and reading: it is simply gone this cycle
+        return out
+
+    def _device(self, device: str, root: str, port_names: list[str], now: float, slow: bool,
+                problems: list[str]) -> list[RdmaPort]:
         if slow or device not in self._fw:
             self._fw[device] = self._text(os.path.join(root, "fw_ver"))
         out = []
         for port in port_names:
             p = RdmaPort(device, port, fw_version=self._fw[device])
-            self._port(p, root, now, slow, problems)
-            out.append(p)
+            if self._port(p, root, now, slow, problems):
+                out.append(p)
         return out
 
-    def _port(self, p: RdmaPort, device_root: str, now: float, slow: bool, problems: list[str]) -> None:
+    def _port(self, p: RdmaPort, device_root: str, now: float, slow: bool, problems: list[str]) -> bool:
+        """Fill `p`; False when its directory is gone since the listing (then listed again next cycle)."""
         owner = (p.device, p.port)
         files = self._files.get(owner)
         if files is None:
             files = self._files[owner] = _PortFiles(os.path.join(device_root, "ports", p.port), owner)
-        state = self._text(files.state)
+        try:
+            state = self.reader.read(files.state).strip()
+        except FileNotFoundError:
+            if not os.path.isdir(files.path):
+                self._listing = None
+                return False
+            state = ""
+        except OSError:
+            state = ""
         p.state = parse_state(state) if state else ""
         p.up = (p.state == "ACTIVE") if p.state else None
         slow = slow or files.read_at is None
@@ -274,18 +278,19 @@ class RdmaSource:
             names = self.reader.listdir(files.hw_dir)
         except OSError:
             names = []
-        fast_hw, slow_hw = files.hw(names, self._tier)
+        fast_hw, slow_hw = files.hw(names, self._every_cycle)
         if slow:
             files.read_at = now
             self._read(files.counters, self._counters, now, link_bytes, problems)
         self._read(fast_hw, self._hw, now, link_bytes, problems)
         if slow and self._read(slow_hw, self._hw, now, link_bytes, problems, promote=True):
-            files._hw_key = None  # a promoted counter moves to the every-cycle list
+            files._hw_names = None  # a promoted counter moves to the every-cycle list
         targets = (p.traffic, p.errors, p.hw_counters)
         for group in (files.counters, fast_hw, slow_hw):
             for f in group:
                 if f.total is not None:
                     targets[f.target][f.label] = f.total
+        return True
 
     def _read(self, files: list[_File], counters: CounterSet, now: float, link_bytes: float, problems: list[str],
               promote: bool = False) -> bool:
