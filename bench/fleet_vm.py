@@ -378,7 +378,9 @@ def plan(out: dict, nodes_per_site: int = 1000, retention_days: int = 30) -> dic
             "vmagent_cpu_cores_total": round(costs["vmagent_cpu_cores"][0] * series, 2),
             "vmalert_eval_s_per_15s_per_site": round(slope * min(nodes, nodes_per_site) + const, 3),
             "sites_of_1000_nodes": max(1, nodes // nodes_per_site),
-            "remote_write_bytes_per_s": round(samples * big["remote_write_bytes_per_sample"]),
+            # vmagent sends the scraped samples only: vmalert writes its recorded series to the store itself
+            "remote_write_bytes_per_s": round(nodes * big["scraped_samples_per_s"] / big["nodes"]
+                                              * big["remote_write_bytes_per_sample"]),
         }
     return result
 

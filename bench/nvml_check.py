@@ -8,7 +8,8 @@ and around each cycle reads what nvidia-smi says:
 
 - `nvidia-smi -q -x` right after the cycle: utilisation, framebuffer used and total, power draw
   and enforced limit, GPU and memory temperature, SM clock, clock event reasons, compute
-  processes, volatile ECC totals, remapped rows, PCIe replays;
+  processes, volatile ECC totals, remapped rows, PCIe replays (the temperatures and the SM clock
+  on the cycles that read them: the slow tier's, every `slow_interval`);
 - `nvidia-smi dmon -s t -o T` running beside it: PCIe RX/TX throughput each second, against the
   collector's PCIe byte counters over the same seconds;
 - `nvidia-smi nvlink -gt d` after each cycle: NVLink data counters, against the collector's
@@ -174,16 +175,19 @@ def parse_nvlink_counters(text: str) -> dict[int, tuple[float, float]]:
     return {g: (rx, tx) for g, (rx, tx) in out.items()}
 
 
-def collector_values(sample, previous=None, seconds: float | None = None) -> dict[str, float]:
-    """A `GpuSample` in the comparison's field names (rates over `seconds` since `previous`)."""
+def collector_values(sample, previous=None, seconds: float | None = None, gauges_read: bool = True) -> dict[str, float]:
+    """A `GpuSample` in the comparison's field names (rates over `seconds` since `previous`).
+    `gauges_read`: the slow tier's temperatures and SM clock were read in this cycle (else they are
+    as old as the slow tier's last read, and not compared with what nvidia-smi reads now)."""
     v: dict[str, float] = {}
     for name, value in (("utilization_ratio", sample.utilization), ("memory_used_bytes", sample.memory_used_bytes),
                         ("memory_total_bytes", sample.memory_total_bytes), ("power_watts", sample.power_watts),
-                        ("power_limit_watts", sample.power_limit_watts), ("sm_clock_hertz", sample.sm_clock_hertz),
+                        ("power_limit_watts", sample.power_limit_watts),
+                        ("sm_clock_hertz", sample.sm_clock_hertz if gauges_read else None),
                         ("processes", sample.processes), ("pcie_replays", sample.pcie_replays)):
         if value is not None:
             v[name] = float(value)
-    for kind, value in sample.temperature.items():
+    for kind, value in sample.temperature.items() if gauges_read else ():
         v[f"temperature_{kind}"] = value
     for kind, value in sample.ecc_errors.items():
         v[f"ecc_{kind}"] = value
@@ -305,6 +309,7 @@ def run(seconds: float, interval: float) -> dict:
         end = time.monotonic() + seconds
         due = time.monotonic()
         while time.monotonic() < end:
+            started = time.monotonic()  # the source's clock: a sample whose slow_at is later read it now
             t0, c0 = time.perf_counter(), time.thread_time()
             snap = source.sample()
             c1, t1 = time.thread_time(), time.perf_counter()
@@ -320,7 +325,7 @@ def run(seconds: float, interval: float) -> dict:
             for uuid, g in by_uuid.items():
                 before = previous.get(uuid) if previous else None
                 window = now - previous_at if previous_at else None
-                mine = collector_values(g, before, window)
+                mine = collector_values(g, before, window, gauges_read=(g.slow_at or 0.0) >= started)
                 comparison.compare(uuid, mine, readings.get(uuid, {}))
                 if before is not None and window:
                     rates = dmon.average(g.index, previous_at, now)

@@ -218,17 +218,32 @@ def test_energy_counter_survives_a_reset(fake, clock):
 def test_transient_error_is_reported_and_series_skipped_this_cycle(fake, clock, monkeypatch):
     source = make_source(fake, clock)
     source.sample()
-    real = fake.nvmlDeviceGetTemperature
+    real = fake.nvmlDeviceGetPowerUsage
 
-    def flaky(handle, sensor):
+    def flaky(handle):
         raise N.NVMLError(N.NVML_ERROR_TIMEOUT)
 
-    monkeypatch.setattr(fake, "nvmlDeviceGetTemperature", flaky)
+    monkeypatch.setattr(fake, "nvmlDeviceGetPowerUsage", flaky)
     s = tick(source, clock)
-    assert "gpu" not in s.gpus[0].temperature and s.problems.count("timeout") == 8
-    monkeypatch.setattr(fake, "nvmlDeviceGetTemperature", real)
+    assert s.gpus[0].power_watts is None and s.problems.count("timeout") == 8
+    monkeypatch.setattr(fake, "nvmlDeviceGetPowerUsage", real)
     s = tick(source, clock)
-    assert "gpu" in s.gpus[0].temperature, "a transient error is retried, not remembered"
+    assert s.gpus[0].power_watts is not None, "a transient error is retried, not remembered"
+
+
+def test_temperatures_and_sm_clock_are_read_on_the_slow_tier_and_held_between(fake, clock):
+    """Only exported: read with energy and ECC every `slow_interval`, carried by every sample."""
+    source = make_source(fake, clock, slow_interval=10.0)
+    first = source.sample().gpus[0]
+    assert first.temperature.keys() == {"gpu", "memory"} and first.sm_clock_hertz and first.slow_at is not None
+    calls = (fake.calls.get("nvmlDeviceGetTemperature"), fake.calls.get("nvmlDeviceGetClockInfo"))
+    for _ in range(9):
+        held = tick(source, clock).gpus[0]
+        assert (held.temperature, held.sm_clock_hertz, held.slow_at) == \
+               (first.temperature, first.sm_clock_hertz, first.slow_at)
+    assert (fake.calls.get("nvmlDeviceGetTemperature"), fake.calls.get("nvmlDeviceGetClockInfo")) == calls
+    later = tick(source, clock).gpus[0]
+    assert later.slow_at > first.slow_at and fake.calls["nvmlDeviceGetTemperature"] == calls[0] + 8
 
 
 def test_gpm_samples_are_freed_when_a_gpu_is_reacquired(fake, clock):

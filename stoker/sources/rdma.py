@@ -29,11 +29,12 @@ other hw_counters, the port's identity (link_layer, netdev, rate, fw_ver) and
 the listing of devices and ports are read every `SLOW_EVERY` seconds, and on
 the cycle a port's state changes (its rate then); a port whose directory is
 gone leaves the snapshot in the cycle it is found gone, as when it was listed
-each cycle, and a new one joins within `SLOW_EVERY`. Between those reads a port carries the totals of the last,
-so every series stays and stays monotonic. A 32-bit counter read on the slow
-tier must not move 2^28 between two reads, or its wrap could not be told from
-a reset (counters.Monotonic): one that moves more than `PROMOTE_STEP` between
-two slow reads is read every cycle from then on.
+each cycle, and a new one joins within `SLOW_EVERY`. Between those reads a
+port carries the totals of the last, so every series stays and stays
+monotonic. A 32-bit counter read on the slow tier must not move 2^28 between
+two reads, or its wrap could not be told from a reset (counters.Monotonic):
+one that moves more than `PROMOTE_STEP` between two slow reads is read every
+cycle from then on.
 """
 
 from __future__ import annotations
