@@ -130,11 +130,7 @@ def measure(nodes: int, per_process: int, warmup: float, seconds: float, keep_te
             rows["vmalert_eval_s_per_15s"] = round(sum(
                 v * (15.0 / {"stoker.fleet": 30.0}.get(g, 15.0)) for g, v in rows["vmalert_group_eval_s"].items()), 4)
             # disk: everything received made searchable and merged, then measured
-            vm.flush()
-            month = time.strftime("%Y_%m", time.gmtime())
-            urllib.request.urlopen(f"{vm.url}/internal/force_merge?partition_prefix={month}", timeout=300).read()
-            time.sleep(5)
-            m = vm.metrics()
+            m = merged_metrics(vm, timeout=300)
             data = total(m, "vm_data_size_bytes", "storage/")
             stored = total(m, "vm_rows", "storage/")
             rows["stored_samples"] = stored
@@ -147,6 +143,15 @@ def measure(nodes: int, per_process: int, warmup: float, seconds: float, keep_te
     finally:
         hook.close()
         stop_workers(workers)
+
+
+def merged_metrics(vm, timeout: float) -> dict[str, float]:
+    """VictoriaMetrics' own metrics once everything received is searchable and merged (sizes on disk)."""
+    vm.flush()
+    month = time.strftime("%Y_%m", time.gmtime())
+    urllib.request.urlopen(f"{vm.url}/internal/force_merge?partition_prefix={month}", timeout=timeout).read()
+    time.sleep(5)
+    return vm.metrics()
 
 
 def disk(nodes: int, minutes: float) -> dict:
@@ -169,11 +174,7 @@ def disk(nodes: int, minutes: float) -> dict:
             config = config.replace("scrape_timeout: 10s", "scrape_timeout: 1s")
             stack.enter_context(s.vmagent(config, vm.write_url, s.shipped_args("vmagent.default")))
             time.sleep(minutes * 60)
-            vm.flush()
-            month = time.strftime("%Y_%m", time.gmtime())
-            urllib.request.urlopen(f"{vm.url}/internal/force_merge?partition_prefix={month}", timeout=600).read()
-            time.sleep(5)
-            m = vm.metrics()
+            m = merged_metrics(vm, timeout=600)
             stored = total(m, "vm_rows", "storage/")
             series = total(m, "vm_cache_entries", 'type="storage/hour_metric_ids"')
             data = total(m, "vm_data_size_bytes", "storage/")

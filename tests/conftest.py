@@ -51,6 +51,28 @@ async def fetch(url: str, **kwargs) -> tuple[int, bytes, dict]:
             return resp.status, await resp.read(), dict(resp.headers)
 
 
+async def simulated_exposition(tmp_path, scenario: str, **sections) -> bytes:
+    """/metrics of a whole agent in this process on the simulated node, after a few 0.2 s cycles;
+    `sections`: configuration overrides (e.g. rdma={"hw_counters": "all"})."""
+    import asyncio
+
+    from stoker import config
+    from stoker.agent.runtime import Agent
+    from stoker.sim.simulation import Simulation
+
+    sim = Simulation(scenario, str(tmp_path))
+    cfg = sim.configure(config.load(overrides={"agent": {"listen": "127.0.0.1:0", "interval": 0.2}, **sections}))
+    agent = Agent(cfg, sim.platform())
+    await agent.start()
+    try:
+        await asyncio.sleep(1.5)
+        status, body, _ = await fetch(f"http://127.0.0.1:{agent.port}/metrics")
+    finally:
+        await agent.stop()
+    assert status == 200
+    return body
+
+
 AGENT_LOGS: list[str] = []
 
 

@@ -313,6 +313,21 @@ def test_a_checkpoint_that_progressed_while_no_agent_watched_restarts_its_stall_
     assert fresh.mounts["/mnt/ckpt"].active is None and fresh.mounts["/mnt/ckpt"].outcomes["completed"] == 1
 
 
+def test_a_hinted_checkpoint_that_wrote_while_no_agent_watched_ends_with_its_writes():
+    """Its end hint may have gone to no agent: held open by the hint, it would read as stalled."""
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    records = t.open_records()
+    clock.advance(30.0)
+    fresh = _restarted(clock, records, mount.write(5e9))
+    assert fresh.mounts["/mnt/ckpt"].active.source == "detected"
+    for _ in range(25):
+        tick(fresh, clock, mount.write(0), False)
+    m = fresh.mounts["/mnt/ckpt"]
+    assert m.active is None and m.outcomes == {**m.outcomes, "completed": 1, "stalled": 0}
+
+
 def test_a_remounted_checkpoint_mount_is_not_given_the_old_checkpoint():
     t, clock, mount = tracker()
     tick(t, clock, mount.write(0), False)

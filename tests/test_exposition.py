@@ -89,22 +89,9 @@ async def test_gpm_unsupported_means_absent_series_not_zero(fake):
 
 async def test_whole_simulated_node_matches_the_contract(tmp_path):
     """Every family the full agent serves is documented, with its type and labels."""
-    from stoker import config
-    from stoker.agent.runtime import Agent
-    from stoker.sim.simulation import Simulation
-    from tests.conftest import fetch
+    from tests.conftest import simulated_exposition
 
-    sim = Simulation("network-congested", str(tmp_path))
-    cfg = sim.configure(config.load(overrides={"agent": {"listen": "127.0.0.1:0", "interval": 0.2}}))
-    agent = Agent(cfg, sim.platform())
-    await agent.start()
-    try:
-        import asyncio
-        await asyncio.sleep(1.5)
-        _, body, _ = await fetch(f"http://127.0.0.1:{agent.port}/metrics")
-    finally:
-        await agent.stop()
-    families = _families(body)
+    families = _families(await simulated_exposition(tmp_path, "network-congested"))
     expected = contract()
     seen = set()
     for name, fam in families.items():

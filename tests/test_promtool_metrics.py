@@ -7,31 +7,15 @@ and every family of the contract (docs/METRICS.md) is in it, so none escapes the
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 
-from tests.conftest import fetch, need_binary
+from tests.conftest import need_binary, simulated_exposition
 from tests.contract import contract
 
 
 async def _full_exposition(tmp_path) -> bytes:
-    from stoker import config
-    from stoker.agent.runtime import Agent
-    from stoker.sim.simulation import Simulation
-
-    sim = Simulation("checkpoint", str(tmp_path))
-    cfg = sim.configure(config.load(overrides={"agent": {"listen": "127.0.0.1:0", "interval": 0.2},
-                                               "rdma": {"hw_counters": "all"}}))
-    agent = Agent(cfg, sim.platform())
-    await agent.start()
-    try:
-        await asyncio.sleep(1.5)
-        status, body, _ = await fetch(f"http://127.0.0.1:{agent.port}/metrics")
-    finally:
-        await agent.stop()
-    assert status == 200
-    return body
+    return await simulated_exposition(tmp_path, "checkpoint", rdma={"hw_counters": "all"})
 
 
 def _promtool(promtool: str, body: bytes) -> subprocess.CompletedProcess:

@@ -271,8 +271,9 @@ class CheckpointTracker:
     def restore(self, records: list[dict]) -> list[str]:
         """Reopen the checkpoints a previous run of the agent had open, each only on the same mount as
         then: its counters not below what was saved (a remount starts them again from zero). Bytes that
-        reached the server while no agent watched restart the stall clock (when they came is unknown);
-        none did: the saved time of the last progress is exact. Replaces a checkpoint detected since the
+        reached the server while no agent watched restart the stall clock (when they came is unknown) and
+        make it end with its writes, as a detected one does (the job's end hint may have come while no
+        agent listened); none did: the saved time of the last progress is exact. Replaces a checkpoint detected since the
         start (the same writes, seen from their middle). Returns the mountpoints reopened."""
         now, reopened = self._wall(), []
         for r in records:
@@ -290,8 +291,9 @@ class CheckpointTracker:
                 continue
             m = self._mount(mp)
             a = Active(started, source, start_server, start_client, last_server, progress, expected, stalled)
-            if sample.write_bytes > last_server:
-                a.last_server, a.progress, a.stalled = sample.write_bytes, now, False
+            if sample.write_bytes > last_server:  # its end hint, if any, may have gone to no agent:
+                a.last_server, a.progress, a.stalled = sample.write_bytes, now, False  # it ends with its writes
+                a.source = "detected"
             m.active, m.candidate, m.settling = a, None, False
             m.last_started, m.last_progress, m.written_bytes = started, a.progress, a.last_server - start_server
             reopened.append(mp)
