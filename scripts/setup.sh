@@ -25,6 +25,7 @@ need dpkg-deb dpkg
 need dpkg-shlibdeps dpkg-dev
 need strip binutils
 need lintian lintian
+need man man-db
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import ensurepip, venv" 2>/dev/null || apt_packages+=(python3 python3-venv)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -39,10 +39,6 @@ class Report:
 
 
 async def run_check(agent: Agent, seconds: float) -> Report:
-    if agent.verdicts is not None and agent.verdicts.store is not None:
-        agent.verdicts.store.read_only = True  # the service's saved level helps; the check's must not replace it
-    if agent.probes is not None:
-        agent.probes.tag = "check"  # its own probe files: the service may be probing the same directory
     await agent.start(serve_http=False)
     try:
         await asyncio.sleep(seconds)

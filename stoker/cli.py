@@ -126,7 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"stoker: configuration error: {exc}", file=sys.stderr)
             return check.UNCHECKED
         logs.configure("console", level=logging.ERROR)
-        report = asyncio.run(check.run_check(Agent(cfg, platform), args.seconds))
+        report = asyncio.run(check.run_check(Agent(cfg, platform, checking=True), args.seconds))
     print(f"configuration: {path or 'defaults'}")
     check.print_report(report, sys.stdout)
     return report.exit_code()

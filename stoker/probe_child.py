@@ -101,10 +101,17 @@ def metadata(path: str) -> None:
     os.unlink(path)
 
 
+CHECK_TAG = "check"  # `stoker check`'s probes, beside the service's
+
+
+def probe_file(host: str, tag: str = "") -> str:
+    """The probe's file name: the host's (nodes share the NAS directory) and the prober's `tag`
+    (`stoker check` beside the service never uses the service's files)."""
+    return f".stoker-probe-{host}{'-' + tag if tag else ''}"
+
+
 def probe(directory: str, size: int, tag: str = "") -> dict:
-    """`tag`: the prober's name in the file names, so that `stoker check` beside the service (and the
-    nodes sharing a directory: the host name) never use the same files."""
-    base = os.path.join(directory, f".stoker-probe-{socket.gethostname()}{'-' + tag if tag else ''}")
+    base = os.path.join(directory, probe_file(socket.gethostname(), tag))
     result = {"write": _timed(write_fsync, base, size)}
     result["read"] = _timed(read_uncached, base, size) if isinstance(result["write"], float) else result["write"]
     result["metadata"] = _timed(metadata, base + ".meta")

@@ -441,3 +441,14 @@ def test_a_checkpoint_stalled_from_its_first_byte_is_seen_from_the_page_cache():
     for _ in range(21):
         tick(t, clock, mount.write(0), True)
     assert m.active.stalled
+
+
+def test_evidence_not_yet_measured_is_not_evidence_gone():
+    """After a restart (a window needs two samples) the carried cause's evidence is missing, not gone:
+    it must not turn into `host` before every source has been measured."""
+    d = StarvationDetector(DetectConfig())
+    d.resume(0.0, "network", cold=False)
+    for t in (1.0, 2.0, 3.0):
+        assert d.update(t, 0.1, True, 0.9, NO, NO, measured=False) == "network"
+    d.update(4.0, 0.1, True, 0.9, NO, NO)
+    assert d.update(5.0, 0.1, True, 0.9, NO, NO) == "host", "measured and still absent: gone"

@@ -14,9 +14,10 @@ from stoker.detect.goodput import FORGET_AFTER, MAX_JOBS, NODE_STATES, STATES, G
 from stoker.sim import jobs as sim_jobs
 from stoker.sim import scenarios
 from stoker.sim.drive import SimDrive
-from stoker.sim.judge import judge, run_length
 from stoker.sources.gpu import GpuSample, GpuSnapshot
 from stoker.sources.jobs import JobSnapshot, Owner
+from stoker.sim.judge import run_length
+from tests.simdrive import play_judged
 
 TESTS = Path(__file__).parent
 JOB_SCENARIOS = sorted((TESTS / "scenarios" / "jobs").glob("*.toml"))
@@ -91,14 +92,7 @@ def test_the_parts_add_up_to_wall_time(tmp_path, name):
 # -- the job scenarios: what each one must show ----------------------------------------------------
 
 def play(name: str, tmp_path) -> tuple[SimDrive, GoodputLedger]:
-    scenario = scenarios.get(str(TESTS / "scenarios" / "jobs" / f"{name}.toml"))
-    drive = SimDrive(scenario, str(tmp_path))
-    try:
-        drive.run(run_length(scenario))
-        result = judge(scenario, drive.samples, drive.outcomes())
-    finally:
-        drive.close()
-    assert result.right, result.failures
+    drive = play_judged(scenarios.get(str(TESTS / "scenarios" / "jobs" / f"{name}.toml")), tmp_path)
     return drive, drive.verdicts.goodput
 
 

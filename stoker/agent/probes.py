@@ -29,33 +29,12 @@ from stoker.agent.collector import Collector
 from stoker.agent.worker import within
 from stoker.config import ProbesConfig, ProbeTarget
 from stoker.detect.view import ProbeState
+from stoker.histogram import Histogram
 
 log = logs.get("probes")
 
 PROBES = ("write", "read", "metadata")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-@dataclass
-class Histogram:
-    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
-    total: float = 0.0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.total += value
-
-    def buckets(self) -> list[tuple[str, int]]:
-        out, running = [], 0
-        for bound, n in zip([*map(str, BUCKETS), "+Inf"], self.counts):
-            running += n
-            out.append((bound, running))
-        return out
 
 
 @dataclass
@@ -66,7 +45,7 @@ class Mount:
     reaping: asyncio.Task | None = None
     unanswered_since: float | None = None  # start of the first probe the mount has not answered
     next_due: float = 0.0
-    latency: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PROBES})
+    latency: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram(BUCKETS) for p in PROBES})
     latest: dict[str, float] = field(default_factory=dict)  # seconds of the last completed probe
     failures: dict[str, int] = field(default_factory=lambda: {"timeout": 0, "error": 0})
 
@@ -74,12 +53,14 @@ class Mount:
 class ProbeCollector(Collector):
     name = "nasprobe"
 
-    def __init__(self, interval: float, config: ProbesConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, interval: float, config: ProbesConfig, clock: Callable[[], float] = time.monotonic,
+                 tag: str = ""):
+        """`tag`: in the probe files' names (probe_child.py), so that `stoker check` never uses the service's."""
         self.interval = interval
         self.config = config
         self._clock = clock
         self.mounts = [Mount(t) for t in config.targets]
-        self.tag = ""  # in the probe files' names: `stoker check` sets its own (probe_child.py)
+        self.tag = tag
 
     def configure(self, config: ProbesConfig) -> None:
         """New targets, interval, deadline or size; mounts probed before keep their histograms."""

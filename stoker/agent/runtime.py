@@ -33,6 +33,7 @@ from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
 from stoker.exporters.hints import make_hint_app
 from stoker.exporters.http import log_loop_errors, make_app, raise_fd_limit, serve
+from stoker.probe_child import CHECK_TAG
 from stoker.sources.jobs import JobSource
 from stoker.sources.netdev import EthtoolReader
 from stoker.sources.nfs import NfsSource
@@ -47,7 +48,9 @@ HINT_CONNECTIONS = 16
 
 
 class Agent:
-    def __init__(self, config: Config, platform: Platform):
+    def __init__(self, config: Config, platform: Platform, checking: bool = False):
+        """`checking`: a `stoker check` beside the service, with its configuration: the service's state
+        file is read, never written, and the NAS probes use files of their own."""
         self.config = config
         self.platform = platform
         self.exposition = Exposition()
@@ -75,14 +78,14 @@ class Agent:
             self.host = SourceCollector("host", interval, PressureSource(config.agent.procfs_root),
                                         pressure_families.families, config.host.call_timeout)
         if config.probes.targets:
-            self.probes = ProbeCollector(interval, config.probes)
+            self.probes = ProbeCollector(interval, config.probes, tag=CHECK_TAG if checking else "")
         if config.detect.enabled:
             # which job holds each GPU: the GPU processes' cgroups (procfs, else cgroupfs), read in a
             # worker thread before each tick's accounting (docs/JOBS.md)
             jobs = JobAttributor(JobSource(config.agent.procfs_root, config.agent.sysfs_root),
                                  config.gpu.call_timeout) if config.gpu.enabled else None
             self.verdicts = VerdictCollector(interval, config.detect, config.checkpoint, self.view,
-                                             state_file=config.agent.state_file, jobs=jobs)
+                                             state_file=config.agent.state_file, jobs=jobs, keep_state=not checking)
         self.collectors: list[Collector] = [c for c in (self.gpu, self.rdma, self.netdev, self.nfs, self.host,
                                                         self.probes, self.verdicts) if c is not None]
         chained = {"gpu": self.verdicts} if self.gpu and self.verdicts else {}

@@ -40,8 +40,9 @@ class VerdictCollector(Collector):
 
     def __init__(self, interval: float, detect: DetectConfig, checkpoint: CheckpointConfig,
                  view: Callable[[float], NodeView], clock: Callable[[], float] = time.monotonic,
-                 state_file: str = "", jobs: JobAttributor | None = None):
-        """`jobs`: who owns the GPU processes (agent/jobs.py), looked up before each tick's accounting."""
+                 state_file: str = "", jobs: JobAttributor | None = None, keep_state: bool = True):
+        """`jobs`: who owns the GPU processes (agent/jobs.py), looked up before each tick's accounting;
+        `keep_state` False: the state file is read, never written (`stoker check`)."""
         self.interval = interval
         self.config = detect
         self._view = view
@@ -53,7 +54,7 @@ class VerdictCollector(Collector):
         self.checkpoints = CheckpointTracker(checkpoint)
         self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
         self.jobs = jobs
-        self.store = StateStore(state_file, detect.baseline_window) if state_file else None
+        self.store = StateStore(state_file, detect.baseline_window, read_only=not keep_state) if state_file else None
         self._saved: tuple = ((), None)  # the open checkpoints and the verdict as last saved
         self.busy: dict[tuple[str, str], float] = {}
         self.scores: dict[str, float] = {}
@@ -151,7 +152,7 @@ class VerdictCollector(Collector):
         self.scores = self.attribution.scores()
         before = self.starvation.cause
         cause = self.starvation.update(t, busy, job, baseline, self.scores,
-                                       self.attribution.scores(fresh_only=True))
+                                       self.attribution.scores(fresh_only=True), self.evidence.measured())
         if cause is None and job and busy is not None and not self.starvation.low(busy, baseline):
             self.job.remember(t, busy)
         self._carried = self._carried and cause == before and not self.attribution.current()

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from stoker.config import DetectConfig
-from stoker.detect.evidence import PREFETCHED, PRESENT_ONLY, Signal
+from stoker.detect.evidence import OF_THE_JOB, PREFETCHED, PRESENT_ONLY, Signal
 
 MIN_SCORE = 1.0
 STRONG = 2.0
@@ -71,7 +71,7 @@ class Attribution:
     def new_job(self) -> None:
         """A new job: what is only remembered belonged to the last one; what is present now is the
         node's state, and keeps what is known of it (a rail the last job ran at full speed without)."""
-        for key in [k for k, tr in self.traces.items() if tr.last_seen != self.t]:
+        for key in [k for k, tr in self.traces.items() if tr.last_seen != self.t or tr.signal.kind in OF_THE_JOB]:
             del self.traces[key]
 
     def observe(self, t: float, signals: list[Signal], at_level: bool) -> None:

@@ -45,6 +45,10 @@ PRESENT_ONLY = frozenset({"checkpoint", "checkpoint_write_latency"})
 """Kinds that explain a wait only while present: a checkpoint that has ended explains nothing after it
 (the starvation that follows it is another incident), however recently it wrote."""
 
+OF_THE_JOB = frozenset({"reads_stalled"})
+"""Kinds about the job's own activity (a data mount it was reading stopped answering): the last job's
+are not the next one's (its reads stop because it ended)."""
+
 PREFETCHED = frozenset({"read_latency", "read_queue", "reads_stalled", "probe_slow", "probe_hung"})
 """Kinds whose effect on the GPUs a data loader's prefetch buffer delays: a NAS that slows (or stops)
 starves the GPUs only once the buffered batches are used up, seconds to minutes later."""
@@ -101,6 +105,13 @@ class EvidenceTracker:
     def new_job(self) -> None:
         """A new job: whether the data mounts were being read is a question about this job."""
         self._last_read.clear()
+        self._held = {name: [s for s in held if s.kind not in OF_THE_JOB] for name, held in self._held.items()}
+
+    def measured(self) -> bool:
+        """Every source that has sampled has given a window: what is absent from the signals is
+        absent from the node, not yet to be measured (a source needs two samples; after a start,
+        one that is late on a loaded machine needs more ticks)."""
+        return all(w.new is None or w.old is not None for w in self._windows.values())
 
     def signals(self, view: NodeView) -> list[Signal]:
         out: list[Signal] = []

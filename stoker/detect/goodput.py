@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from stoker import logs
 from stoker.config import DetectConfig
 from stoker.detect.checkpoint import HintError
+from stoker.histogram import Histogram
 from stoker.sources.jobs import JOB_ID, JobSnapshot
 
 if TYPE_CHECKING:
@@ -91,28 +92,6 @@ class Declaration:
     gpus: frozenset[str]  # UUIDs or NVML indexes the job says it uses
 
 
-class StepHistogram:
-    def __init__(self):
-        self.counts = [0] * (len(STEP_BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(STEP_BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.total += value
-
-    def buckets(self) -> list[tuple[str, int]]:
-        out, running = [], 0
-        for bound, n in zip([*map(str, STEP_BUCKETS), "+Inf"], self.counts):
-            running += n
-            out.append((bound, running))
-        return out
-
-
 @dataclass
 class JobAccount:
     job_id: str
@@ -130,7 +109,7 @@ class JobAccount:
     steps: int = 0
     tokens: int = 0
     samples: int = 0
-    step_seconds: StepHistogram = field(default_factory=StepHistogram)
+    step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))
     last_step: int | None = None
     run: str | None = None
     runs: deque = field(default_factory=lambda: deque(maxlen=RUNS_REMEMBERED))  # replaced runs

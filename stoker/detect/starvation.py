@@ -77,6 +77,7 @@ class StarvationDetector:
         self._ended: tuple[str, float] | None = None  # the last verdict's cause and end
         self.seconds: dict[str, float] = {c: 0.0 for c in CAUSES}
         self._last_t: float | None = None
+        self._measured = True
 
     @property
     def cause(self) -> str | None:
@@ -101,8 +102,10 @@ class StarvationDetector:
         return busy >= self.config.recover_ratio * baseline
 
     def update(self, t: float, busy: float | None, job: bool, baseline: float | None,
-               scores: dict[str, float], fresh: dict[str, float]) -> str | None:
-        """One tick; `scores` weigh every remembered signal by cause, `fresh` only this window's."""
+               scores: dict[str, float], fresh: dict[str, float], measured: bool = True) -> str | None:
+        """One tick; `scores` weigh every remembered signal by cause, `fresh` only this window's;
+        `measured` False: some source has no window yet, so a cause's missing evidence is not gone."""
+        self._measured = measured
         if self.state is not None and self._last_t is not None:
             self.seconds[self.state.cause] += max(0.0, t - self._last_t)
         self._last_t = t
@@ -122,7 +125,7 @@ class StarvationDetector:
                fresh: dict[str, float]) -> None:
         c = self.config
         if self.low(busy, baseline):
-            if explained is not None or self._unexplained_lows >= 1:
+            if explained is not None or (self._unexplained_lows >= 1 and self._measured):
                 self._start(t, explained or "host", cold=False)
             else:
                 self._unexplained_lows += 1
@@ -150,7 +153,7 @@ class StarvationDetector:
     def _follow(self, t: float, busy: float, baseline: float | None, scores: dict[str, float],
                 fresh: dict[str, float], explained: str | None) -> None:
         s, c = self.state, self.config
-        evidence_gone = s.cause != "host" and scores[s.cause] < MIN_SCORE
+        evidence_gone = s.cause != "host" and scores[s.cause] < MIN_SCORE and self._measured
         if s.cold and baseline is None:
             s.levels.append(busy)
             typical = sorted(s.levels)[len(s.levels) // 2]
@@ -177,7 +180,7 @@ class StarvationDetector:
         s = self.state
         if explained is None or explained == s.cause:
             s.pending = None
-            gone = explained is None and s.cause != "host" and scores[s.cause] < MIN_SCORE
+            gone = explained is None and s.cause != "host" and scores[s.cause] < MIN_SCORE and self._measured
             s.unexplained = s.unexplained + 1 if gone else 0
             if s.unexplained >= 2:  # its evidence is gone and, one sample later, nothing else explains the wait
                 self._set_cause("host")

@@ -42,12 +42,13 @@ class Saved:
 
 
 class StateStore:
-    def __init__(self, path: str, max_age: float, wall: Callable[[], float] = time.time):
+    def __init__(self, path: str, max_age: float, wall: Callable[[], float] = time.time, read_only: bool = False):
+        """`read_only`: `stoker check` reads the service's file and must not replace it."""
         self.path = path
         self.max_age = max_age
         self._wall = wall
         self.saved_at: float | None = None
-        self.read_only = False  # `stoker check` reads the service's file and must not replace it
+        self.read_only = read_only
 
     def load(self) -> Saved | None:
         """What the previous run saved, if it saved it recently."""

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 from dataclasses import dataclass
 
 from stoker import config as config_mod
 from stoker.agent.verdicts import VerdictCollector
+from stoker.detect import evidence
 from stoker.detect.view import NodeView, ProbeState
 from stoker.sim.simulation import Simulation
 from stoker.sources.gpu import GpuSource
@@ -39,6 +41,8 @@ class ManualClock:
         self.now += seconds
 
 
+MISSED = 7  # on a loaded machine, a source misses one tick in this many
+
 HEALTHY_PROBE = {"write": 0.012, "read": 0.005, "metadata": 0.001}  # seconds, on the simulated NAS
 
 
@@ -52,8 +56,12 @@ class Sample:
 
 class SimDrive:
     def __init__(self, scenario, root: str, interval: float = 1.0, skip: float = 0.0,
-                 cfg: config_mod.Config | None = None):
-        """`skip`: the agent starts that many seconds into the scenario (a restart during an incident)."""
+                 cfg: config_mod.Config | None = None, noise: random.Random | None = None):
+        """`skip`: the agent starts that many seconds into the scenario (a restart during an incident).
+        `noise`: a loaded machine, drawn from it: each tick comes 0.7-1.5 intervals after the last, and
+        each source misses a tick (its last snapshot seen again) one time in `MISSED`."""
+        self.noise = noise
+        self._last: dict[str, object] = {}
         self.clock = ManualClock(0.0)
         self.interval = interval
         self.sim = Simulation(scenario, root, clock=self.clock, skip=skip)
@@ -71,13 +79,15 @@ class SimDrive:
     def restart(self) -> None:
         """A fresh agent on the same node: new sources and counters, no learned level, no evidence."""
         cfg = self.config
+        self._last.clear()
         if self.gpu is not None:
             self.gpu.close()
             if self.sim.node.scenario.state == "lost" and cfg.agent.state_file:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(cfg.agent.state_file)
         self.gpu = GpuSource(self.platform.nvml, clock=self.clock, wall=self.clock)
-        self.rdma = RdmaSource(cfg.agent.sysfs_root, clock=self.clock)
+        self.rdma = RdmaSource(cfg.agent.sysfs_root, clock=self.clock,
+                               every_cycle=evidence.CONGESTION + evidence.RETRANSMITS)  # as the agent reads it
         self.ethtool = EthtoolReader(self.platform.open_ethtool)
         self.nfs = NfsSource(cfg.agent.procfs_root, cfg.nfs.operations, cfg.nfs.roles())
         self.host = PressureSource(cfg.agent.procfs_root)
@@ -90,15 +100,17 @@ class SimDrive:
         self.verdicts.checkpoints._wall = self.clock
 
     def step(self):
-        self.clock.advance(self.interval)
+        self.clock.advance(self.interval * (self.noise.uniform(0.7, 1.5) if self.noise else 1.0))
         self.sim.advance()
         self.sim.deliver_hints(self.verdicts.checkpoints, self.verdicts.goodput)
-        rdma = self.rdma.sample()
+        rdma = self._sampled("rdma", self.rdma.sample)
         names = [p.interface for p in rdma.ports]
         stats, problems = self.ethtool.read(names)
         self.view = NodeView(self.clock(), gpu=self.gpu.sample(), rdma=rdma,
-                             net=snapshot(names, self.sim.network.operstates(), stats, problems),
-                             nfs=self.nfs.sample(), host=self.host.sample(), probes=self._probes())
+                             net=self._sampled("net", lambda: snapshot(names, self.sim.network.operstates(), stats,
+                                                                        problems)),
+                             nfs=self._sampled("nfs", self.nfs.sample), host=self._sampled("host", self.host.sample),
+                             probes=self._probes())
         gpu = self.view.gpu
         owners = self.jobs.resolve(p for g in gpu.gpus if g.up for p in g.pids) if gpu else None
         verdict = self.verdicts.update(self.view, owners)  # the agent looks the owners up in a worker thread
@@ -106,6 +118,13 @@ class SimDrive:
             self.verdicts.persist()  # the agent does this in a worker thread
         self.samples.append(Sample(self.sim.node.elapsed(), verdict.cause, self.checkpoint_state(), verdict.busy))
         return verdict
+
+    def _sampled(self, source: str, sample):
+        """A source's snapshot this tick: on a loaded machine, now and then the last one again (the
+        collector missed its tick; the verdicts see no new window for it)."""
+        if self.noise is None or source not in self._last or self.noise.random() >= 1 / MISSED:
+            self._last[source] = sample()
+        return self._last[source]
 
     def _probes(self) -> list[ProbeState]:
         now, every = self.sim.node.elapsed(), self.config.probes.interval
@@ -132,7 +151,8 @@ class SimDrive:
     def run(self, seconds: float) -> None:
         """Step through `seconds`, restarting the agent where the scenario says so (before the
         first sample at or past each restart time)."""
-        for _ in range(int(round(seconds / self.interval))):
+        end = self.sim.node.elapsed() + seconds
+        while self.sim.node.elapsed() < end - self.interval / 2:  # ticks may come late (`noise`)
             if self.restarts and self.sim.node.elapsed() + self.interval >= self.restarts[0] - 1e-9:
                 self.restarts.pop(0)
                 self.restart()

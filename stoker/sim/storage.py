@@ -18,6 +18,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from stoker.probe_child import CHECK_TAG, probe_file
 from stoker.sim.node import SimNode, Ticker
 
 PID = "4242"
@@ -37,7 +38,7 @@ READ_BYTES_PER_BUSY_S = 2.4e9  # input pipeline at full GPU load, bytes/s from t
 CHECKPOINT_BYTES_PER_S = 1.25e9  # what the job hands to the page cache while it writes a checkpoint
 SERVER_WRITE_BYTES_PER_S = {"slow-write": 4e6, "write-stall": 0.0, "hung": 0.0}  # else the NAS keeps up
 DIRTY_LIMIT = 512 * MIB  # NFS write-back throttles a writer once this much waits for the server
-PROBE_FILES = (".stoker-probe-{node}", ".stoker-probe-{node}-check")  # the service's and `stoker check`'s
+
 
 
 @dataclass
@@ -169,8 +170,8 @@ class SimStorage:
         for m in self.mounts:
             if (m.mountpoint in mountpoints) == (m.mountpoint in self._blocked):
                 continue
-            for name in PROBE_FILES:
-                path = os.path.join(m.probe_dir, name.format(node=self.hostname))
+            for tag in ("", CHECK_TAG):  # the service's probes and `stoker check`'s
+                path = os.path.join(m.probe_dir, probe_file(self.hostname, tag))
                 if os.path.lexists(path):
                     os.unlink(path)
                 if m.mountpoint in mountpoints:
