@@ -84,7 +84,9 @@ def agent(d: dict, out: Path) -> str:
     for r in d["runs"]:
         for label, run in (("this tree", r), *((("against: " + r["against"]["tree"], r["against"]),)
                                                 if "against" in r else ())):
+            fake = run.get("fake_nvml_share_of_one_core")
             rows.append([r["interval_s"], label, pct(run["agent_share_of_one_core"]),
+                         "-" if fake is None else pct(fake),
                          *(pct(run["collectors"][n]["share_of_one_core"]) if n in run["collectors"] else "-"
                            for n in names),
                          pct(run["rest_share_of_one_core"]), pct(run["probe_children_share_of_one_core"]),
@@ -92,8 +94,10 @@ def agent(d: dict, out: Path) -> str:
     return ("## The agent alone (bench/agent.py)\n\n"
             + f"Scenario `{d['scenario']}` on the full simulated XE9680, production probe intervals; the simulator "
               "in a process of its own (its cost in the last column). CPU as a share of one core; per collector: its "
-              "sampling plus its families and rendering; rest: the event loop, the agent's own metrics, HTTP.\n\n"
-            + table(["interval s", "tree", "agent", *names, "rest", "NAS probe children", "RSS MB", "series",
+              "sampling plus its families and rendering; rest: the event loop, the agent's own metrics, HTTP. "
+              "The fake NVML stands for the driver and is counted in the agent and in gpu; its share is shown "
+              "apart.\n\n"
+            + table(["interval s", "tree", "agent", "of it, fake NVML", *names, "rest", "NAS probe children", "RSS MB", "series",
                      "simulator"], rows)
             + f"\nSimulator per node: {pct(d['simulator_share_per_node'])} of a core; "
               f"{d['simulated_nodes_per_core']} simulated nodes per core.\n")

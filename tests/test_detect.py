@@ -8,7 +8,7 @@ import random
 import pytest
 
 from stoker.config import CheckpointConfig, DetectConfig
-from stoker.detect.attribution import PREDATES, TOLERATED, Attribution
+from stoker.detect.attribution import CAUSES, PREDATES, TOLERATED, Attribution
 from stoker.detect.checkpoint import FORGET_AFTER, CheckpointTracker
 from stoker.detect.evidence import Signal
 from stoker.detect.job import MIN_BASELINE_SAMPLES, JobTracker
@@ -368,6 +368,21 @@ def test_a_saved_state_comes_back_only_while_fresh(tmp_path):
     assert store.load() == Saved(frozenset({1, 2}), 0.8, []), "the file of the release before (no checkpoints)"
     (tmp_path / "state.json").write_text(json.dumps({"pids": [1], "level": 0.5, "saved": clock(), "checkpoints": 3}))
     assert store.load() is None
+
+
+def test_a_saved_verdict_keeps_whether_it_was_a_return(tmp_path):
+    """An intermittent fault's return is damped (a longer recovery): a restart must not undo that."""
+    clock = ManualClock(1000.0)
+    store = StateStore(str(tmp_path / "state.json"), max_age=300.0, wall=clock)
+    store.save(frozenset({1}), 0.9, [], ("storage", False, True))
+    saved = store.load()
+    assert (saved.cause, saved.cold, saved.came_back) == ("storage", False, True)
+    d = StarvationDetector(DetectConfig(recover_after=3.0, flap_factor=3.0))
+    d.resume(0.0, saved.cause, saved.cold, saved.came_back)
+    scores = dict.fromkeys(CAUSES, 0.0)
+    for t in range(1, 9):
+        assert d.update(float(t), 0.9, True, 0.9, scores, scores) == "storage", t  # damped: 9 s, not 3
+    assert d.update(10.0, 0.9, True, 0.9, scores, scores) is None
 
 
 def test_a_state_file_that_cannot_be_written_costs_only_the_feature(tmp_path):

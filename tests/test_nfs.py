@@ -121,6 +121,29 @@ def test_counter_decrease_is_a_reset_of_that_counter(tmp_path):
     assert second.ops["GETATTR"] == first.ops["GETATTR"]
 
 
+def test_idle_operations_keep_their_totals_and_a_mount_over_it_starts_afresh(tmp_path):
+    """Idle operations are not counted again each cycle; a mount over the same mountpoint showing the
+    very same numbers is still a new baseline, and what it does next is counted from there."""
+    text = read("nfsv3_statvers10.txt")
+    root = procfs(tmp_path, text)
+    source = NfsSource(str(root), DEFAULT_NFS_OPERATIONS, ROLES)
+    first = source.sample().mounts[0]
+    assert source.sample().mounts[0].ops == first.ops
+    block = text[text.index("device "):]
+    (root / "4242" / "mountstats").write_text(text + block)  # mounted over, same numbers
+    over = source.sample().mounts[0]
+    assert over.ops == first.ops
+    moved = block.replace("READ: 1298 1298 0", "READ: 1300 1300 0")
+    (root / "4242" / "mountstats").write_text(text + moved)
+    assert source.sample().mounts[0].ops["READ"]["ops"] == first.ops["READ"]["ops"] + 2
+
+
+def test_parse_skips_operations_not_asked_for():
+    mounts, problems = parse(read("nfsv41_nconnect_rdma.txt").replace("SEQUENCE:", "SEQUENCE: x"), ("READ",))
+    assert problems == [] and {tuple(m.ops) for m in mounts if m.ops} == {("READ",)}
+    assert parse(read("nfsv41_nconnect_rdma.txt").replace("SEQUENCE:", "SEQUENCE: x"))[1]  # all: malformed
+
+
 def test_missing_mountstats_is_empty_not_an_error(tmp_path):
     snap = NfsSource(str(tmp_path), DEFAULT_NFS_OPERATIONS, ROLES).sample()
     assert snap.mounts == [] and snap.problems == []

@@ -104,7 +104,7 @@ class VerdictCollector(Collector):
             log.info("job level restored from the last run", level=_round(saved.level), path=self.store.path)
         self._reopen = saved.checkpoints
         if saved.cause is not None:
-            self.starvation.resume(self._clock(), saved.cause, saved.cold)
+            self.starvation.resume(self._clock(), saved.cause, saved.cold, saved.came_back)
             self._carried = True
             log.info("verdict carried over from the last run", cause=saved.cause)
 
@@ -119,13 +119,14 @@ class VerdictCollector(Collector):
             return None
         self._saved = key
         s = self.starvation.state
-        return self.job.pids, self.verdict.baseline, self.checkpoints.open_records(), s and (s.cause, s.cold)
+        return self.job.pids, self.verdict.baseline, self.checkpoints.open_records(), s and (s.cause, s.cold,
+                                                                                              s.came_back)
 
     def _state_key(self) -> tuple:
         """What is saved at once when it changes: the open checkpoints and the verdict."""
         return (tuple((mp, m.active.started, m.active.source, m.active.stalled)
                       for mp, m in sorted(self.checkpoints.mounts.items()) if m.active is not None),
-                self.starvation.cause)
+                self.starvation.cause, self.starvation.state and self.starvation.state.came_back)
 
     def update(self, view: NodeView, jobs: JobSnapshot | None = None) -> Verdict:
         """One tick; `jobs`: the owners of the GPU processes, for the goodput accounting."""

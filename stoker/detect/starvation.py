@@ -25,13 +25,16 @@ between (a jittery one does not count); a verdict that came back less than
 `flap_window` seconds after the same cause cleared needs a recovery
 `flap_factor` times longer (an intermittent fault reads as one starvation,
 not a flapping one). While
-starved, `host` yields at once to a cause with evidence, a cause whose
-evidence is gone yields to the best remaining one, and in the first
-`recover_after` seconds the best-ranked cause is taken at once (evidence can
-arrive a tick after the drop); later one cause replaces another after
-outranking it by `SWITCH_MARGIN` for `recover_after` seconds, or after two
-samples in which it is present and outranks a cause only remembered. Nothing
-switches while the GPUs are recovering.
+starved, `host` without evidence of its own yields at once to a cause with
+evidence, a cause whose evidence is gone yields to the best remaining one, and
+in the first `recover_after` seconds the best-ranked cause is taken at once
+(evidence can arrive a tick after the drop); later one cause replaces another
+after outranking it by `SWITCH_MARGIN` for `recover_after` seconds, or after
+two samples in which it is present and outranks a cause only remembered; a
+cause only remembered yields to one present now, however weaker, after
+`recover_after` seconds, and never displaces one present now; a checkpoint
+writing now that outranks the cause is taken at once. Nothing switches while
+the GPUs are recovering.
 """
 
 from __future__ import annotations
@@ -163,9 +166,11 @@ class StarvationDetector:
             starved = baseline is not None and self.low(busy, baseline)
             s.in_band_since = None if starved else (t if s.in_band_since is None else s.in_band_since)
             # back at the level; or above the starved line with the cause's evidence gone (the infrastructure
-            # recovered, the job runs a little slower), or there long enough to be the job's new normal
+            # recovered, the job runs a little slower), or there long enough, the cause no longer strong
+            # now, to be the job's new normal (a NAS still crawling that costs the job a third is not one)
             recovered = baseline is not None and (busy >= c.recover_ratio * baseline or (not starved and (
-                evidence_gone or t - s.in_band_since >= IN_BAND_CLEARS_AFTER * c.recover_after)))
+                evidence_gone or (t - s.in_band_since >= IN_BAND_CLEARS_AFTER * c.recover_after
+                                  and fresh.get(s.cause, 0.0) < STRONG))))
         if recovered:
             s.recovering_since = t if s.recovering_since is None else s.recovering_since
         elif starved:
@@ -178,31 +183,50 @@ class StarvationDetector:
 
     def _switch(self, t: float, scores: dict[str, float], fresh: dict[str, float], explained: str | None) -> None:
         s = self.state
-        if explained is None or explained == s.cause:
+        if explained == s.cause and (present := self._present_instead(fresh)) is not None:
+            explained = present  # the cause is only remembered; another is here now
+        elif explained is None or explained == s.cause:
             s.pending = None
             gone = explained is None and s.cause != "host" and scores[s.cause] < MIN_SCORE and self._measured
             s.unexplained = s.unexplained + 1 if gone else 0
             if s.unexplained >= 2:  # its evidence is gone and, one sample later, nothing else explains the wait
                 self._set_cause("host")
             return
-        if s.cause == "host" or scores[s.cause] < MIN_SCORE or t - s.since < self.config.recover_after:
+        if ((s.cause == "host" and fresh["host"] < MIN_SCORE) or scores[s.cause] < MIN_SCORE
+                or t - s.since < self.config.recover_after):
             self._set_cause(explained)
+            return
+        if fresh[explained] == 0 and fresh[s.cause] > 0:
+            s.pending = None  # only remembered: it does not displace a cause present now
             return
         outranks = scores[explained] >= SWITCH_MARGIN * scores[s.cause]
         replaces = fresh[s.cause] == 0 and fresh[explained] > scores[s.cause]  # present against remembered
-        if not (outranks or replaces):
+        succeeds = fresh[s.cause] == 0 and fresh[explained] >= MIN_SCORE  # present against remembered, weaker
+        if not (outranks or replaces or succeeds):
             s.pending = None
+            return
+        if explained == "checkpoint" and outranks and fresh[explained] >= STRONG:
+            self._set_cause(explained)  # a checkpoint writing now is a fact, and explains the whole wait
             return
         since, samples = (s.pending[1], s.pending[2] + 1) if s.pending and s.pending[0] == explained else (t, 1)
         s.pending = (explained, since, samples)
         if (replaces and samples >= 2) or t - since >= self.config.recover_after:
             self._set_cause(explained)
 
-    def resume(self, t: float, cause: str, cold: bool) -> None:
+    def _present_instead(self, fresh: dict[str, float]) -> str | None:
+        """While the verdict's cause is measured and absent, the best cause with evidence now."""
+        s = self.state
+        if s.cause == "host" or fresh[s.cause] > 0 or not self._measured:
+            return None
+        best = max((k for k in CAUSES if k != s.cause), key=lambda k: fresh[k])
+        return best if fresh[best] >= MIN_SCORE else None
+
+    def resume(self, t: float, cause: str, cold: bool, came_back: bool = False) -> None:
         """The verdict the agent's last run held (detect/state.py): followed from here as if never left,
-        so a restart does not read as a recovery; its evidence is measured again within a window."""
+        so a restart does not read as a recovery (nor an intermittent fault's return as a new one, whose
+        recovery is not damped); its evidence is measured again within a window."""
         if cause in CAUSES:
-            self.state = _Starved(cause, t, cold)
+            self.state = _Starved(cause, t, cold, came_back)
 
     def new_job(self) -> None:
         """Another job: no verdict, and the last job's verdicts are not this one's to come back."""

@@ -39,6 +39,7 @@ class Saved:
     checkpoints: list[dict]  # CheckpointTracker.open_records() of the last run
     cause: str | None = None  # the verdict when saved, if saved less than CARRY_FOR ago
     cold: bool = False  # that verdict was reached before the job's level was known
+    came_back: bool = False  # that verdict was an intermittent fault's return: its recovery is damped
 
 
 class StateStore:
@@ -59,6 +60,7 @@ class StateStore:
             checkpoints = data.get("checkpoints", [])
             verdict = data.get("verdict") or {}
             cause, cold = verdict.get("cause"), bool(verdict.get("cold", False))
+            came_back = bool(verdict.get("came_back", False))
             if level is not None:
                 level = float(level)
             if not isinstance(checkpoints, list) or not all(isinstance(c, dict) for c in checkpoints):
@@ -73,13 +75,13 @@ class StateStore:
             return None
         carried = cause if isinstance(cause, str) and age <= CARRY_FOR else None
         return Saved(saved_pids, level if level is not None and 0 < level <= 1 else None, checkpoints, carried,
-                     cold and carried is not None)
+                     cold and carried is not None, came_back and carried is not None)
 
     def due(self) -> bool:
         return self.saved_at is None or self._wall() - self.saved_at >= SAVE_EVERY
 
     def save(self, pids: frozenset[int], level: float | None, checkpoints: list[dict],
-             verdict: tuple[str, bool] | None = None) -> None:
+             verdict: tuple[str, bool, bool] | None = None) -> None:
         """Runs in a worker thread: a file write does not belong on the event loop."""
         self.saved_at = self._wall()
         if self.read_only:
@@ -88,7 +90,8 @@ class StateStore:
         try:
             with open(tmp, "w") as fh:
                 json.dump({"pids": sorted(pids), "level": level, "saved": self.saved_at, "checkpoints": checkpoints,
-                           "verdict": None if verdict is None else {"cause": verdict[0], "cold": verdict[1]}}, fh)
+                           "verdict": None if verdict is None else dict(zip(("cause", "cold", "came_back"), verdict))},
+                          fh)
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("cannot save the job state", path=self.path, error=str(exc))

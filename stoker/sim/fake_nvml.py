@@ -17,6 +17,7 @@ import queue
 import threading
 from functools import lru_cache
 from importlib import resources
+from operator import itemgetter
 from typing import Any
 
 import pynvml as N
@@ -40,6 +41,7 @@ GPM_COLUMNS = {
     N.NVML_GPM_METRIC_PCIE_RX_PER_SEC: "gpm_pcie_rx_per_sec",
 }
 NVLINK_METRICS = {N.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC, N.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC}
+TENSOR = itemgetter("gpm_any_tensor_util")
 
 
 @lru_cache(maxsize=1)
@@ -77,6 +79,7 @@ class FakeNVML:
         self.node = node or SimNode()
         self.gpus = [_FakeGpu(i) for i in range(self.node.gpu_count)]
         self._by_address = {_address(g.handle): g for g in self.gpus}
+        self._by_handle: dict = {}  # id -> (handle, GPU) of the handles the agent holds: one cast each, not one per call
         self._lock = threading.Lock()
         self._samples: dict[int, tuple[int, float]] = {}
         self._events: dict[int, queue.SimpleQueue] = {}
@@ -101,9 +104,14 @@ class FakeNVML:
             self.hang_release.wait()
         if self.init_count <= 0:
             _raise(N.NVML_ERROR_UNINITIALIZED)
-        gpu = self._by_address.get(_address(handle))
-        if gpu is None:
-            _raise(N.NVML_ERROR_INVALID_ARGUMENT)
+        held = self._by_handle.get(id(handle))
+        if held is not None and held[0] is handle:
+            gpu = held[1]
+        else:
+            gpu = self._by_address.get(_address(handle))
+            if gpu is None:
+                _raise(N.NVML_ERROR_INVALID_ARGUMENT)
+            self._by_handle[id(handle)] = (handle, gpu)
         if self._is_lost(gpu.index):
             _raise(N.NVML_ERROR_GPU_IS_LOST)
         if fn in self.unsupported:
@@ -297,13 +305,14 @@ class FakeNVML:
         if self._is_lost(gpu.index):
             _raise(N.NVML_ERROR_GPU_IS_LOST)
         rows = self._rows_between(gpu, first[1], second[1])
+        metrics = request.metrics
         for i in range(request.numMetrics):
-            metric = request.metrics[i]
-            if metric.metricId in GPM_COLUMNS:
-                column = GPM_COLUMNS[metric.metricId]
-                metric.value = sum(r[column] for r in rows) / len(rows)
-            elif metric.metricId in NVLINK_METRICS:
-                metric.value = NVLINK_MIB_PER_TENSOR_PERCENT * sum(r["gpm_any_tensor_util"] for r in rows) / len(rows)
+            metric = metrics[i]
+            metric_id = metric.metricId
+            if metric_id in GPM_COLUMNS:
+                metric.value = sum(map(itemgetter(GPM_COLUMNS[metric_id]), rows)) / len(rows)
+            elif metric_id in NVLINK_METRICS:
+                metric.value = NVLINK_MIB_PER_TENSOR_PERCENT * sum(map(TENSOR, rows)) / len(rows)
             else:
                 metric.nvmlReturn = N.NVML_ERROR_NOT_SUPPORTED
                 continue

@@ -236,6 +236,9 @@ def _field_value(fv: Any) -> float:
     return float(v.ullVal)
 
 
+_GpmMetricView = type("_GpmMetricView", (ctypes.Structure,), {"_fields_": N.c_nvmlGpmMetric_t._fields_})
+
+
 class _GpmRequest:
     """The `nvmlGpmMetricsGet` request, built once and reused for every GPU and tick (the samples run in
     one thread): the metrics wanted are set once, the two samples before each call, and NVML writes
@@ -253,7 +256,10 @@ class _GpmRequest:
         for i, metric_id in enumerate(GPM_METRICS.values()):
             metrics[i].metricId = metric_id
         self.struct = request
-        self.metrics = [metrics[i] for i in range(len(GPM_METRICS))]  # views of the request's memory
+        # views of the request's memory as plain ctypes structures: pynvml's wrapper runs a Python
+        # `__getattribute__` on every field read, 16 a GPU and tick
+        first, size = N.c_nvmlGpmMetricsGet_t.metrics.offset, ctypes.sizeof(N.c_nvmlGpmMetric_t)
+        self.metrics = [_GpmMetricView.from_buffer(request, first + i * size) for i in range(len(GPM_METRICS))]
 
     def get(self, nvml: Any, prev: Any, cur: Any) -> list:
         """The metrics between two samples of one GPU, in `GPM_METRICS` order (raises NVMLError)."""

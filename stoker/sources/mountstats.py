@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Collection
 
 OP_FIELDS = ("ops", "transmissions", "major_timeouts", "bytes_sent", "bytes_received",
              "queue_ms", "rtt_ms", "execute_ms", "errors")
@@ -80,8 +81,9 @@ def _header(line: str) -> tuple[str, str, str, str] | None:
     return parts[1], mountpoint, parts[7], statvers
 
 
-def parse(text: str) -> tuple[list[NfsMount], list[str]]:
-    """All NFS mounts in a mountstats text, and the reasons of the blocks that were skipped."""
+def parse(text: str, operations: Collection[str] | None = None) -> tuple[list[NfsMount], list[str]]:
+    """All NFS mounts in a mountstats text, and the reasons of the blocks that were skipped. With
+    `operations`, the per-op lines of the others are not parsed (NFSv4 has ~60, the agent keeps 9)."""
     mounts: list[NfsMount] = []
     problems: list[str] = []
     block: list[str] = []
@@ -91,7 +93,7 @@ def parse(text: str) -> tuple[list[NfsMount], list[str]]:
         if head is None or head[2] not in NFS_FSTYPES:
             return
         try:
-            mounts.append(_mount(head, block))
+            mounts.append(_mount(head, block, operations))
         except (MountstatsError, ValueError, IndexError):
             problems.append("malformed_mount")
 
@@ -131,7 +133,7 @@ def _number(token: str, mount: NfsMount) -> int | None:
     return value
 
 
-def _mount(head: tuple[str, str, str, str], lines: list[str]) -> NfsMount:
+def _mount(head: tuple[str, str, str, str], lines: list[str], operations: Collection[str] | None) -> NfsMount:
     export, mountpoint, fstype, statvers = head
     m = NfsMount(export, mountpoint, fstype, statvers)
     in_ops = False
@@ -147,7 +149,8 @@ def _mount(head: tuple[str, str, str, str], lines: list[str]) -> NfsMount:
         if not sep:
             raise MountstatsError(f"unexpected line {line[:40]!r}")
         if in_ops:
-            _op(m, key, rest.split())
+            if operations is None or key.strip() in operations:
+                _op(m, key, rest.split())
         elif key == "opts":
             _opts(m, rest.strip())
         elif key == "bytes":

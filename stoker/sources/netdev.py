@@ -47,6 +47,26 @@ class NetSnapshot:
     problems: list[str] = field(default_factory=list)
 
 
+def _plan(names: list[str]) -> list[tuple[int, str, str, Any, float]]:
+    """(index, counter name, `NetInterface` field, key in it, unit) of each statistic the agent keeps."""
+    plan: list[tuple[int, str, str, Any, float]] = []
+    for i, raw_name in enumerate(names):
+        name = raw_name.strip()
+        if (m := PAUSE.match(name)) is not None:
+            direction, priority, duration = m.groups()
+            if duration:
+                plan.append((i, name, "pause_seconds", (priority, direction), PAUSE_DURATION_UNIT))
+            else:
+                plan.append((i, name, "pause_frames", (priority, direction), 1))
+        elif name in STORMS:
+            plan.append((i, name, "storms", STORMS[name], 1))
+        elif name in DISCARDS:
+            plan.append((i, name, "discards", name, 1))
+        elif name in PHYSICAL_BYTES:
+            plan.append((i, name, "physical_bytes", PHYSICAL_BYTES[name], 1))
+    return plan
+
+
 def open_ethtool(ifname: str) -> Any:
     from pyroute2.ethtool.ioctl import IoctlEthtool
     return IoctlEthtool(ifname)
@@ -65,6 +85,7 @@ class EthtoolReader:
         self._open = open_ethtool
         self._handles: dict[str, Any] = {}
         self._counters = CounterSet()
+        self._plans: dict[str, tuple[list[str], list[tuple]]] = {}  # interface -> (its names, their plan)
 
     def read(self, names: list[str]) -> tuple[dict[str, NetInterface], list[str]]:
         problems: list[str] = []
@@ -89,6 +110,7 @@ class EthtoolReader:
         return handle.get_statistics()
 
     def _drop(self, name: str) -> None:
+        self._plans.pop(name, None)
         handle = self._handles.pop(name, None)
         if handle is not None:
             try:
@@ -97,23 +119,16 @@ class EthtoolReader:
                 pass
 
     def _interpret(self, ifname: str, stats: list[tuple[str, int]]) -> NetInterface:
+        """The counters the agent keeps, by the interface's plan: the names of a mlx5 port's 300-odd
+        statistics are matched once, and again only when the list changes (PFC enabled on a priority)."""
+        names = [name for name, _ in stats]
+        plan = self._plans.get(ifname)
+        if plan is None or plan[0] != names:
+            plan = self._plans[ifname] = (names, _plan(names))
         iface = NetInterface(ifname)
-        for raw_name, value in stats:
-            name = raw_name.strip()
-            total = None
-            if (m := PAUSE.match(name)) is not None:
-                direction, priority, duration = m.groups()
-                total = self._counters.update((ifname, name), value)
-                if duration:
-                    iface.pause_seconds[(priority, direction)] = total * PAUSE_DURATION_UNIT
-                else:
-                    iface.pause_frames[(priority, direction)] = total
-            elif name in STORMS:
-                iface.storms[STORMS[name]] = self._counters.update((ifname, name), value)
-            elif name in DISCARDS:
-                iface.discards[name] = self._counters.update((ifname, name), value)
-            elif name in PHYSICAL_BYTES:
-                iface.physical_bytes[PHYSICAL_BYTES[name]] = self._counters.update((ifname, name), value)
+        update = self._counters.update
+        for i, name, kept_in, key, unit in plan[1]:
+            getattr(iface, kept_in)[key] = update((ifname, name), stats[i][1]) * unit
         return iface
 
     def close(self) -> None:

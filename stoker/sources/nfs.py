@@ -79,6 +79,7 @@ class NfsSource:
         self._clock = clock
         self._counters = CounterSet()  # keyed (mountpoint, ...)
         self._identity: dict[str, tuple[str, int]] = {}  # mountpoint -> the mount its counters follow
+        self._ops: dict[str, dict[str, tuple[dict, dict]]] = {}  # mountpoint -> op -> (raw values, totals)
         self._present = Presence()
 
     def read_text(self) -> str:
@@ -89,7 +90,7 @@ class NfsSource:
             text = self.read_text()
         except FileNotFoundError:
             return NfsSnapshot([])  # no procfs mountstats: nothing mounted to report
-        mounts, problems = parse(text)
+        mounts, problems = parse(text, self.operations)
         now = self._clock()
         visible = topmost(mounts)
         samples = [self._sample(m, identity, now) for m, identity in visible]
@@ -98,6 +99,7 @@ class NfsSource:
         self._counters.forget(gone)
         for mountpoint in gone:
             del self._identity[mountpoint]
+            self._ops.pop(mountpoint, None)
         return NfsSnapshot(samples, problems)
 
     def _sample(self, m: NfsMount, identity: tuple[str, int], now: float) -> NfsSample:
@@ -108,14 +110,20 @@ class NfsSource:
         if self._identity.setdefault(key, identity) != identity:
             self._counters.rebase(key)  # another mount is now the visible one: no jump in the totals
             self._identity[key] = identity
+            self._ops.pop(key, None)
         if m.server_read_bytes is not None:
             s.read_bytes = self._counters.update((key, "read_bytes"), m.server_read_bytes)
         if m.server_write_bytes is not None:
             s.write_bytes = self._counters.update((key, "write_bytes"), m.server_write_bytes)
         if m.client_write_bytes is not None:
             s.client_write_bytes = self._counters.update((key, "client_write_bytes"), m.client_write_bytes)
+        last = self._ops.setdefault(key, {})
         for op, values in m.ops.items():
-            if op not in self.operations:
+            seen = last.get(op)
+            if seen is not None and seen[0] == values:  # an idle operation: its totals stand
+                s.ops[op] = dict(seen[1])
                 continue
-            s.ops[op] = {f: self._counters.update((key, op, f), v) for f, v in values.items()}
+            totals = {f: self._counters.update((key, op, f), v) for f, v in values.items()}
+            last[op] = (values, totals)
+            s.ops[op] = dict(totals)
         return s
