@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stoker import config
+from stoker.agent.verdicts import _same_job
 from stoker.sim.drive import SimDrive
 from stoker.sim.scenarios import WARMUP, Scenario, Step
 
@@ -127,3 +128,13 @@ def test_recorded_pcie_bound_phase_is_starved_although_utilization_reads_15_perc
     assert util > 0.08 and sm < 0.02, (util, sm)  # the trap: NVML utilization says busy
     during = [c for t, c in drive.history if 62 <= t]
     assert set(during) == {"host"}
+
+
+def test_the_saved_job_is_found_again_by_most_of_its_pids():
+    ranks = frozenset(range(100, 108))
+    assert _same_job(ranks, ranks)
+    assert _same_job(ranks, ranks - {106}), "a GPU lost since the save takes its rank's PID"
+    assert _same_job(ranks, (ranks - {103}) | {999}), "one rank restarted"
+    assert not _same_job(ranks, frozenset(range(200, 208))), "a relaunch"
+    assert not _same_job(ranks, frozenset({100, 201, 202, 203})), "PIDs reused by another job"
+    assert not _same_job(ranks, frozenset())

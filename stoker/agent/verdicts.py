@@ -55,7 +55,7 @@ class VerdictCollector(Collector):
         self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
         self.jobs = jobs
         self.store = StateStore(state_file, detect.baseline_window, read_only=not keep_state) if state_file else None
-        self._saved: tuple = ((), None)  # the open checkpoints and the verdict as last saved
+        self._saved: tuple = ()  # `_state_key` as last saved
         self.busy: dict[tuple[str, str], float] = {}
         self.scores: dict[str, float] = {}
         self.source = ""  # where the busy ratio comes from: gpm, utilization, or both (per GPU)
@@ -115,7 +115,8 @@ class VerdictCollector(Collector):
         if self.previous is not None:
             return None
         key = self._state_key()
-        if key == self._saved and not ((any(key) or self.verdict.baseline is not None) and self.store.due()):
+        worth_keeping = any(key[1:]) or self.verdict.baseline is not None  # more than the PIDs
+        if key == self._saved and not (worth_keeping and self.store.due()):
             return None
         self._saved = key
         s = self.starvation.state
@@ -123,8 +124,9 @@ class VerdictCollector(Collector):
                                                                                               s.came_back)
 
     def _state_key(self) -> tuple:
-        """What is saved at once when it changes: the open checkpoints and the verdict."""
-        return (tuple((mp, m.active.started, m.active.source, m.active.stalled)
+        """What is saved at once when it changes: the job's PIDs (a GPU lost takes its rank's), the open
+        checkpoints and the verdict."""
+        return (self.job.pids, tuple((mp, m.active.started, m.active.source, m.active.stalled)
                       for mp, m in sorted(self.checkpoints.mounts.items()) if m.active is not None),
                 self.starvation.cause, self.starvation.state and self.starvation.state.came_back)
 
@@ -191,7 +193,7 @@ class VerdictCollector(Collector):
         self.attribution.new_job()
         self.starvation.new_job()
         if self.previous is not None:  # only the first job seen can be the one the last run saved
-            if self.previous.pids == self.job.pids:
+            if _same_job(self.previous.pids, self.job.pids):
                 self._resume(self.previous)
             self.previous = None
         log.info("job on the GPUs", processes=len(self.job.pids))
@@ -224,3 +226,9 @@ class VerdictCollector(Collector):
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+def _same_job(saved: frozenset[int], now: frozenset[int]) -> bool:
+    """The job the last run saved: most of its PIDs are the saved ones (a GPU lost since, or a rank
+    restarted, leaves the others); a relaunch has none of them."""
+    return bool(now) and 2 * len(saved & now) > len(now)

@@ -11,7 +11,9 @@ job did), a busy ratio below the absolute `cold_floor` is starved only when
 fresh, strong evidence explains it (a NAS crawling, a congested fabric, CPU
 pressure, a checkpoint). A small model on healthy infrastructure has no such
 evidence and stays unflagged; such a verdict ends when the GPUs reach twice
-its starved level (or the cold floor) or when its evidence goes away.
+its starved level (idle samples left out; the cold floor while only those were
+seen) or when its evidence goes away, unless another cause's strong evidence
+takes the verdict over.
 
 Cause: the best-ranked explanation (attribution.py); `host` when nothing
 explains the drop (the input pipeline or the CPU), after one more low sample,
@@ -32,7 +34,8 @@ in the first `recover_after` seconds the best-ranked cause is taken at once
 after outranking it by `SWITCH_MARGIN` for `recover_after` seconds, or after
 two samples in which it is present and outranks a cause only remembered; a
 cause only remembered yields to one present now, however weaker, after
-`recover_after` seconds, and never displaces one present now; a checkpoint
+`recover_after` seconds (to `host` when none is present), and never displaces
+the verdict's cause; a checkpoint
 writing now that outranks the cause is taken at once. Nothing switches while
 the GPUs are recovering.
 """
@@ -70,6 +73,7 @@ class _Starved:
     recovering_since: float | None = None
     in_band_since: float | None = None  # above the starved line, below the recovered one, since when
     pending: tuple[str, float, int] | None = None  # a cause outranking this one: since when, samples
+    absent_since: float | None = None  # the cause's evidence measured absent on starved samples since when
 
 
 class StarvationDetector:
@@ -138,19 +142,31 @@ class StarvationDetector:
             cause = max(CAUSES, key=lambda k: fresh[k])
             if fresh[cause] >= STRONG:
                 self._start(t, cause, cold=True)
-                self.state.levels.append(busy)
+                self._starved_level(busy)
 
     def _start(self, t: float, cause: str, cold: bool) -> None:
         self.state = _Starved(cause, t, cold)
         self._came_back()
         self._unexplained_lows = 0
 
+    def _starved_level(self, busy: float) -> None:
+        """A cold verdict's starved level, against which its recovery is judged: what the job does while
+        starved; idle samples (a job loading, a checkpoint holding every GPU) would set it at nothing, and
+        then any work at all would read as a recovery."""
+        if busy >= self.config.idle_floor:
+            self.state.levels.append(busy)
+
+    def _strong_instead(self, fresh: dict[str, float]) -> str | None:
+        """Another cause with strong evidence now."""
+        best = max((k for k in CAUSES if k != self.state.cause), key=lambda k: fresh[k])
+        return best if fresh[best] >= STRONG else None
+
     def _came_back(self) -> None:
         s, ended = self.state, self._ended
         s.came_back = ended is not None and ended[0] == s.cause and s.since - ended[1] < self.config.flap_window
 
     def _set_cause(self, cause: str) -> None:
-        self.state.cause, self.state.pending, self.state.unexplained = cause, None, 0
+        self.state.cause, self.state.pending, self.state.unexplained, self.state.absent_since = cause, None, 0, None
         self._came_back()
 
     def _follow(self, t: float, busy: float, baseline: float | None, scores: dict[str, float],
@@ -158,10 +174,17 @@ class StarvationDetector:
         s, c = self.state, self.config
         evidence_gone = s.cause != "host" and scores[s.cause] < MIN_SCORE and self._measured
         if s.cold and baseline is None:
-            s.levels.append(busy)
-            typical = sorted(s.levels)[len(s.levels) // 2]
-            recovered = busy >= min(c.cold_floor, max(2 * typical, 2 * c.idle_floor)) or evidence_gone
+            # twice what the job does starved, or the cold floor while nothing but idle was seen starved
+            line = min(c.cold_floor, max(2 * sorted(s.levels)[len(s.levels) // 2], 2 * c.idle_floor)) \
+                if s.levels else c.cold_floor
+            back = busy >= line
+            if evidence_gone and not back and (other := self._strong_instead(fresh)) is not None:
+                self._set_cause(other)  # its cause is over, another starves the GPUs now: not a recovery
+                evidence_gone = False
+            recovered = back or evidence_gone
             starved = not recovered
+            if starved:
+                self._starved_level(busy)
         else:
             starved = baseline is not None and self.low(busy, baseline)
             s.in_band_since = None if starved else (t if s.in_band_since is None else s.in_band_since)
@@ -183,21 +206,27 @@ class StarvationDetector:
 
     def _switch(self, t: float, scores: dict[str, float], fresh: dict[str, float], explained: str | None) -> None:
         s = self.state
+        absent = s.cause != "host" and fresh[s.cause] == 0 and self._measured
+        s.absent_since = (t if s.absent_since is None else s.absent_since) if absent else None
         if explained == s.cause and (present := self._present_instead(fresh)) is not None:
             explained = present  # the cause is only remembered; another is here now
         elif explained is None or explained == s.cause:
             s.pending = None
             gone = explained is None and s.cause != "host" and scores[s.cause] < MIN_SCORE and self._measured
             s.unexplained = s.unexplained + 1 if gone else 0
-            if s.unexplained >= 2:  # its evidence is gone and, one sample later, nothing else explains the wait
+            # its evidence is gone and, one sample later, nothing else explains the wait; or it is only
+            # remembered, measured absent while the GPUs stay starved for `recover_after`
+            if s.unexplained >= 2 or (absent and t - s.absent_since >= self.config.recover_after):
                 self._set_cause("host")
             return
-        if ((s.cause == "host" and fresh["host"] < MIN_SCORE) or scores[s.cause] < MIN_SCORE
+        remembered = fresh[explained] == 0 and self._measured  # measured absent now
+        if ((s.cause == "host" and fresh["host"] < MIN_SCORE and not remembered)
+                or (s.cause != "host" and scores[s.cause] < MIN_SCORE)
                 or t - s.since < self.config.recover_after):
             self._set_cause(explained)
             return
-        if fresh[explained] == 0 and fresh[s.cause] > 0:
-            s.pending = None  # only remembered: it does not displace a cause present now
+        if remembered:
+            s.pending = None  # only remembered: it does not displace the cause of the wait now
             return
         outranks = scores[explained] >= SWITCH_MARGIN * scores[s.cause]
         replaces = fresh[s.cause] == 0 and fresh[explained] > scores[s.cause]  # present against remembered

@@ -6,7 +6,7 @@ normal, and a checkpoint that stalled before the restart with no idea that
 one was open: once the page cache is full and the NAS takes no byte, nothing
 on the node moves that would show a checkpoint afresh. The file holds the
 job's compute PIDs, its level, its open checkpoints and the verdict; they are used again
-only for the same PIDs (the same job, not a relaunch) and only within
+only for the same job (most of its PIDs the saved ones, not a relaunch) and only within
 `max_age` seconds of being written (PIDs are reused after a reboot, levels go
 stale; a verdict within `CARRY_FOR`, so that the restart does not read as a
 recovery). Written atomically every `SAVE_EVERY` seconds while there is
