@@ -184,6 +184,19 @@ def test_a_job_is_new_when_its_processes_all_change_or_the_gpus_were_released():
     assert job.update(4.0, snapshot((), memory=60e9)), "memory held again after a release: another job"
 
 
+def test_a_job_loading_for_minutes_is_not_given_an_idle_level():
+    job = JobTracker(DetectConfig())
+    job.update(0.0, snapshot((100, 101)))
+    for t in range(90):
+        job.remember(float(t), 0.0)  # loading its weights: memory held, no kernels
+    for t in range(90, 100):
+        job.remember(float(t), 0.95)
+    assert job.baseline() == 0.95
+    for t in range(100, 111):
+        job.remember(float(t), 0.0)  # once it works, a pause is its own, as an eval pause is
+    assert job.baseline() == 0.0
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 
 class Mount:
@@ -255,6 +268,36 @@ def test_a_hinted_checkpoint_stalls_without_progress_and_its_trailing_flush_is_n
     assert m.outcomes["stalled"] == 1
     tick(t, clock, mount.write(3e9), False)
     assert m.active is None, "the page cache flushing after the end is the same checkpoint's bytes"
+
+
+def test_writes_the_job_hands_over_after_an_end_are_a_checkpoint_even_while_the_nas_drains():
+    """An end hint sent before the shards were written, or an unhinted save while the NAS still drains
+    the last one: the flush moves only the server's bytes; the job handing over more is another."""
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    tick(t, clock, mount.write(4e6, client=500e6), True)
+    t.hint_end("/mnt/ckpt", "completed")
+    m = t.mounts["/mnt/ckpt"]
+    tick(t, clock, mount.write(4e6, client=300e6), True)  # the window of the end: still that checkpoint's
+    for _ in range(10):
+        tick(t, clock, mount.write(4e6, client=0), False)  # the NAS drains; the job trains
+    assert m.active is None and m.settling, "a drain is not a checkpoint"
+    for _ in range(4):
+        tick(t, clock, mount.write(4e6, client=4e6), True)  # the job writes again, the GPUs wait
+    assert m.active is not None and m.active.source == "detected"
+
+
+def test_a_checkpoint_announced_by_a_job_that_is_gone_ends_with_it():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    tick(t, clock, mount.write(1e9), True)
+    t.job_changed()
+    m = t.mounts["/mnt/ckpt"]
+    assert m.active is None and m.outcomes["abandoned"] == 1
+    tick(t, clock, mount.write(1e9), True)  # the killed job's last bytes, flushed
+    assert m.active is None
 
 
 def test_a_checkpoint_on_a_vanished_mount_is_lost_and_the_mount_forgotten():
@@ -467,3 +510,14 @@ def test_evidence_not_yet_measured_is_not_evidence_gone():
         assert d.update(t, 0.1, True, 0.9, NO, NO, measured=False) == "network"
     d.update(4.0, 0.1, True, 0.9, NO, NO)
     assert d.update(5.0, 0.1, True, 0.9, NO, NO) == "host", "measured and still absent: gone"
+
+
+def test_a_verdict_whose_level_is_learned_again_ends_by_the_cold_rules():
+    """GPM refused mid-incident (a profiler attached): the level is learned again on the other scale;
+    the verdict held meanwhile must still end when the GPUs are back."""
+    d = StarvationDetector(DetectConfig(recover_after=3.0))
+    quiet = dict.fromkeys(CAUSES, 0.0)
+    assert [d.update(float(t), 0.1, True, 0.9, quiet, quiet) for t in range(3)][-1] == "host"
+    assert d.update(3.0, 0.1, True, None, quiet, quiet) == "host", "still starved, level unknown"
+    causes = [d.update(float(t), 0.95, True, None, quiet, quiet) for t in range(4, 9)]
+    assert causes[-1] is None

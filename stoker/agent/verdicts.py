@@ -62,6 +62,7 @@ class VerdictCollector(Collector):
         self.verdict = Verdict(None, None, None)
         self.previous: Saved | None = None  # what the last run saved, until the first job is seen
         self._reopen: list[dict] = []  # its open checkpoints, reopened with the next NFS snapshot
+        self._seen_job = False
         self._carried = False  # the verdict is the last run's until evidence is measured again
         # Counters for the dashboards: what a 15 s scrape of 1 s gauges would miss.
         self.busy_seconds: dict[tuple[str, str], float] = {}  # integral of the busy ratio, per GPU
@@ -192,6 +193,9 @@ class VerdictCollector(Collector):
         self.evidence.new_job()
         self.attribution.new_job()
         self.starvation.new_job()
+        if self._seen_job:  # not the first this agent sees: the last one's announced checkpoints are over
+            self.checkpoints.job_changed()
+        self._seen_job = True
         if self.previous is not None:  # only the first job seen can be the one the last run saved
             if _same_job(self.previous.pids, self.job.pids):
                 self._resume(self.previous)

@@ -91,6 +91,7 @@ class MountCheckpoints:
     quiet: tuple[float, float] | None = None  # totals when it last had no write: where a checkpoint starts
     candidate: float | None = None  # sustained writes while the GPUs wait, since when
     settling: bool = False  # a checkpoint just ended: its last bytes may still be on their way
+    settled_client: float | None = None  # the bytes the job had handed over in the first window after an end
     missing_since: float | None = None
 
     @property
@@ -136,6 +137,14 @@ class CheckpointTracker:
             raise HintError(f"no checkpoint in progress on {mountpoint}", status=409)
         self._end(m, self._wall(), "aborted" if outcome == "aborted" else None)
 
+    def job_changed(self) -> None:
+        """Another job holds the GPUs: a checkpoint the last one announced and never ended is over (it
+        was killed mid-save); one detected from writes ends with its writes, whoever made them."""
+        for m in self.mounts.values():
+            if m.active is not None and m.active.source == "hint":
+                log.warning("checkpoint abandoned: the job that announced it is gone", mountpoint=m.mountpoint)
+                self._end(m, self._wall(), "abandoned")
+
     # -- observation -------------------------------------------------------------------------
 
     def update(self, nfs: NfsSnapshot | None, gpus_waiting: bool) -> None:
@@ -173,10 +182,17 @@ class CheckpointTracker:
         c = self.config
         if m.active is None:
             quiet = max(server_rate, client_rate) < self.config.write_floor_bytes_per_second
-            if m.quiet is None or quiet:
+            if m.quiet is None or quiet or m.settling:  # where the next checkpoint will have started
                 m.quiet = (before_server, before_client)
-            m.settling = m.settling and not quiet
-            if not m.settling:  # the flush that follows a checkpoint's end is not another one
+            # the flush that follows a checkpoint's end is not another one; what the job hands over after the
+            # window of the end is (a checkpoint after another while the NAS still drains the first)
+            handed = False
+            if m.settling and s.client_write_bytes is not None:
+                if m.settled_client is None:
+                    m.settled_client = client
+                handed = client - m.settled_client > c.write_floor_bytes_per_second
+            m.settling = m.settling and not quiet and not handed
+            if not m.settling:
                 self._detect(m, now, dt, max(server_rate, client_rate), gpus_waiting)
             return
         a = m.active
@@ -257,7 +273,7 @@ class CheckpointTracker:
         m.outcomes[outcome] += 1
         m.last_duration = max(0.0, now - a.started)
         m.written_bytes = a.last_server - a.start_server
-        m.active, m.settling, m.candidate = None, True, None
+        m.active, m.settling, m.candidate, m.settled_client = None, True, None, None
         log.info("checkpoint ended", mountpoint=m.mountpoint, outcome=outcome,
                  duration_seconds=round(m.last_duration, 1), written_bytes=m.written_bytes)
 

@@ -8,7 +8,8 @@ were released in between, or when the set of compute PIDs changes entirely
 model's normal is not a starved big one.
 
 The level is the median of the busy ratio over `baseline_window` seconds of
-samples taken while the job was not starved; it is known once
+samples taken while the job was not starved, from its first sample above
+`idle_floor` on (the loading before it is not its level); it is known once
 `MIN_BASELINE_SAMPLES` samples are in. The median, because eval and logging
 pauses that fill less than half of the window must not lower it, and because
 a job's step-to-step jitter must not raise it above what the job does most of
@@ -35,6 +36,7 @@ class JobTracker:
         self.pids: frozenset[int] = frozenset()
         self.started: float | None = None
         self.history: deque[tuple[float, float]] = deque()  # (t, busy) while not starved
+        self.worked = False  # the job has been seen above the idle floor
 
     def update(self, t: float, gpu: GpuSnapshot | None) -> bool:
         """Follow the GPUs' holder; True when a new job has just begun."""
@@ -43,6 +45,7 @@ class JobTracker:
         if new:
             self.history.clear()
             self.started = t
+            self.worked = False
         if present and pids:
             self.pids = pids
         elif not present:
@@ -65,7 +68,12 @@ class JobTracker:
 
     def remember(self, t: float, busy: float) -> None:
         """A sample of the job not starved. The oldest leave the window, but never the last few:
-        after a starvation longer than the window the job's level is still what it was before."""
+        after a starvation longer than the window the job's level is still what it was before. Idle
+        samples before the job first works are its loading (minutes of it, for a large model), not its
+        level."""
+        self.worked = self.worked or busy >= self.config.idle_floor
+        if not self.worked:
+            return
         self.history.append((t, busy))
         while len(self.history) > MIN_BASELINE_SAMPLES and self.history[0][0] < t - self.config.baseline_window:
             self.history.popleft()

@@ -35,9 +35,8 @@ after outranking it by `SWITCH_MARGIN` for `recover_after` seconds, or after
 two samples in which it is present and outranks a cause only remembered; a
 cause only remembered yields to one present now, however weaker, after
 `recover_after` seconds (to `host` when none is present), and never displaces
-the verdict's cause; a checkpoint
-writing now that outranks the cause is taken at once. Nothing switches while
-the GPUs are recovering.
+the verdict's cause; a checkpoint writing now that outranks the cause is taken
+at once. Nothing switches while the GPUs are recovering.
 """
 
 from __future__ import annotations
@@ -156,10 +155,10 @@ class StarvationDetector:
         if busy >= self.config.idle_floor:
             self.state.levels.append(busy)
 
-    def _strong_instead(self, fresh: dict[str, float]) -> str | None:
-        """Another cause with strong evidence now."""
+    def _other_now(self, fresh: dict[str, float], floor: float) -> str | None:
+        """The best cause but the verdict's whose evidence now is at least `floor`."""
         best = max((k for k in CAUSES if k != self.state.cause), key=lambda k: fresh[k])
-        return best if fresh[best] >= STRONG else None
+        return best if fresh[best] >= floor else None
 
     def _came_back(self) -> None:
         s, ended = self.state, self._ended
@@ -173,12 +172,12 @@ class StarvationDetector:
                 fresh: dict[str, float], explained: str | None) -> None:
         s, c = self.state, self.config
         evidence_gone = s.cause != "host" and scores[s.cause] < MIN_SCORE and self._measured
-        if s.cold and baseline is None:
+        if baseline is None:  # a cold verdict, or one whose level is being learned again (another busy source)
             # twice what the job does starved, or the cold floor while nothing but idle was seen starved
             line = min(c.cold_floor, max(2 * sorted(s.levels)[len(s.levels) // 2], 2 * c.idle_floor)) \
                 if s.levels else c.cold_floor
             back = busy >= line
-            if evidence_gone and not back and (other := self._strong_instead(fresh)) is not None:
+            if evidence_gone and not back and (other := self._other_now(fresh, STRONG)) is not None:
                 self._set_cause(other)  # its cause is over, another starves the GPUs now: not a recovery
                 evidence_gone = False
             recovered = back or evidence_gone
@@ -208,7 +207,7 @@ class StarvationDetector:
         s = self.state
         absent = s.cause != "host" and fresh[s.cause] == 0 and self._measured
         s.absent_since = (t if s.absent_since is None else s.absent_since) if absent else None
-        if explained == s.cause and (present := self._present_instead(fresh)) is not None:
+        if explained == s.cause and absent and (present := self._other_now(fresh, MIN_SCORE)) is not None:
             explained = present  # the cause is only remembered; another is here now
         elif explained is None or explained == s.cause:
             s.pending = None
@@ -241,14 +240,6 @@ class StarvationDetector:
         s.pending = (explained, since, samples)
         if (replaces and samples >= 2) or t - since >= self.config.recover_after:
             self._set_cause(explained)
-
-    def _present_instead(self, fresh: dict[str, float]) -> str | None:
-        """While the verdict's cause is measured and absent, the best cause with evidence now."""
-        s = self.state
-        if s.cause == "host" or fresh[s.cause] > 0 or not self._measured:
-            return None
-        best = max((k for k in CAUSES if k != s.cause), key=lambda k: fresh[k])
-        return best if fresh[best] >= MIN_SCORE else None
 
     def resume(self, t: float, cause: str, cold: bool, came_back: bool = False) -> None:
         """The verdict the agent's last run held (detect/state.py): followed from here as if never left,
