@@ -298,6 +298,9 @@ def test_a_checkpoint_announced_by_a_job_that_is_gone_ends_with_it():
     assert m.active is None and m.outcomes["abandoned"] == 1
     tick(t, clock, mount.write(1e9), True)  # the killed job's last bytes, flushed
     assert m.active is None
+    assert t.last_jobs("/mnt/ckpt") and t.signals() == [], "the drain is the gone job's"
+    tick(t, clock, mount.write(0), False)
+    assert not t.last_jobs("/mnt/ckpt"), "quiet: what it writes next is the new job's"
 
 
 def test_a_checkpoint_on_a_vanished_mount_is_lost_and_the_mount_forgotten():
@@ -521,3 +524,20 @@ def test_a_verdict_whose_level_is_learned_again_ends_by_the_cold_rules():
     assert d.update(3.0, 0.1, True, None, quiet, quiet) == "host", "still starved, level unknown"
     causes = [d.update(float(t), 0.95, True, None, quiet, quiet) for t in range(4, 9)]
     assert causes[-1] is None
+
+
+def test_evidence_that_flickers_while_the_gpus_starve_does_not_flip_the_verdict_each_gap():
+    """A NAS slow 4 s out of 8 with the loaders' buffers long drained: the first gap may read `host`
+    (it could be the NAS recovered and the input pipeline at fault); once the evidence came back after
+    a gap, gaps are its own and the verdict stays `storage`."""
+    d = StarvationDetector(DetectConfig(recover_after=3.0, flap_factor=3.0))
+    quiet = dict.fromkeys(CAUSES, 0.0)
+    slow = {**quiet, "storage": 3.0}
+    causes = []
+    for t in range(80):
+        fresh = slow if t % 8 < 4 else quiet
+        remembered = {**quiet, "storage": 3.0 - 0.2 * (t % 8 - 3)} if t % 8 >= 4 else slow
+        causes.append(d.update(float(t), 0.1, True, 0.9, remembered, fresh))
+    changes = sum(1 for a, b in zip(causes, causes[1:]) if a != b)
+    assert causes[-1] == "storage" and changes <= 3, causes
+    assert causes[20:].count("host") == 0

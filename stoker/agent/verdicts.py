@@ -18,7 +18,7 @@ from stoker.agent.jobs import JobAttributor
 from stoker.config import CheckpointConfig, DetectConfig
 from stoker.detect.attribution import Attribution
 from stoker.detect.checkpoint import CheckpointTracker
-from stoker.detect.evidence import EvidenceTracker
+from stoker.detect.evidence import KINDS, EvidenceTracker
 from stoker.detect.goodput import GoodputLedger
 from stoker.detect.job import JobTracker
 from stoker.detect.starvation import StarvationDetector, Verdict
@@ -151,7 +151,9 @@ class VerdictCollector(Collector):
             if reopened:
                 log.info("checkpoints still open from the last run", mountpoints=reopened)
         self._note_checkpoints()
-        signals = self.evidence.signals(view) + self.checkpoints.signals()
+        signals = [s for s in self.evidence.signals(view)  # a gone job's checkpoint draining explains no wait
+                   if not (KINDS[s.kind] == "checkpoint" and self.checkpoints.last_jobs(s.source))]
+        signals += self.checkpoints.signals()
         self.attribution.observe(t, signals, job and self.starvation.at_level(busy, baseline))
         self.scores = self.attribution.scores()
         before = self.starvation.cause

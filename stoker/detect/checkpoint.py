@@ -92,6 +92,8 @@ class MountCheckpoints:
     candidate: float | None = None  # sustained writes while the GPUs wait, since when
     settling: bool = False  # a checkpoint just ended: its last bytes may still be on their way
     settled_client: float | None = None  # the bytes the job had handed over in the first window after an end
+    last_jobs: bool = False  # what it writes now is a job's that is gone: it explains no wait of the next
+    last_jobs_client: float | None = None  # the bytes handed over in the first window after the change
     missing_since: float | None = None
 
     @property
@@ -139,11 +141,20 @@ class CheckpointTracker:
 
     def job_changed(self) -> None:
         """Another job holds the GPUs: a checkpoint the last one announced and never ended is over (it
-        was killed mid-save); one detected from writes ends with its writes, whoever made them."""
+        was killed mid-save); one detected from writes ends with its writes, whoever made them. Until
+        the mount goes quiet or the new job hands it bytes of its own, what drains there is the last
+        job's, and explains no wait of the new one (its loading is not a checkpoint)."""
         for m in self.mounts.values():
             if m.active is not None and m.active.source == "hint":
                 log.warning("checkpoint abandoned: the job that announced it is gone", mountpoint=m.mountpoint)
                 self._end(m, self._wall(), "abandoned")
+            if m.active is not None or m.settling:
+                m.last_jobs, m.last_jobs_client = True, None
+
+    def last_jobs(self, mountpoint: str) -> bool:
+        """What this mount writes now is a job's that is gone."""
+        m = self.mounts.get(mountpoint)
+        return m is not None and m.last_jobs
 
     # -- observation -------------------------------------------------------------------------
 
@@ -180,8 +191,12 @@ class CheckpointTracker:
         server_rate = max(0.0, server - before_server) / dt
         client_rate = max(0.0, client - before_client) / dt
         c = self.config
+        quiet = max(server_rate, client_rate) < c.write_floor_bytes_per_second
+        if m.last_jobs:
+            if m.last_jobs_client is None:
+                m.last_jobs_client = client
+            m.last_jobs = not quiet and client - m.last_jobs_client <= c.write_floor_bytes_per_second
         if m.active is None:
-            quiet = max(server_rate, client_rate) < self.config.write_floor_bytes_per_second
             if m.quiet is None or quiet or m.settling:  # where the next checkpoint will have started
                 m.quiet = (before_server, before_client)
             # the flush that follows a checkpoint's end is not another one; what the job hands over after the
@@ -322,7 +337,8 @@ class CheckpointTracker:
         now, out = self._wall(), []
         for m in self.mounts.values():
             a = m.active
-            if a is None or not (a.source == "hint" or a.writing or _waiting_for_server(a) or a.stalled):
+            explains = a is not None and (a.source == "hint" or a.writing or _waiting_for_server(a) or a.stalled)
+            if not explains or m.last_jobs:
                 continue
             state = (f"stalled: no byte reached the NAS for {now - a.progress:.0f} s" if a.stalled
                      else f"{(m.written_bytes or 0) / 1e9:.2f} GB written in {now - a.started:.0f} s")

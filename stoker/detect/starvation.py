@@ -34,8 +34,9 @@ in the first `recover_after` seconds the best-ranked cause is taken at once
 after outranking it by `SWITCH_MARGIN` for `recover_after` seconds, or after
 two samples in which it is present and outranks a cause only remembered; a
 cause only remembered yields to one present now, however weaker, after
-`recover_after` seconds (to `host` when none is present), and never displaces
-the verdict's cause; a checkpoint writing now that outranks the cause is taken
+`recover_after` seconds (to `host` when none is present; `flap_factor` times
+longer once its evidence came back after such a gap), and never displaces the
+verdict's cause; a checkpoint writing now that outranks the cause is taken
 at once. Nothing switches while the GPUs are recovering.
 """
 
@@ -73,6 +74,9 @@ class _Starved:
     in_band_since: float | None = None  # above the starved line, below the recovered one, since when
     pending: tuple[str, float, int] | None = None  # a cause outranking this one: since when, samples
     absent_since: float | None = None  # the cause's evidence measured absent on starved samples since when
+    left_absent: str | None = None  # the cause `host` took over from when its evidence was absent
+    flickering: set[str] = field(default_factory=set)  # causes whose evidence came back after such a gap
+    low_run: int = 0  # starved samples in a row (one alone in the band is a noisy job's jitter)
 
 
 class StarvationDetector:
@@ -165,7 +169,8 @@ class StarvationDetector:
         s.came_back = ended is not None and ended[0] == s.cause and s.since - ended[1] < self.config.flap_window
 
     def _set_cause(self, cause: str) -> None:
-        self.state.cause, self.state.pending, self.state.unexplained, self.state.absent_since = cause, None, 0, None
+        s = self.state
+        s.cause, s.pending, s.unexplained, s.absent_since, s.left_absent = cause, None, 0, None, None
         self._came_back()
 
     def _follow(self, t: float, busy: float, baseline: float | None, scores: dict[str, float],
@@ -186,7 +191,11 @@ class StarvationDetector:
                 self._starved_level(busy)
         else:
             starved = baseline is not None and self.low(busy, baseline)
-            s.in_band_since = None if starved else (t if s.in_band_since is None else s.in_band_since)
+            s.low_run = s.low_run + 1 if starved else 0
+            if s.low_run >= 2:
+                s.in_band_since = None
+            elif not starved and s.in_band_since is None:
+                s.in_band_since = t
             # back at the level; or above the starved line with the cause's evidence gone (the infrastructure
             # recovered, the job runs a little slower), or there long enough, the cause no longer strong
             # now, to be the job's new normal (a NAS still crawling that costs the job a third is not one)
@@ -214,14 +223,20 @@ class StarvationDetector:
             gone = explained is None and s.cause != "host" and scores[s.cause] < MIN_SCORE and self._measured
             s.unexplained = s.unexplained + 1 if gone else 0
             # its evidence is gone and, one sample later, nothing else explains the wait; or it is only
-            # remembered, measured absent while the GPUs stay starved for `recover_after`
-            if s.unexplained >= 2 or (absent and t - s.absent_since >= self.config.recover_after):
+            # remembered, measured absent while the GPUs stay starved for `recover_after` (`flap_factor`
+            # times that once its evidence came back after such a gap: an intermittent fault's gaps)
+            wait = self.config.recover_after * (self.config.flap_factor if s.cause in s.flickering else 1.0)
+            if s.unexplained >= 2 or (absent and t - s.absent_since >= wait):
+                left = s.cause if absent else None
                 self._set_cause("host")
+                s.left_absent = left
             return
         remembered = fresh[explained] == 0 and self._measured  # measured absent now
         if ((s.cause == "host" and fresh["host"] < MIN_SCORE and not remembered)
                 or (s.cause != "host" and scores[s.cause] < MIN_SCORE)
                 or t - s.since < self.config.recover_after):
+            if s.cause == "host" and explained == s.left_absent:
+                s.flickering.add(explained)  # back after the gap that made the verdict `host`
             self._set_cause(explained)
             return
         if remembered:
