@@ -215,6 +215,9 @@ async def serve(app: web.Application, host: str, port: int, ssl_context=None, *,
     Request line and header fields are capped at 8 KiB, bodies at the app's client_max_size."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     limit = max_connections if soft == resource.RLIM_INFINITY else max(1, min(max_connections, soft // 4))
+    # the event loop accepts up to `backlog` connections at a time, and a displaced connection's descriptor
+    # closes one pass later: a flood holds the limit plus twice the backlog, not more than 3/8 of the files
+    # (the kept sysfs files hold up to another quarter, a simulated node in the process an eighth)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=8190,
                            max_field_size=8190, keepalive_timeout=idle_timeout)
     guard = ConnectionGuard(runner, limit, header_timeout, f"{host}:{port}")
@@ -223,7 +226,7 @@ async def serve(app: web.Application, host: str, port: int, ssl_context=None, *,
     try:
         server = await asyncio.get_running_loop().create_server(
             guard, host, port, ssl=ssl_context, ssl_handshake_timeout=header_timeout if ssl_context else None,
-            backlog=128, reuse_address=True)
+            backlog=min(128, max(8, limit // 4)), reuse_address=True)
     except BaseException:
         await runner.cleanup()
         raise
