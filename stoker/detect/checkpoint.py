@@ -76,6 +76,24 @@ class Active:
     unflushed: float = 0.0  # bytes the job wrote that the server has not got yet
 
 
+class _Handover:
+    """Whether the job hands the page cache bytes of its own after an event (a checkpoint's end, another
+    job taking the GPUs), counted from the first window after it: that window may still carry the bytes
+    from before. Only the client's count tells: the server's also moves with a flush."""
+
+    __slots__ = ("since",)
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def handed(self, s: NfsSample, floor: float) -> bool:
+        if s.client_write_bytes is None:
+            return False
+        if self.since is None:
+            self.since = s.client_write_bytes
+        return s.client_write_bytes - self.since > floor
+
+
 @dataclass
 class MountCheckpoints:
     mountpoint: str
@@ -90,10 +108,8 @@ class MountCheckpoints:
     client: float | None = None
     quiet: tuple[float, float] | None = None  # totals when it last had no write: where a checkpoint starts
     candidate: float | None = None  # sustained writes while the GPUs wait, since when
-    settling: bool = False  # a checkpoint just ended: its last bytes may still be on their way
-    settled_client: float | None = None  # the bytes the job had handed over in the first window after an end
-    last_jobs: bool = False  # what it writes now is a job's that is gone: it explains no wait of the next
-    last_jobs_client: float | None = None  # the bytes handed over in the first window after the change
+    settling: _Handover | None = None  # a checkpoint just ended: its last bytes may still be on their way
+    last_jobs: _Handover | None = None  # what it writes now is a job's that is gone: it explains no wait of the next
     missing_since: float | None = None
 
     @property
@@ -148,13 +164,13 @@ class CheckpointTracker:
             if m.active is not None and m.active.source == "hint":
                 log.warning("checkpoint abandoned: the job that announced it is gone", mountpoint=m.mountpoint)
                 self._end(m, self._wall(), "abandoned")
-            if m.active is not None or m.settling:
-                m.last_jobs, m.last_jobs_client = True, None
+            if m.active is not None or m.settling is not None:
+                m.last_jobs = _Handover()
 
     def last_jobs(self, mountpoint: str) -> bool:
         """What this mount writes now is a job's that is gone."""
         m = self.mounts.get(mountpoint)
-        return m is not None and m.last_jobs
+        return m is not None and m.last_jobs is not None
 
     # -- observation -------------------------------------------------------------------------
 
@@ -192,22 +208,16 @@ class CheckpointTracker:
         client_rate = max(0.0, client - before_client) / dt
         c = self.config
         quiet = max(server_rate, client_rate) < c.write_floor_bytes_per_second
-        if m.last_jobs:
-            if m.last_jobs_client is None:
-                m.last_jobs_client = client
-            m.last_jobs = not quiet and client - m.last_jobs_client <= c.write_floor_bytes_per_second
+        if m.last_jobs is not None and (quiet or m.last_jobs.handed(s, c.write_floor_bytes_per_second)):
+            m.last_jobs = None
         if m.active is None:
-            if m.quiet is None or quiet or m.settling:  # where the next checkpoint will have started
+            if m.quiet is None or quiet or m.settling is not None:  # where the next checkpoint will have started
                 m.quiet = (before_server, before_client)
             # the flush that follows a checkpoint's end is not another one; what the job hands over after the
             # window of the end is (a checkpoint after another while the NAS still drains the first)
-            handed = False
-            if m.settling and s.client_write_bytes is not None:
-                if m.settled_client is None:
-                    m.settled_client = client
-                handed = client - m.settled_client > c.write_floor_bytes_per_second
-            m.settling = m.settling and not quiet and not handed
-            if not m.settling:
+            if m.settling is not None and (quiet or m.settling.handed(s, c.write_floor_bytes_per_second)):
+                m.settling = None
+            if m.settling is None:
                 self._detect(m, now, dt, max(server_rate, client_rate), gpus_waiting)
             return
         a = m.active
@@ -288,7 +298,7 @@ class CheckpointTracker:
         m.outcomes[outcome] += 1
         m.last_duration = max(0.0, now - a.started)
         m.written_bytes = a.last_server - a.start_server
-        m.active, m.settling, m.candidate, m.settled_client = None, True, None, None
+        m.active, m.settling, m.candidate = None, _Handover(), None
         log.info("checkpoint ended", mountpoint=m.mountpoint, outcome=outcome,
                  duration_seconds=round(m.last_duration, 1), written_bytes=m.written_bytes)
 
@@ -325,7 +335,7 @@ class CheckpointTracker:
             if sample.write_bytes > last_server:  # its end hint, if any, may have gone to no agent:
                 a.last_server, a.progress, a.stalled = sample.write_bytes, now, False  # it ends with its writes
                 a.source = "detected"
-            m.active, m.candidate, m.settling = a, None, False
+            m.active, m.candidate, m.settling = a, None, None
             m.last_started, m.last_progress, m.written_bytes = started, a.progress, a.last_server - start_server
             reopened.append(mp)
         return reopened

@@ -121,9 +121,9 @@ class NfsSource:
         for op, values in m.ops.items():
             seen = last.get(op)
             if seen is not None and seen[0] == values:  # an idle operation: its totals stand
-                s.ops[op] = dict(seen[1])
+                s.ops[op] = seen[1]  # a totals dict is never changed once made: samples share it
                 continue
             totals = {f: self._counters.update((key, op, f), v) for f, v in values.items()}
             last[op] = (values, totals)
-            s.ops[op] = dict(totals)
+            s.ops[op] = totals
         return s
