@@ -24,6 +24,8 @@ from stoker.sources.jobs import JobSource, Owner, parse_cgroup_file
 
 UID = "3f2b8c1e-5d7a-4c9e-9a61-3c1f2e4d5b6a"
 CID = "4b1f9e0c2a7d48e1b6c3a5f7d9e2b4c6a8f0e1d3c5b7a9f2e4d6c8b0a1f3e5d7"
+STATIC_UID = "6a1f0c9d3e8b27f45c0d1e2f3a4b5c6d"  # kubelet's static pod: hex.EncodeToString(md5) of the manifest
+SLUID = "sEKNKTV3WPV500"  # the example in Slurm's doc/man/man5/cgroup.conf.5 (CgroupJobIdPaths)
 
 # /proc/<pid>/cgroup as each layout writes it (trimmed only of controllers that name no job)
 CGROUP_FILES = {
@@ -63,6 +65,49 @@ CGROUP_FILES = {
     "k8s-kind-kubelet-in-container": (
         f"0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod"
         f"{UID.replace('-', '_')}.slice/cri-containerd-{CID}.scope\n", Owner(UID, "kubernetes", "cgroup")),
+    # Slurm 26.05 (src/plugins/cgroup/v2/cgroup_v2.c, cgroup_p_step_create): the job's cgroup is its SLUID
+    # (src/common/sluid.c print_sluid) unless cgroup.conf has CgroupJobIdPaths=yes (26.05.2)
+    "slurm-v2-26.05-sluid": (f"0::/system.slice/slurmstepd.scope/{SLUID}/step_0/user/task_0\n",
+                             Owner(SLUID, "slurm", "cgroup")),
+    "slurm-v2-26.05-sluid-several-slurmd": (f"0::/system.slice/node017_slurmstepd.scope/{SLUID}/step_extern/user/"
+                                            "task_special\n", Owner(SLUID, "slurm", "cgroup")),
+    # Slurm 25.11 cgroup.conf CgroupSlice=: _set_int_cg_ns() puts the scope in that slice, where systemd puts it
+    "slurm-v2-25.11-cgroupslice": ("0::/slurm.slice/slurmstepd.scope/job_4346/step_0/user/task_0\n",
+                                   Owner("4346", "slurm", "cgroup")),
+    "slurm-v2-25.11-nested-cgroupslice": ("0::/hpc.slice/hpc-jobs.slice/node017_slurmstepd.scope/job_4347/step_1/user/"
+                                          "task_0\n", Owner("4347", "slurm", "cgroup")),
+    # kubelet pkg/kubelet/config/common.go applyDefaults: a static pod's UID is the manifest's md5 in hex
+    "k8s-static-pod-systemd-v2": (f"0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{STATIC_UID}"
+                                  f".slice/cri-containerd-{CID}.scope\n", Owner(STATIC_UID, "kubernetes", "cgroup")),
+    "k8s-static-pod-cgroupfs-v1": (f"4:pids:/kubepods/burstable/pod{STATIC_UID}/{CID}\n",
+                                   Owner(STATIC_UID, "kubernetes", "cgroup")),
+    # cri-o: crio-<id>.scope (systemd), crio-<id> (cgroupfs), its monitor in crio-conmon-<id>.scope
+    "k8s-crio-systemd-v2": (f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}"
+                            f".slice/crio-{CID}.scope\n", Owner(UID, "kubernetes", "cgroup")),
+    "k8s-crio-conmon": (f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/crio-conmon-{CID}.scope\n",
+                        Owner(UID, "kubernetes", "cgroup")),
+    "k8s-crio-cgroupfs-v2": (f"0::/kubepods/besteffort/pod{UID}/crio-{CID}\n", Owner(UID, "kubernetes", "cgroup")),
+    # the agent in a container with its own cgroup namespace (hostPID): the kernel shows other processes'
+    # cgroups relative to it (linux Documentation/admin-guide/cgroup-v2.rst, "Namespace"); slices anchor them
+    "slurm-v2-seen-from-a-cgroup-namespace": ("0::/../../../../system.slice/slurmstepd.scope/job_4343/step_0/user/"
+                                              "task_0\n", Owner("4343", "slurm", "cgroup")),
+    "k8s-systemd-seen-from-a-cgroup-namespace": (f"0::/../../../kubepods-pod{UID.replace('-', '_')}.slice/"
+                                                 f"cri-containerd-{CID}.scope\n", Owner(UID, "kubernetes", "cgroup")),
+    "k8s-cgroupfs-seen-from-a-cgroup-namespace": (f"0::/../../../pod{UID}/{CID}\n", None),  # the walk places it
+    # scheduler-like names where no scheduler puts them (issue 25): a user's delegated systemd, a container,
+    # a job's own cgroup (cgroup v1 step cgroups belong to the job's user: src/plugins/cgroup/v1/xcgroup.c)
+    "spoof-user-delegated-slurm": ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x_slurmstepd.scope/"
+                                   "job_4242/step_0\n", None),
+    "spoof-user-delegated-pod": (f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods.slice/"
+                                 f"kubepods-pod{UID.replace('-', '_')}.slice/x.scope\n", None),
+    "spoof-inside-a-container": ("0::/system.slice/docker-" + CID + ".scope/system.slice/slurmstepd.scope/job_4242/"
+                                 "step_0\n", None),
+    "spoof-pod-slice-out-of-place": (f"0::/system.slice/kubepods-pod{UID.replace('-', '_')}.slice/x.scope\n", None),
+    "spoof-pod-below-a-slurm-job": (f"4:pids:/slurm/uid_1001/job_4242/step_0/kubepods/pod{UID}/x\n",
+                                    Owner("4242", "slurm", "cgroup")),
+    "spoof-job-below-a-job": ("0::/system.slice/slurmstepd.scope/job_4343/step_0/user/task_0/job_4242\n",
+                              Owner("4343", "slurm", "cgroup")),
+    "slurmstepd-itself": ("0::/system.slice/slurmstepd.scope/system\n", None),
     "login-session": ("0::/user.slice/user-1000.slice/session-3.scope\n", None),
     "docker-not-kubernetes": (f"0::/system.slice/docker-{CID}.scope\n", None),
     "job-dir-not-slurm": ("0::/system.slice/batch.service/job_1/worker\n", None),
@@ -142,6 +187,35 @@ CGROUP_TREES = {
         f"fs/cgroup/pids/kubepods/pod{'0' * 8}-1111-2222-3333-444444444444/{CID}/cgroup.procs": "7302\n",
         "fs/cgroup/pids/system.slice/cgroup.procs": "7303\n",
     }, {7301: UID, 7302: "00000000-1111-2222-3333-444444444444", 7303: None}, "kubernetes"),
+    # Slurm 26.05: the job's cgroup named by its SLUID (cgroup_v2.c cgroup_p_step_create)
+    "slurm-v2-26.05-sluid": ({
+        "fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+        "fs/cgroup/system.slice/slurmstepd.scope/system/cgroup.procs": "1801\n",
+        f"fs/cgroup/system.slice/slurmstepd.scope/{SLUID}/step_0/slurm/cgroup.procs": "7410\n",
+        f"fs/cgroup/system.slice/slurmstepd.scope/{SLUID}/step_0/user/task_0/cgroup.procs": "7401\n",
+        f"fs/cgroup/system.slice/slurmstepd.scope/{SLUID}/step_0/user/task_1/cgroup.procs": "7402\n",
+    }, {7401: SLUID, 7402: SLUID}, "slurm"),
+    # Slurm 25.11 cgroup.conf CgroupSlice=hpc-jobs.slice: systemd puts the scope at /hpc.slice/hpc-jobs.slice/;
+    # a user's delegated systemd (user@.service, Delegate=yes: systemd.resource-control(5)) may make any name
+    "slurm-v2-25.11-cgroupslice": ({
+        "fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+        "fs/cgroup/system.slice/slurmd.service/cgroup.procs": "812\n",
+        "fs/cgroup/hpc.slice/hpc-jobs.slice/node017_slurmstepd.scope/job_4348/step_0/user/task_0/cgroup.procs":
+            "7501\n",
+        "fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice/x_slurmstepd.scope/job_4242/step_0/"
+        "cgroup.procs": "7502\n",
+        f"fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods.slice/kubepods-pod"
+        f"{UID.replace('-', '_')}.slice/cgroup.procs": "7503\n",
+    }, {7501: "4348", 7502: None, 7503: None}, "slurm"),
+    # kubelet pkg/kubelet/config/common.go: a static pod's UID is 32 hex digits; --cgroup-root=/kubelet
+    # (kind) puts kubepods at /kubelet.slice/kubelet-kubepods.slice (pkg/kubelet/cm CgroupName.ToSystemd)
+    "k8s-static-pod-cgroup-root": ({
+        "fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+        f"fs/cgroup/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-"
+        f"besteffort-pod{STATIC_UID}.slice/cri-containerd-{CID}.scope/cgroup.procs": "7601\n",
+        f"fs/cgroup/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{UID.replace('-', '_')}.slice/"
+        f"crio-{CID}.scope/cgroup.procs": "7602\n",
+    }, {7601: STATIC_UID, 7602: UID}, "kubernetes"),
 }
 
 
@@ -158,6 +232,18 @@ def test_hidden_pids_are_found_in_the_scheduler_cgroup_tree(tmp_path, layout):
     assert got == expected
     assert {o.scheduler for o in snap.owners.values() if o} == {scheduler}
     assert snap.hidden == frozenset(expected) and source.walks == 1
+
+
+def test_a_cgroupfs_pod_seen_from_another_cgroup_namespace_is_placed_by_the_walk(tmp_path):
+    """The agent in a container with hostPID and its own cgroup namespace reads `0::/../../../pod<uid>/<id>`
+    (linux Documentation/admin-guide/cgroup-v2.rst, "Namespace"): kubelet's cgroupfs names are plain and
+    say nothing of where they stand, so the host's cgroupfs (a hostPath mount) places the PID."""
+    write(tmp_path, {"proc/8001/cgroup": f"0::/../../../pod{UID}/{CID}\n",
+                     "proc/8001/environ": b"SLURM_JOB_ID=4242\0",  # not read: the walk answers
+                     "sys/fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+                     f"sys/fs/cgroup/kubepods/burstable/pod{UID}/{CID}/cgroup.procs": "8001\n"})
+    snap = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve([8001])
+    assert snap.owners == {8001: Owner(UID, "kubernetes", "cgroup")} and snap.hidden == frozenset()
 
 
 def test_a_pid_is_read_once_and_one_not_placed_is_retried_with_backoff(tmp_path):
@@ -179,6 +265,40 @@ def test_a_pid_is_read_once_and_one_not_placed_is_retried_with_backoff(tmp_path)
     assert source.due([7003])
     snap = source.resolve([7002])  # 7001 and 7003 are gone from the GPUs: forgotten
     assert set(snap.owners) == {7002} and snap.owners[7002].job_id == "4343"
+
+
+def test_a_pid_of_4300_digits_in_cgroup_procs_costs_only_its_own_line(tmp_path):
+    """Issue 25 item 8: `cgroup.procs` lists one decimal PID a line (linux Documentation/admin-guide/
+    cgroup-v2.rst); a PID has at most 7 digits (PID_MAX_LIMIT, include/linux/threads.h). A line of 4,300
+    digits made int() raise (Python's limit on digits) and failed the lookup of every PID, every tick."""
+    write(tmp_path / "sys", {
+        "fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+        "fs/cgroup/system.slice/slurmstepd.scope/job_4343/step_0/user/task_0/cgroup.procs":
+            "9" * 4300 + "\n7001\n\x00\n-5\n0\n4194305\n+7\n٣\n",
+        "fs/cgroup/system.slice/slurmstepd.scope/job_4343/step_0/user/task_1/cgroup.procs": "7002\n",
+    })
+    (tmp_path / "proc").mkdir()
+    snap = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve([7001, 7002, 4194305])
+    assert {pid: o and o.job_id for pid, o in snap.owners.items()} == {7001: "4343", 7002: "4343", 4194305: None}
+    from stoker.sources.jobs import parse_pids
+    assert parse_pids(b"1\n" + b"9" * 4300 + b"\n4194304\n4194305\n0\n12345678\nx\n") == {1, 4194304}
+
+
+def test_a_walk_stops_at_its_time_and_entry_bounds(tmp_path, monkeypatch):
+    """Each directory is read for at most MAX_ENTRIES entries and the walk stops after WALK_SECONDS."""
+    from stoker.sources import jobs
+    tree = {"fs/cgroup/cgroup.controllers": "",
+            **{f"fs/cgroup/kubepods/pod{i:08x}-0000-0000-0000-000000000000/cgroup.procs": f"{9000 + i}\n"
+               for i in range(30)}}
+    write(tmp_path / "sys", tree)
+    (tmp_path / "proc").mkdir()
+    monkeypatch.setattr(jobs, "MAX_ENTRIES", 10)  # entries of /kubepods read: 10 of 30, then no more
+    snap = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve(range(9000, 9030))
+    assert sum(o is not None for o in snap.owners.values()) == 10
+    monkeypatch.setattr(jobs, "MAX_ENTRIES", 4096)
+    monkeypatch.setattr(jobs, "WALK_SECONDS", -1.0)
+    snap = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve([9000])
+    assert snap.owners == {9000: None} and snap.problems == ["cgroup_walk_slow"]
 
 
 def test_a_huge_cgroup_tree_is_walked_within_a_bound(tmp_path, monkeypatch):
@@ -285,3 +405,75 @@ async def test_a_hung_lookup_fails_alone_and_the_verdicts_go_on():
     finally:
         source.release.set()
         await verdicts.close()
+
+
+# -- claims: what a process can make the agent say about GPUs (issue 25 item 5) ------------------
+
+SPOOF_CGROUP = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/x_slurmstepd.scope/job_4242/step_0\n"
+
+
+def slurm_rank(i: int, job: str = "4343") -> dict[str, str | bytes]:
+    """A rank as slurmstepd starts it: in its task cgroup (cgroup_v2.c), SLURM_JOB_ID set (src/common/env.c)."""
+    return {f"proc/{100 + i}/cgroup": f"0::/system.slice/slurmstepd.scope/job_{job}/step_0/user/task_{i}\n",
+            f"proc/{100 + i}/environ": f"SLURM_JOB_ID={job}\0SLURM_LOCALID={i}\0".encode()}
+
+
+def account(tmp_path, files: dict, gpu_pids: dict[int, tuple[int, ...]]) -> GoodputLedger:
+    """The PIDs looked up in the fixture procfs (as root or hostPID: every environ readable) and bound."""
+    from stoker.sources.gpu import GpuSample, GpuSnapshot
+    write(tmp_path, files)
+    gpu = GpuSnapshot([GpuSample(i, f"GPU-{i}", processes=len(p), pids=p, memory_used_bytes=50e9)
+                       for i, p in gpu_pids.items()])
+    owners = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve(p for ps in gpu_pids.values() for p in ps)
+    ledger = GoodputLedger(DetectConfig(), ManualClock(0.0))
+    ledger.tick(0.0, gpu, owners, None, {})
+    return ledger
+
+
+def held(ledger: GoodputLedger) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for s in info_samples(ledger):
+        out.setdefault(s["gpu"], set()).add((s["job_id"], s["source"]))
+    return out
+
+
+def test_one_spoofed_process_on_every_gpu_relabels_none_of_them(tmp_path):
+    """A user's process with contexts on all eight GPUs (as a process that touches every device has),
+    in a cgroup its own delegated systemd made with a Slurm-like name (user@.service has Delegate=yes:
+    systemd.resource-control(5)), and SLURM_JOB_ID=4242 in its environment. Before: every GPU showed job
+    4242 too, and every rank's PID was taken for 4242's, so rank 0's step hints counted for 4242."""
+    from stoker.detect.goodput import StepRecord
+    files = {k: v for i in range(8) for k, v in slurm_rank(i).items()}
+    files |= {"proc/900/cgroup": SPOOF_CGROUP, "proc/900/environ": b"SLURM_JOB_ID=4242\0"}
+    ledger = account(tmp_path, files, {i: (100 + i, 900) for i in range(8)})
+    assert held(ledger) == {str(i): {("4343", "cgroup")} for i in range(8)}
+    assert set(ledger.jobs) == {"4343"} and ledger.jobs["4343"].pids == frozenset(range(100, 108))
+    assert ledger.record_steps([StepRecord(1)], pid=100)[0] == "4343"
+
+
+def test_an_environment_cannot_join_a_job_its_scheduler_places_on_the_node(tmp_path):
+    """Job 4343's ranks are in its cgroup on GPUs 0-6; a process outside it says SLURM_JOB_ID=4343 on GPU 7.
+    A real member would be in the job's cgroup (slurmstepd puts every task there; pam_slurm_adopt the
+    processes that ssh in), so GPU 7 is not 4343's: it is held by an unknown job."""
+    files = {k: v for i in range(7) for k, v in slurm_rank(i).items()}
+    files |= {"proc/107/cgroup": "0::/user.slice/user-1000.slice/session-3.scope\n",
+              "proc/107/environ": b"SLURM_JOB_ID=4343\0"}
+    ledger = account(tmp_path, files, {i: (100 + i,) for i in range(8)})
+    assert held(ledger) == {**{str(i): {("4343", "cgroup")} for i in range(7)}, "7": {("unknown", "none")}}
+    assert ledger.jobs["4343"].pids == frozenset(range(100, 107))
+
+
+def test_an_environment_labels_only_its_own_gpus_and_its_own_process(tmp_path):
+    """srun without task/cgroup: every rank in the login session, SLURM_JOB_ID=777 in each environment.
+    Another process says 4242 on GPU 3: it labels GPU 3 (it holds a context there) and nothing else,
+    and rank 3 stays 777's (before: rank 3's PID was taken for 4242's)."""
+    from stoker.detect.goodput import StepRecord
+    session = "0::/user.slice/user-1000.slice/session-3.scope\n"
+    files = {f"proc/{100 + i}/cgroup": session for i in range(8)}
+    files |= {f"proc/{100 + i}/environ": b"SLURM_JOB_ID=777\0" for i in range(8)}
+    files |= {"proc/900/cgroup": session, "proc/900/environ": b"SLURM_JOB_ID=4242\0"}
+    ledger = account(tmp_path, files, {i: (100 + i, 900) if i == 3 else (100 + i,) for i in range(8)})
+    assert held(ledger) == {**{str(i): {("777", "environ")} for i in range(8)}, "3": {("777", "environ"),
+                                                                                     ("4242", "environ")}}
+    assert ledger.jobs["777"].pids == frozenset(range(100, 108)) and ledger.jobs["4242"].pids == {900}
+    assert ledger.record_steps([StepRecord(1)], pid=103)[0] == "777"

@@ -17,7 +17,9 @@ job's to its time on the node. The verdict is the node's: on a node shared by
 several jobs, a starvation counts for each of them.
 
 **Which job holds a GPU** (`Binding`): the scheduler's job of its compute
-processes, from their cgroup or environment (sources/jobs.py); failing that,
+processes, from their cgroup or environment (sources/jobs.py; an environment
+only where no scheduler's cgroup speaks: `_claims`), each process for itself
+(one process's claim never labels another's PIDs); failing that,
 a job that declared itself through step hints (the hint API's `job`, with its
 PID or the GPUs it names, or the only job hinting on the node); else
 `unknown`. A job is followed by its **process set**: when the PIDs of a job
@@ -48,7 +50,7 @@ from stoker import logs
 from stoker.config import DetectConfig
 from stoker.detect.checkpoint import HintError
 from stoker.histogram import Histogram
-from stoker.sources.jobs import JOB_ID, JobSnapshot
+from stoker.sources.jobs import JOB_ID, JobSnapshot, Owner
 
 if TYPE_CHECKING:
     from stoker.detect.checkpoint import CheckpointTracker
@@ -141,14 +143,20 @@ class GoodputLedger:
         self._t = t
         held: dict[str, tuple[Binding, set[tuple[str, str]], set[int]]] = {}
         if gpu is not None:
-            self.gpus = self._bind(t, gpu, jobs.owners if jobs is not None else {})
+            claims = _claims(gpu, jobs.owners if jobs is not None else {})
+            self.gpus = self._bind(t, gpu, claims)
             self._pid_jobs = {}
             for g in gpu.gpus:
-                for b in self.gpus.get((str(g.index), g.uuid), []):
+                key = (str(g.index), g.uuid)
+                own = claims.get(key, {})
+                for b in self.gpus.get(key, []):
                     _, keys, pids = held.setdefault(b.job_id, (b, set(), set()))
-                    keys.add((str(g.index), g.uuid))
-                    pids.update(g.pids)
-                    self._pid_jobs.update((p, b.job_id) for p in g.pids)
+                    keys.add(key)
+                    # a process placed by its cgroup or environment is its own job's, not that of another
+                    # process on the same GPU; a job that hinted (or unknown) holds all of the GPU's
+                    mine = [p for p in g.pids if p in own and own[p].job_id == b.job_id] if own else g.pids
+                    pids.update(mine)
+                    self._pid_jobs.update((p, b.job_id) for p in mine)
         else:
             self.gpus = {}
         node_busy = _mean(busy.values())
@@ -181,7 +189,7 @@ class GoodputLedger:
             return cause
         return "idle" if busy < self.config.idle_floor else "productive"
 
-    def _bind(self, t: float, gpu: GpuSnapshot, owners: dict) -> dict[tuple[str, str], list[Binding]]:
+    def _bind(self, t: float, gpu: GpuSnapshot, claims: dict) -> dict[tuple[str, str], list[Binding]]:
         out = {}
         floor = self.config.job_memory_floor_bytes
         since = {}
@@ -195,7 +203,7 @@ class GoodputLedger:
             since[key] = before if same else (pids, t)
             found = []
             for pid in g.pids:
-                owner = owners.get(pid)
+                owner = claims.get(key, {}).get(pid)
                 if owner is not None:
                     b = Binding(owner.job_id, owner.scheduler, owner.source)
                     if b not in found:
@@ -346,6 +354,21 @@ class GoodputLedger:
         if not JOB_ID.fullmatch(job) or job == UNKNOWN:
             raise HintError("`job` must be 1-128 characters of letters, digits and ._:@+/-", status=400)
         return job
+
+
+def _claims(gpu: GpuSnapshot, owners: dict[int, Owner | None]) -> dict[tuple[str, str], dict[int, Owner]]:
+    """The owners each GPU's processes may label it with (docs/JOBS.md). A scheduler's cgroup labels
+    the GPUs of its own process. An environment (`SLURM_JOB_ID`: any process can set it) labels only
+    the GPUs of its own process, never one a process in a scheduler's cgroup is on, and never with a
+    job a scheduler's cgroup places on a GPU here (a real member of that job is in its cgroup)."""
+    up = [g for g in gpu.gpus if g.up]
+    placed = {o.job_id for g in up for p in g.pids if (o := owners.get(p)) is not None and o.source == "cgroup"}
+    out = {}
+    for g in up:
+        mine = {p: o for p in g.pids if (o := owners.get(p)) is not None}
+        scheduled = {p: o for p, o in mine.items() if o.source == "cgroup"}
+        out[(str(g.index), g.uuid)] = scheduled or {p: o for p, o in mine.items() if o.job_id not in placed}
+    return out
 
 
 def _mean(values: Iterable[float]) -> float | None:
