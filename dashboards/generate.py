@@ -886,7 +886,8 @@ def gpu_health() -> dict:
            q(f"sum by (gpu) ({rate('stoker_gpu_pcie_transmit_bytes_total')})", "GPU {{gpu}} tx"),
            q(f"sum by (gpu) ({rate('stoker_gpu_pcie_receive_bytes_total')})", "GPU {{gpu}} rx"), min=0, w=8),
     ], [variable("node", "Node", f"label_values({AGENT_NODES}{{{SITE}}}, node)"),
-        variable("gpu", "GPU", 'label_values(stoker_gpu_info{node="$node"}, gpu)', multi=True, sort=3)], NODE, AGENT_NODES)
+        variable("gpu", "GPU", 'label_values(stoker_gpu_info{node="$node"}, gpu)', multi=True, sort=3)],
+        NODE, AGENT_NODES)
 
 
 DASHBOARDS = {"fleet.json": fleet, "node.json": node, "gpu-health.json": gpu_health}

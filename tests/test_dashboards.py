@@ -321,7 +321,8 @@ def test_provisioned_data_sources_are_what_the_dashboards_pick_at_the_shipped_se
     variable lists (Grafana's Prometheus data source, for VictoriaMetrics too: its Prometheus API answers every
     dashboard query, tests/test_fleet_vm.py), at the port the shipped server listens on, its timeInterval the
     shipped scrape interval ($__rate_interval is built on it); the dashboard provider reads one directory."""
-    kinds = {v["query"] for dash in committed().values() for v in dash["templating"]["list"] if v["type"] == "datasource"}
+    kinds = {v["query"] for dash in committed().values() for v in dash["templating"]["list"]
+             if v["type"] == "datasource"}
     scrape = {yaml.safe_load((ROOT / "packaging" / path).read_text())["global"]["scrape_interval"]
               for path in ("prometheus/prometheus.yml", "victoriametrics/vmagent.yml")}
     vm_port = next(int(a.rpartition(":")[2]) for a in shipped_args("victoria-metrics.default")
