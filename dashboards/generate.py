@@ -32,6 +32,11 @@ JOB = 'job_id=~"$job_id"'
 GOODPUT_LOW = 0.8  # StokerJobGoodputLow
 PRODUCTIVE, NOT_PRODUCTIVE = ', state="productive"', ', state!="productive"'
 GPU = 'node="$node", gpu=~"$gpu"'
+# What the Site and Node pickers list. Fleet: the recording rule, all a federating store holds. Node and GPU
+# health: a series every agent exports from its first scrape, so their pickers fill where the rules are not
+# loaded (their panels read raw series anyway).
+FLEET_NODES = "node_rack:stoker_agent_up:max"
+AGENT_NODES = "stoker_build_info"
 ROCE_RETRANSMITS = "out_of_sequence|packet_seq_err|local_ack_timeout_err|roce_adp_retrans"
 HW_THROTTLE = "hw_slowdown|hw_thermal|sw_thermal|hw_power_brake"
 CRITICAL_XIDS = "48|63|64|74|79|92|94|95|119|120"
@@ -216,7 +221,8 @@ def variable(name: str, label: str, query: str, multi: bool = False, sort: int =
 
 
 def dashboard(uid: str, title: str, description: str, panels: list[dict], variables: list[dict],
-              alerts: str) -> dict:
+              alerts: str, nodes: str) -> dict:
+    """`nodes`: the series whose `site` labels the Site picker lists (FLEET_NODES or AGENT_NODES)."""
     return {
         "uid": uid, "title": title, "description": description, "tags": ["stoker"], "editable": True,
         "schemaVersion": 39, "version": 1, "refresh": "1m", "time": {"from": "now-6h", "to": "now"},
@@ -226,7 +232,7 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict], variab
         "templating": {"list": [
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
              "current": {}, "hide": 0},
-            variable("site", "Site / cluster", "label_values(node_rack:stoker_agent_up:max, site)", multi=True),
+            variable("site", "Site / cluster", f"label_values({nodes}, site)", multi=True),
             *variables,
         ]},
         "annotations": {"list": [{
@@ -428,7 +434,7 @@ def fleet() -> dict:
         bars("Agent versions", "short", "Agents per version: a rollout in progress, or nodes left behind (their "
              "metrics or verdicts may differ: see the changelog).",
              q(f"sum by (version) (version:stoker_build_info:count{{{s}}})", "{{version}}"), w=6),
-    ], [], f'severity="critical", {SITE}')  # at 10,000 nodes, warnings would bury the time axis
+    ], [], f'severity="critical", {SITE}', FLEET_NODES)  # at 10,000 nodes, warnings would bury the time axis
 
 
 # -- Node --------------------------------------------------------------------------------------------
@@ -748,9 +754,9 @@ def node() -> dict:
               *(q(f'{m}{{job="stoker", {n}}} * on (node) group_left (version, nvml_version, driver_version) '
                   f"stoker_build_info{{{n}}}") for m in ("scrape_duration_seconds", "scrape_samples_scraped")),
               columns={"A": ("scrape took", "s", None), "B": ("samples", "short", None)}, hide=("node",)),
-    ], [variable("node", "Node", f"label_values(node_rack:stoker_agent_up:max{{{SITE}}}, node)"),
+    ], [variable("node", "Node", f"label_values({AGENT_NODES}{{{SITE}}}, node)"),
         variable("job_id", "Job", f"label_values(stoker_gpu_job_info{{{n}, job_id!=\"unknown\"}}, job_id)",
-                 multi=True)], NODE)
+                 multi=True)], NODE, AGENT_NODES)
 
 
 # -- GPU health --------------------------------------------------------------------------------------
@@ -879,8 +885,9 @@ def gpu_health() -> dict:
         ts("PCIe traffic", "Bps", "PCIe bytes per second per GPU, each way: host input, checkpoints, GPUDirect RDMA.",
            q(f"sum by (gpu) ({rate('stoker_gpu_pcie_transmit_bytes_total')})", "GPU {{gpu}} tx"),
            q(f"sum by (gpu) ({rate('stoker_gpu_pcie_receive_bytes_total')})", "GPU {{gpu}} rx"), min=0, w=8),
-    ], [variable("node", "Node", f"label_values(node_rack:stoker_agent_up:max{{{SITE}}}, node)"),
-        variable("gpu", "GPU", 'label_values(stoker_gpu_info{node="$node"}, gpu)', multi=True, sort=3)], NODE)
+    ], [variable("node", "Node", f"label_values({AGENT_NODES}{{{SITE}}}, node)"),
+        variable("gpu", "GPU", 'label_values(stoker_gpu_info{node="$node"}, gpu)', multi=True, sort=3)],
+        NODE, AGENT_NODES)
 
 
 DASHBOARDS = {"fleet.json": fleet, "node.json": node, "gpu-health.json": gpu_health}
