@@ -145,12 +145,13 @@ class Agent:
             return
         # read_text refuses anything but a regular file: a FIFO would block this open() on the
         # event loop, and SIGTERM with it.
-        token = read_text(cfg.token_file, "checkpoint.token_file").strip()
+        # the token is the file less one trailing newline, compared exactly (docs/OPERATIONS.md, step 3)
+        token = read_text(cfg.token_file, "checkpoint.token_file").removesuffix("\n")
         if len(token) < 16:
             raise ConfigError(f"checkpoint.token_file: {cfg.token_file}: the token is shorter than 16 characters")
         if not (token.isascii() and token.isprintable()) or " " in token:
             raise ConfigError(f"checkpoint.token_file: {cfg.token_file}: the token must be printable ASCII "
-                              "without spaces (it is sent in an HTTP header)")
+                              "without spaces, one trailing newline at most (it is sent in an HTTP header)")
         host, port = parse_listen(cfg.listen, "checkpoint.listen")
         app = make_hint_app(self.verdicts.checkpoints, token, self.verdicts.goodput)
         self._hint_listener = await serve(app, host, port, max_connections=HINT_CONNECTIONS)
