@@ -345,7 +345,7 @@ def test_new_runs_of_a_job_nobody_can_see_are_rate_limited_and_bounded():
             refused += 1
     job = ledger.jobs["pod-a"]
     elapsed = clock.now - 100
-    assert job.restarts <= elapsed / NEW_RUN_EVERY + 1 and refused >= 10_000 - job.restarts - 1
+    assert 1 <= job.restarts <= elapsed / NEW_RUN_EVERY + 1 and refused >= 10_000 - job.restarts - 1
     assert job.lost_steps <= job.steps
     assert job.run == "torchelastic:a.0" and job.last_step == step == 100  # the job's own run still counts
     assert ledger.record_steps([StepRecord(step + 1)], job="pod-a", run="torchelastic:a.0")[1:] == (1, 0)
