@@ -291,6 +291,26 @@ def test_a_hint_that_names_a_job_counts_for_it_or_is_refused_never_merged():
     assert empty.record_steps([StepRecord(1)], job="declared")[0] == "declared"
 
 
+def test_slurms_two_names_of_one_job_are_not_a_contradiction():
+    """Slurm 26.05 names a job's cgroup by its SLUID (slurm src/plugins/cgroup/v2/cgroup_v2.c,
+    `cgroup_p_step_create`; src/common/sluid.h) while SLURM_JOB_ID, which the helper sends, is its
+    number: rank 0's steps count for the SLUID. Two numbers, or a name of the job's own, still conflict."""
+    clock = Clock()
+    ledger = GoodputLedger(DetectConfig(), clock)
+    sluid = "sEKNKTV3WPV500"
+    run(ledger, clock, 2, snapshot({i: [100 + i] for i in range(8)}), {100 + i: slurm(sluid) for i in range(8)})
+    assert ledger.record_steps([StepRecord(1)], job="4343", scheduler="slurm", run="r", pid=100)[0] == sluid
+    for job, scheduler in (("4343", None), ("llama-run7", "slurm")):
+        with pytest.raises(HintError) as err:
+            ledger.record_steps([StepRecord(2)], job=job, scheduler=scheduler, run="r", pid=100)
+        assert err.value.status == 409
+    numbered = GoodputLedger(DetectConfig(), clock)  # CgroupJobIdPaths=yes: the number names the cgroup
+    run(numbered, clock, 1, snapshot({0: [100]}), {100: slurm("4343")})
+    with pytest.raises(HintError):  # two numbers: two jobs
+        numbered.record_steps([StepRecord(1)], job="4344", scheduler="slurm", pid=100, run="r")
+    assert set(ledger.jobs) == {sluid} and set(numbered.jobs) == {"4343"}
+
+
 def test_a_token_holder_cannot_corrupt_a_job_whose_processes_the_agent_sees():
     """Issue 25: naming another job's PID with a new run made that job's own steps stale for good, and a
     step number of 2**63 - 1 took lost_steps to 1.8e19."""

@@ -65,7 +65,7 @@ from stoker import logs
 from stoker.config import DetectConfig
 from stoker.detect.checkpoint import HintError
 from stoker.histogram import Histogram
-from stoker.sources.jobs import JOB_ID, JobSnapshot, Owner
+from stoker.sources.jobs import JOB_ID, SLUID, JobSnapshot, Owner
 
 if TYPE_CHECKING:
     from stoker.detect.checkpoint import CheckpointTracker
@@ -354,7 +354,7 @@ class GoodputLedger:
         processes of the current one), 429 (too many jobs, too many new runs)."""
         steps = sorted(steps, key=lambda s: s.step)
         t = self._clock()
-        job_id = self._hinted_job(job, pid)
+        job_id = self._hinted_job(job, pid, scheduler)
         run = run or f"pid:{pid}"
         acct = self.jobs.get(job_id)
         if acct is not None and steps:
@@ -428,14 +428,15 @@ class GoodputLedger:
         while len(acct.runs) > RUNS_REMEMBERED:
             del acct.runs[min((r for r in acct.runs if r not in (run, acct.run)), key=lambda r: acct.runs[r].t)]
 
-    def _hinted_job(self, job: str | None, pid: int | None) -> str:
+    def _hinted_job(self, job: str | None, pid: int | None, scheduler: str | None = None) -> str:
         """Whose steps. The job of the GPU process that sent them (same PID namespace: the agent knows),
         from its cgroup or environment: a hint naming another job is refused, never merged into either
-        (the scheduler's id is the one the GPU time and restarts are counted under). Else the job named,
-        in its own account; else the job that declared that process, else the only job on the GPUs."""
+        (the scheduler's id is the one the GPU time and restarts are counted under), but for Slurm's
+        two names of one job. Else the job named, in its own account; else the job that declared that
+        process, else the only job on the GPUs."""
         owner = self._pid_owner.get(pid) if pid is not None else None
         if owner is not None and owner.source != "hint":
-            if job is not None and job != owner.job_id:
+            if job is not None and job != owner.job_id and not _slurm_names(owner, job, scheduler):
                 raise HintError(f"pid {pid} is a process of job {owner.job_id} ({owner.scheduler}, from its "
                                 f"{owner.source}), not of job {job}: send `job` {owner.job_id} or none (under a "
                                 "scheduler, leave STOKER_JOB_ID unset)", status=409)
@@ -465,6 +466,16 @@ def _claims(gpu: GpuSnapshot, owners: dict[int, Owner | None]) -> dict[tuple[str
         scheduled = {p: o for p, o in mine.items() if o.source == "cgroup"}
         out[(str(g.index), g.uuid)] = scheduled or {p: o for p, o in mine.items() if o.job_id not in placed}
     return out
+
+
+def _slurm_names(owner: Binding, job: str, scheduler: str | None) -> bool:
+    """Whether `job`, a Slurm job id from the sender's environment (`scheduler` slurm: the helper's
+    $SLURM_JOB_ID), is the other name of the Slurm job whose cgroup holds the sender: from 26.05 the
+    cgroup is named by the job's SLUID unless `CgroupJobIdPaths=yes`, and SLURM_JOB_ID is the number
+    (docs/JOBS.md); nothing maps one to the other, but one process is in one job."""
+    names = (owner.job_id, job)
+    return owner.scheduler == scheduler == "slurm" and any(
+        SLUID.fullmatch(a) is not None and b.isascii() and b.isdigit() for a, b in (names, names[::-1]))
 
 
 def _mean(values: Iterable[float]) -> float | None:
