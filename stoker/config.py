@@ -28,6 +28,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 DEFAULT_PORT = 9477
 """Not used by node_exporter (9100), dcgm-exporter (9400) or nvidia_gpu_exporter (9835)."""
 
+DEFAULT_FILE = "/etc/stoker/stoker.toml"
+"""The service's configuration, which every command reads when it exists and no --config is given."""
+
 # The ranges a number must fall in. Wide enough for any real node, narrow enough that no value
 # breaks the agent: an interval under 50 ms takes a whole core, one over an hour is not monitoring.
 INTERVAL = (0.05, 3600.0)
@@ -57,6 +60,8 @@ class AgentConfig:
     """TLS and basic auth for /metrics, in Prometheus' exporter-toolkit format; empty: plain HTTP."""
     state_file: str = ""
     """Where the level learned for the running job is kept across restarts; empty: not kept."""
+    process_metrics: bool = True
+    """process_* (CPU, memory, descriptors, start time of the agent itself), as every Prometheus client serves them."""
 
     def validate(self) -> None:
         parse_listen(self.listen, "agent.listen")
@@ -268,6 +273,22 @@ class CheckpointConfig:
         parse_listen(self.listen, "checkpoint.listen")
 
 
+MAX_INVENTORY = 1024
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    """How many GPUs and RDMA ports this node should have: fewer present is StokerInventoryMissing.
+    0 (the default): the most this node has shown since its first start, kept in agent.state_file."""
+
+    gpus: int = 0
+    rdma_ports: int = 0
+
+    def validate(self) -> None:
+        for name in ("gpus", "rdma_ports"):
+            _within(getattr(self, name), f"inventory.{name}", 0, MAX_INVENTORY)
+
+
 @dataclass(frozen=True)
 class SimConfig:
     rdma_ports: int = 8
@@ -292,6 +313,7 @@ class Config:
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
     sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> None:
@@ -380,6 +402,16 @@ def merge(base: dict, overrides: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def path_for(given: str | None, simulated: bool = False) -> str | None:
+    """The one rule for which file a command reads: the one given with --config; else the
+    service's (DEFAULT_FILE) when it exists, so that `stoker run`, `check` and the service judge
+    the node alike; none for a simulated node, which is not this node: the service's file names
+    this node's mounts, probe targets and ports. Flags override whatever the file says."""
+    if given is not None:
+        return given
+    return DEFAULT_FILE if not simulated and Path(DEFAULT_FILE).is_file() else None
 
 
 def load(path: str | Path | None = None, overrides: dict | None = None) -> Config:

@@ -15,9 +15,11 @@ def test_gpu_cycle_harness():
 
 @pytest.mark.slow
 def test_scrape_harness_with_the_python_client():
-    result = scrape.run(concurrency=2, requests=20, client="python")
+    result = scrape.run(concurrency=2, requests=20, client="python", rounds=1)
     assert result["metrics"]["n"] == 20 and result["series"] > 200
     assert result["agent_rss_bytes"] > 0
+    process = result["process_metrics"]
+    assert process["series"] == 6 and process["p99_ms_on_over_off"] > 0 and process["collect_and_render"]["ours_us"] > 0
 
 
 @pytest.mark.slow

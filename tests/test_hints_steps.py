@@ -320,7 +320,8 @@ def test_steps_through_a_real_agent_to_its_metrics(tmp_path):
     from tests.conftest import start_agent_process, wait_http
 
     (tmp_path / "token").write_text(TOKEN + "\n")
-    (tmp_path / "one-job.toml").write_text('[[steps]]\ngpu = "saturated"\nseconds = 600\njob = "train"\n')
+    (tmp_path / "one-job.toml").write_text('shared_jobs = true\n[[steps]]\ngpu = "saturated"\nseconds = 600\n'
+                                           'job = "train"\n')  # shared: the scenario's job id, not the node's
     port, hint_port = free_port(), free_port()
     (tmp_path / "stoker.toml").write_text(f'[checkpoint]\ntoken_file = "{tmp_path / "token"}"\n'
                                           f'listen = "127.0.0.1:{hint_port}"\n')

@@ -131,6 +131,33 @@ def test_man_page_follows_the_parser():
     assert "A command added later" in section and "\\fB\\-\\-widgets\\fR \\fIN\\fR" in section
 
 
+def _synopses(page: str) -> dict[str, str]:
+    """Each `.SY "prog"` block of the page as plain text (the program, then its arguments): fonts
+    dropped, roff escapes undone."""
+    out = {}
+    for prog, body in re.findall(r'^\.SY "([^"]+)"\n(.*?)^\.YS$', page, re.M | re.S):
+        text = re.sub(r"\\f[BIR]", "", body).replace("\\~", " ").replace("\\-", "-").replace("\\&", "")
+        prog = prog.replace("\\-", "-")
+        out[prog] = " ".join([prog, *text.split()])
+    return out
+
+
+def test_man_page_synopsis_is_argparse_usage():
+    """The synopsis once showed `stoker rules RULES` as required (it is optional) and put the options in
+    another order than `stoker rules --help`: it now is argparse's own usage, for every command."""
+    from stoker.cli import build_parser
+    from stoker.manpage import render
+
+    parser = build_parser()
+    synopses = _synopses(render(parser))
+    parsers = {"stoker": parser, **{f"stoker {n}": sub for n, sub in _subcommands(parser).items()}}
+    assert set(synopses) == set(parsers)
+    for prog, p in parsers.items():
+        usage = " ".join(p.format_usage().split())
+        assert usage == f"usage: {synopses[prog]}", prog
+    assert synopses["stoker rules"] == "stoker rules [-h] [--runbook-base URL] [RULES]"
+
+
 def test_man_page_renders_without_groff_warnings(tmp_path):
     from stoker.manpage import render
 

@@ -32,6 +32,8 @@ from stoker.exporters import webconfig
 from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
 from stoker.exporters.hints import make_hint_app
+from stoker.exporters.inventory import Inventory
+from stoker.exporters.process import ProcessMetrics
 from stoker.exporters.http import log_loop_errors, make_app, raise_fd_limit, serve
 from stoker.probe_child import CHECK_TAG
 from stoker.sources.jobs import JobSource
@@ -48,10 +50,12 @@ HINT_CONNECTIONS = 16
 
 
 class Agent:
-    def __init__(self, config: Config, platform: Platform, checking: bool = False):
+    def __init__(self, config: Config, platform: Platform, checking: bool = False, config_file: str | None = None):
         """`checking`: a `stoker check` beside the service, with its configuration: the service's state
-        file is read, never written, and the NAS probes use files of their own."""
+        file is read, never written, and the NAS probes use files of their own. `config_file`: the file
+        the configuration came from (logged at start: which file a command read is one rule, config.path_for)."""
         self.config = config
+        self.config_file = config_file
         self.platform = platform
         self.exposition = Exposition()
         interval = config.agent.interval
@@ -90,6 +94,15 @@ class Agent:
                                                         self.probes, self.verdicts) if c is not None]
         chained = {"gpu": self.verdicts} if self.gpu and self.verdicts else {}
         self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels, chained=chained)
+        present = {}
+        if self.gpu:
+            present["gpu"] = lambda: len(self.gpu.snapshot.gpus) if self.gpu.snapshot else None
+        if self.rdma:
+            present["rdma_port"] = lambda: len(self.rdma.snapshot.ports) if self.rdma.snapshot else None
+        self.inventory = Inventory(config.inventory, present, config.agent.state_file, read_only=checking)
+        self.supervisor.registry.register(self.inventory)  # rendered with the agent's own metrics
+        if config.agent.process_metrics:  # the agent's own process (exporters/process.py)
+            self.supervisor.registry.register(ProcessMetrics())
         self.stop_event = asyncio.Event()
         self.port: int | None = None
         self._listener = None
@@ -133,8 +146,9 @@ class Agent:
             self.port = self._listener.port
             await self._serve_hints()
         self._background = [asyncio.create_task(job(self)) for job in self.platform.background]
+        self._background.append(asyncio.create_task(self.inventory.run()))
         await self.supervisor.start()
-        log.info("stoker started", version=__version__, listen=f"{host}:{self.port}",
+        log.info("stoker started", version=__version__, config_file=self.config_file, listen=f"{host}:{self.port}",
                  collectors=[c.name for c in self.collectors], interval=self.config.agent.interval,
                  open_files=open_files)
 
@@ -210,7 +224,8 @@ class Agent:
         logged and left as it was."""
         old = self.config
         fixed = [("agent", "listen"), ("agent", "web_config_file"), ("agent", "sysfs_root"), ("agent", "procfs_root"),
-                 ("agent", "state_file"), ("checkpoint", "listen"), ("checkpoint", "token_file"),
+                 ("agent", "state_file"), ("agent", "process_metrics"), ("checkpoint", "listen"),
+                 ("checkpoint", "token_file"),
                  *((section, "enabled") for section in ("gpu", "rdma", "netdev", "nfs", "host", "detect"))]
         if self.probes is None:
             fixed.append(("probes", "targets"))  # no probe collector to give them to
@@ -240,6 +255,7 @@ class Agent:
             self.probes.configure(new.probes)
         if self.verdicts:
             self.verdicts.configure(new.detect, new.checkpoint)
+        self.inventory.configure(new.inventory)
         self.config = new
         if needs_restart:
             log.warning("configuration reloaded; some changes need a restart and were not applied",

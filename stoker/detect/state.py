@@ -11,13 +11,17 @@ only for the same job (most of its PIDs the saved ones, not a relaunch) and only
 stale; a verdict within `CARRY_FOR`, so that the restart does not read as a
 recovery). Written atomically every `SAVE_EVERY` seconds while there is
 something to keep, and at once when a checkpoint opens, stalls or ends or the
-verdict changes; any error is logged and costs only this feature.
+verdict changes; any error is logged and costs only this feature. The file is
+a JSON object whose other fields belong to other parts of the agent (`inventory`:
+stoker/exporters/inventory.py): each writer replaces its own fields and keeps
+the rest (`write_fields`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +34,37 @@ SAVE_EVERY = 30.0
 CARRY_FOR = 2 * SAVE_EVERY
 """A verdict saved this recently is carried over a restart (the file is rewritten at least every
 `SAVE_EVERY` while a verdict holds): an older one may have ended while no agent watched."""
+
+
+MAX_BYTES = 65536
+_writing = threading.Lock()  # the writers of one process (worker threads) take turns
+
+
+def read_fields(path: str) -> dict:
+    """The file's fields; {} when it is missing. Raises OSError or ValueError when it is unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(MAX_BYTES))
+    except FileNotFoundError:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def write_fields(path: str, fields: dict) -> None:
+    """Replace `fields` in the file, atomically, keeping the fields other writers own (an unreadable
+    file is replaced). Raises OSError."""
+    with _writing:
+        try:
+            data = read_fields(path)
+        except (OSError, ValueError):
+            data = {}
+        data.update(fields)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -54,8 +89,9 @@ class StateStore:
     def load(self) -> Saved | None:
         """What the previous run saved, if it saved it recently."""
         try:
-            with open(self.path, "rb") as fh:
-                data = json.loads(fh.read(65536))
+            data = read_fields(self.path)
+            if "saved" not in data:
+                return None  # no job kept yet: a missing file, or others' fields only
             level, saved, saved_pids = data["level"], float(data["saved"]), frozenset(data["pids"])
             checkpoints = data.get("checkpoints", [])
             verdict = data.get("verdict") or {}
@@ -65,8 +101,6 @@ class StateStore:
                 level = float(level)
             if not isinstance(checkpoints, list) or not all(isinstance(c, dict) for c in checkpoints):
                 raise ValueError("checkpoints: not a list of records")
-        except FileNotFoundError:
-            return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("saved job state unreadable; learning it afresh", path=self.path, error=str(exc))
             return None
@@ -86,12 +120,9 @@ class StateStore:
         self.saved_at = self._wall()
         if self.read_only:
             return
-        tmp = f"{self.path}.tmp"
         try:
-            with open(tmp, "w") as fh:
-                json.dump({"pids": sorted(pids), "level": level, "saved": self.saved_at, "checkpoints": checkpoints,
-                           "verdict": None if verdict is None else dict(zip(("cause", "cold", "came_back"), verdict))},
-                          fh)
-            os.replace(tmp, self.path)
+            write_fields(self.path, {
+                "pids": sorted(pids), "level": level, "saved": self.saved_at, "checkpoints": checkpoints,
+                "verdict": None if verdict is None else dict(zip(("cause", "cold", "came_back"), verdict))})
         except OSError as exc:
             log.warning("cannot save the job state", path=self.path, error=str(exc))

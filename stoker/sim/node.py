@@ -23,10 +23,12 @@ NOISE = tuple(_RNG.gauss(0.0, 1.0) for _ in range(4093))
 
 class SimNode:
     def __init__(self, scenario: str | scenarios.Scenario = scenarios.DEFAULT, gpu_count: int = GPU_COUNT,
-                 clock: Callable[[], float] = time.monotonic, skip: float = 0.0):
-        """`skip` seconds of the scenario are taken as already past (`stoker check` starts in the fault)."""
+                 clock: Callable[[], float] = time.monotonic, skip: float = 0.0, name: str = ""):
+        """`skip` seconds of the scenario are taken as already past (`stoker check` starts in the fault).
+        `name`: what makes this node's jobs its own (`job_key`); "": the scenario's jobs as they are."""
         self.scenario = scenarios.get(scenario) if isinstance(scenario, str) else scenario
         self.gpu_count = gpu_count
+        self.name = name
         self.clock = clock
         self.started = clock() - skip
 
@@ -48,6 +50,15 @@ class SimNode:
         """The job holding the GPUs now; "" when none does."""
         step = self.step()
         return step.job if step.has_job else ""
+
+    def job_key(self, job: str) -> str:
+        """What a job's ids on this node (Slurm job id, pod UID, the name it hints) are made from:
+        its name and the node's, so that nodes started side by side run jobs of their own (a
+        fleet of them is not one job across every node), unless the scenario shares its jobs
+        (`shared_jobs`: one multi-node job, the same ids on every node that plays it)."""
+        if not job or not self.name or self.scenario.shared_jobs:
+            return job
+        return f"{job}@{self.name}"
 
     def launch(self) -> int:
         """The launch of the job holding the GPUs now: another one is a restart (new processes)."""

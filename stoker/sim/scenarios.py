@@ -7,7 +7,8 @@ new PIDs, its own framebuffer; a new `launch` of the same job is a restart:
 new PIDs, the same job id), the scheduler whose cgroups hold it, the level that
 job reaches (a smaller model replays the recording scaled down), step-to-step
 noise, whether the job hints its checkpoints, and the training steps it
-reports (a step rate). The built-in scenarios are such files
+reports (a step rate). Nodes that play a scenario side by side each run jobs of their
+own (other ids) unless it shares them (`shared_jobs`). The built-in scenarios are such files
 (`stoker/sim/data/scenarios/*.toml`); operators write their own to reproduce an
 incident, and `stoker replay FILE` judges the verdicts against the file's
 expectations. docs/SCENARIOS.md describes the format.
@@ -88,6 +89,7 @@ class Scenario:
     outcomes: dict[str, int] = field(default_factory=dict)  # checkpoint outcomes expected by the end
     restarts: tuple[float, ...] = ()  # `stoker replay` restarts the agent at these scenario seconds
     state: str = "kept"  # what a restart finds of the agent's state file: kept (the package's), or lost
+    shared_jobs: bool = False  # every node playing it runs the same jobs (one multi-node job), not its own
 
     @property
     def period(self) -> float:
@@ -130,7 +132,7 @@ def _known(table: dict, allowed: set[str], where: str) -> None:
 
 STEP_KEYS = {"gpu", "seconds", "network", "storage", "host", "lost_gpus", "job", "level", "noise", "hint",
              "profiling", "launch", "scheduler", "step_rate", "tokens_per_step"}
-STEP_DEFAULTS = ("scheduler", "step_rate", "tokens_per_step")
+STEP_DEFAULTS = ("job", "scheduler", "step_rate", "tokens_per_step")
 """Step keys a scenario may also set at its top level, for every step that does not say otherwise."""
 PROFILING = ("allowed", "admin-only")
 STATES = ("kept", "lost")
@@ -198,7 +200,7 @@ def parse(text: str, name: str) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{name}: not valid TOML: {exc}") from None
     _known(table, {"description", "loop", "fault_at", "restarts", "state", "steps", "expect", "outcomes",
-                   *STEP_DEFAULTS}, name)
+                   "shared_jobs", *STEP_DEFAULTS}, name)
     defaults = {key: table[key] for key in STEP_DEFAULTS if key in table}
     steps = table.get("steps")
     if not isinstance(steps, list) or not steps:
@@ -209,6 +211,9 @@ def parse(text: str, name: str) -> Scenario:
     loop = table.get("loop", False)
     if not isinstance(loop, bool):
         raise ScenarioError(f"{name}.loop: expected true or false")
+    shared = table.get("shared_jobs", False)
+    if not isinstance(shared, bool):
+        raise ScenarioError(f"{name}.shared_jobs: expected true or false")
     restarts = table.get("restarts", [])
     if not isinstance(restarts, list) or not all(isinstance(r, (int, float)) and r > 0 for r in restarts):
         raise ScenarioError(f"{name}.restarts: expected a list of positive scenario seconds")
@@ -220,7 +225,7 @@ def parse(text: str, name: str) -> Scenario:
         fault_at=_number(table, "fault_at", name, 0.0),
         expect=tuple(_expectation(e, f"{name}.expect[{i}]") for i, e in enumerate(table.get("expect", []))),
         outcomes=dict(outcomes), restarts=tuple(sorted(float(r) for r in restarts)),
-        state=_check(table.get("state", "kept"), STATES, f"{name}.state"))
+        state=_check(table.get("state", "kept"), STATES, f"{name}.state"), shared_jobs=shared)
 
 
 def builtin_names() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -40,14 +41,18 @@ DEFAULTS = {"probes": ProbesConfig(), "detect": DetectConfig(), "checkpoint": Ch
 class Simulation:
     """Lays out the simulated kernel under `root` (sys/, proc/, nas/) and keeps it moving."""
 
-    def __init__(self, scenario, root: str, rdma_ports: int = 8, clock=time.monotonic, skip: float = 0.0):
+    def __init__(self, scenario, root: str, rdma_ports: int = 8, clock=time.monotonic, skip: float = 0.0,
+                 name: str | None = None):
+        """`name`: the node's, which makes its jobs its own (`SimNode.job_key`); by default one drawn at
+        random, so that nodes started side by side never report one job; "": the scenario's ids."""
         self.root = root
+        self.name = secrets.token_hex(4) if name is None else name
         self.sysfs_root = os.path.join(root, "sys")
         self.procfs_root = os.path.join(root, "proc")
         self.token_file = os.path.join(root, "hint-token")
         self.hint_url_file = os.path.join(root, "hint-url")
         self.state_file = os.path.join(root, "state.json")  # /var/lib/stoker/state.json of the package
-        self.node = SimNode(scenario, clock=clock, skip=skip)
+        self.node = SimNode(scenario, clock=clock, skip=skip, name=self.name)
         self.nvml = FakeNVML(self.node)
         self.network = SimNetwork(self.node, self.sysfs_root, rdma_ports)
         self.storage = SimStorage(self.node, self.procfs_root, os.path.join(root, "nas"), socket.gethostname())
@@ -112,7 +117,7 @@ class Simulation:
         if agent.hint_url:
             with open(self.hint_url_file, "w") as fh:
                 fh.write(agent.hint_url + "\n")
-        log.info("simulated node", scenario=self.node.scenario.name, root=self.root,
+        log.info("simulated node", scenario=self.node.scenario.name, name=self.name or None, root=self.root,
                  token_file=agent.config.checkpoint.token_file, hint_url=agent.hint_url)
         loop = asyncio.get_running_loop()
         while True:
