@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from stoker.sim import drivers
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -88,6 +90,11 @@ class Scenario:
     outcomes: dict[str, int] = field(default_factory=dict)  # checkpoint outcomes expected by the end
     restarts: tuple[float, ...] = ()  # `stoker replay` restarts the agent at these scenario seconds
     state: str = "kept"  # what a restart finds of the agent's state file: kept (the package's), or lost
+    driver: str = drivers.DEFAULT  # the NVIDIA driver branch the fake NVML answers as (sim/drivers.py)
+    mig: tuple[int, ...] = ()  # GPUs in MIG mode, each with two 3g.40gb instances; the job's rank in the first
+    mps: bool = False  # the job's ranks are MPS clients: the compute-process list shows the MPS server
+    driver_upgrade_at: float | None = None  # the driver is replaced in place: NVML's session ends, and every
+    # nvmlInit after answers LIB_RM_VERSION_MISMATCH
 
     @property
     def period(self) -> float:
@@ -198,7 +205,7 @@ def parse(text: str, name: str) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{name}: not valid TOML: {exc}") from None
     _known(table, {"description", "loop", "fault_at", "restarts", "state", "steps", "expect", "outcomes",
-                   *STEP_DEFAULTS}, name)
+                   "driver", "mig", "mps", "driver_upgrade_at", *STEP_DEFAULTS}, name)
     defaults = {key: table[key] for key in STEP_DEFAULTS if key in table}
     steps = table.get("steps")
     if not isinstance(steps, list) or not steps:
@@ -209,6 +216,12 @@ def parse(text: str, name: str) -> Scenario:
     loop = table.get("loop", False)
     if not isinstance(loop, bool):
         raise ScenarioError(f"{name}.loop: expected true or false")
+    mig = table.get("mig", [])
+    if not isinstance(mig, list) or not all(isinstance(i, int) and 0 <= i < 8 for i in mig):
+        raise ScenarioError(f"{name}.mig: expected a list of GPU indexes 0-7")
+    if not isinstance(table.get("mps", False), bool):
+        raise ScenarioError(f"{name}.mps: expected true or false")
+    upgrade = table.get("driver_upgrade_at")
     restarts = table.get("restarts", [])
     if not isinstance(restarts, list) or not all(isinstance(r, (int, float)) and r > 0 for r in restarts):
         raise ScenarioError(f"{name}.restarts: expected a list of positive scenario seconds")
@@ -220,7 +233,10 @@ def parse(text: str, name: str) -> Scenario:
         fault_at=_number(table, "fault_at", name, 0.0),
         expect=tuple(_expectation(e, f"{name}.expect[{i}]") for i, e in enumerate(table.get("expect", []))),
         outcomes=dict(outcomes), restarts=tuple(sorted(float(r) for r in restarts)),
-        state=_check(table.get("state", "kept"), STATES, f"{name}.state"))
+        state=_check(table.get("state", "kept"), STATES, f"{name}.state"),
+        driver=_check(table.get("driver", drivers.DEFAULT), tuple(drivers.PROFILES), f"{name}.driver"),
+        mig=tuple(sorted(set(mig))), mps=table.get("mps", False),
+        driver_upgrade_at=None if upgrade is None else _number(table, "driver_upgrade_at", name))
 
 
 def builtin_names() -> list[str]:
