@@ -75,7 +75,7 @@ def _gpus(agent: Agent, r: Report) -> None:
                        "by power draw, weaker than GPM (docs/OPERATIONS.md: GPU profiling)")
     if any(g.activity_source == "none" for g in snap.gpus if g.up):
         r.lines.append("  note: NVML gives no activity for a MIG-enabled GPU without GPU profiling: its busy is "
-                       "unknown (docs/OPERATIONS.md: MIG)")
+                       "unknown (docs/OPERATIONS.md: supported drivers)")
     for g in snap.gpus:
         state = "up" if g.up else "LOST"
         b = busy.get((str(g.index), g.uuid))
@@ -85,7 +85,8 @@ def _gpus(agent: Agent, r: Report) -> None:
                 f"{_num(temp, '°C')}  {_num(g.power_watts, ' W')}")
         if g.mig:
             line += "  MIG instances " + (", ".join(
-                str(i.gpu_instance) + (f" ({len(i.pids)} processes)" if i.pids else "") for i in g.instances) or "none")
+                str(i.gpu_instance) + (f" ({len(i.pids)} process{'es' * (len(i.pids) > 1)})" if i.pids else "")
+                for i in g.instances) or "none")
         if g.xid_counts:
             line += "  XID " + ",".join(f"{x}x{n}" for x, n in sorted(g.xid_counts.items()))
             r.problems.append(f"gpu {g.index}: XID {sorted(g.xid_counts)}")

@@ -197,8 +197,22 @@ async def test_a_driver_replaced_under_the_agent_ends_it_with_the_restart_status
         fake.upgrade_driver()
         status = await asyncio.wait_for(run, timeout=15)
     assert status == 75
-    why = [x for x in lines if x["event"] == "exiting for a restart"]
+    why = [x for x in lines if x["event"] == "NVML cannot be used"]
     assert len(why) == 1 and "replaced under the running agent" in why[0]["why"]
+    assert [x["exit_status"] for x in lines if x["event"] == "exiting for a restart"] == [75]
+
+
+@pytest.mark.slow
+def test_stoker_run_exits_75_when_the_scenario_upgrades_the_driver(tmp_path):
+    """The process's exit status, which the unit's Restart=on-failure acts on: `stoker run` on a simulated node
+    whose driver is replaced in place after 6 s (a scenario's `driver_upgrade_at`)."""
+    scenario = tmp_path / "upgrade.toml"
+    scenario.write_text('driver_upgrade_at = 6\n[[steps]]\ngpu = "saturated"\nseconds = 60\n')
+    run = subprocess.run([sys.executable, "-m", "stoker", "run", "--simulate", str(scenario), "--listen",
+                          "127.0.0.1:0", "--interval", "0.5", "--log-format", "json"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 75, run.stdout[-2000:] + run.stderr[-2000:]
+    assert '"event": "exiting for a restart"' in run.stdout + run.stderr
 
 
 def test_a_mismatch_at_the_first_init_is_retried_and_explained(clock):
@@ -380,3 +394,17 @@ def test_mps_in_mig_instances(clock):
     fake = FakeNVML(node(clock, "mig = [0]\nmps = true"))
     g = ticks(source_on(fake, clock), clock, 3)[-1].gpus[0]
     assert g.instances[0].pids == g.pids == (job_pid("train", 0),)
+
+
+# -- bench/nvml_check.py without a GPU ------------------------------------------------------------------------
+
+def test_nvml_check_runs_on_every_fake_profile():
+    """`python -m bench.nvml_check --fake`: the collector against the simulated node's own values (the
+    nvidia-smi of the fake), on each driver profile, MIG, MPS and GPM refused: all agree, no problem counted."""
+    from bench import nvml_check
+    for profile in nvml_check.FAKE_PROFILES:
+        result = nvml_check.run_fake(profile, seconds=12)
+        assert result["all_agree"] and result["problems"] == {}, (profile, result["agree"], result["problems"])
+        assert result["agree"]["processes"] and result["agree"]["power_watts"], profile
+    mig = nvml_check.run_fake("mig-gpm-refused", seconds=3)
+    assert mig["activity_sources"] == {"none": 6, "utilization": 18} and "instances" in mig["readings"]["gpu 0"]

@@ -33,7 +33,7 @@ class GpuCollector(SourceCollector):
             return await super().cycle()
         except CollectorError as exc:
             if isinstance(exc.__cause__, DriverReplaced) and self._on_driver_replaced is not None:
-                log.error("exiting for a restart", why=exc.__cause__.explanation, exit_status=EXIT_DRIVER_REPLACED)
+                log.error("exiting for a restart", reason=exc.reason, exit_status=EXIT_DRIVER_REPLACED)
                 self._on_driver_replaced()
             raise
 

@@ -511,6 +511,22 @@ class FakeNVML:
         steps = max(1, min(100, int((t2 - t1) * 10)))
         return [self._row(gpu, t2 - k * (t2 - t1) / steps) for k in range(steps)]
 
+    def truth(self, index: int) -> dict[str, float]:
+        """What nvidia-smi would show of a GPU now, from the simulated node itself (bench/nvml_check.py --fake
+        compares the collector with it): no utilisation, and memory per instance, under MIG; the job's ranks
+        as its processes (under MPS, the clients, not their server)."""
+        gpu = self.gpus[index]
+        row = self._row(gpu)
+        mig = index in self.mig
+        used = self._memory_used(gpu)
+        out = {"power_watts": row["power_w"], "power_limit_watts": POWER_LIMIT_MW / 1000,
+               "temperature_gpu": self._temperature(gpu), "temperature_memory": self._temperature(gpu) + 6,
+               "sm_clock_hertz": row["sm_mhz"] * 1e6, "processes": float(len(self._ranks(gpu))),
+               "memory_used_bytes": used, "memory_total_bytes": len(MIG_INSTANCES) * MIG_MEMORY if mig else MEMORY_TOTAL}
+        if not mig:
+            out["utilization_ratio"] = row["util_gpu"] / 100
+        return out
+
     # -- events ----------------------------------------------------------------
 
     def nvmlEventSetCreate(self):

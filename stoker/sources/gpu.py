@@ -650,15 +650,10 @@ class GpuSource:
 
     def _call(self, gpu: _Gpu, key: str, problems: list[str], fn: Callable, *args: Any) -> Any:
         """One NVML getter on the GPU, classified: None when unsupported, refused or failed this cycle."""
-        if key in gpu.unsupported or not self._allowed(gpu, key):
-            return None
-        try:
-            return fn(gpu.handle, *args)
-        except N.NVMLError as exc:
-            return self._classify(gpu, key, exc, problems)
+        return self._call_on(gpu, gpu.handle, key, problems, fn, *args)
 
     def _call_on(self, gpu: _Gpu, handle: Any, key: str, problems: list[str], fn: Callable, *args: Any) -> Any:
-        """`_call` on another handle of the GPU (a MIG device's), its outcome kept with the GPU's."""
+        """`_call` on a handle of the GPU's (its own, or a MIG device's), the outcome kept with the GPU."""
         if key in gpu.unsupported or not self._allowed(gpu, key):
             return None
         try:
@@ -799,10 +794,8 @@ class GpuSource:
 
     def _refused(self, gpu: _Gpu, key: str) -> None:
         gpu.refused[key] = self._clock()
-        if key not in self._announced:  # once for the node, not once per GPU and cycle
-            self._announced.add(key)
-            log.warning("NVML refuses this call to the agent's user; not calling it again for a while",
-                        call=key, retry_after_seconds=REPROBE_AFTER, remedy=GPM_REMEDY if key == "gpm" else None)
+        self._announce(key, "NVML refuses this call to the agent's user; not calling it again for a while",
+                       call=key, retry_after_seconds=REPROBE_AFTER, remedy=GPM_REMEDY if key == "gpm" else None)
 
     def _granted(self, gpu: _Gpu) -> None:
         """A GPM sample was taken: profiling is (again) allowed to this user."""
@@ -942,8 +935,8 @@ class GpuSource:
                 prev, cur, window = self._gpm_window(inst.gpm, nvml.nvmlGpmMigSampleGet, gpu.handle, inst.gi)
                 self._granted(gpu)
                 if window is not None and window > 0:
-                    for name, metric in zip(GPM_RATIOS, self._gpm_metrics(prev, cur)):
-                        if metric.nvmlReturn == N.NVML_SUCCESS:
+                    for name, metric in zip(GPM_METRICS, self._gpm_metrics(prev, cur)):
+                        if name in GPM_RATIOS and metric.nvmlReturn == N.NVML_SUCCESS:
                             out.gpm[name] = max(0.0, min(1.0, metric.value / 100.0))
             except N.NVMLError as exc:
                 self._gpm_failed(gpu, inst.gpm, exc, problems)
