@@ -7,7 +7,9 @@ new PIDs, its own framebuffer; a new `launch` of the same job is a restart:
 new PIDs, the same job id), the scheduler whose cgroups hold it, the level that
 job reaches (a smaller model replays the recording scaled down), step-to-step
 noise, whether the job hints its checkpoints, and the training steps it
-reports (a step rate). The built-in scenarios are such files
+reports (a step rate). At the top level, the NVIDIA driver the fake NVML
+answers as (`driver`), GPUs in MIG mode (`mig`), MPS (`mps`) and an in-place
+driver upgrade (`driver_upgrade_at`). The built-in scenarios are such files
 (`stoker/sim/data/scenarios/*.toml`); operators write their own to reproduce an
 incident, and `stoker replay FILE` judges the verdicts against the file's
 expectations. docs/SCENARIOS.md describes the format.

@@ -46,8 +46,9 @@ Why it is shaped this way (costs measured on an H200, ../shared/fixtures/h200):
   slow tier, so MIG turned on or off is seen without a restart; its GPU
   instances are read through their MIG device handles: GPM per instance
   (`nvmlGpmMigSampleGet`), processes and memory. The GPU's activity is that of
-  the instances holding processes; without GPM (profiling refused, or a GPU
-  without it) NVML gives none: `activity_source` is `none`.
+  the instances holding processes (its own GPM sample still gives its PCIe and
+  NVLink bytes); without GPM (profiling refused, or a GPU without it) NVML
+  gives none: `activity_source` is `none`.
 - MPS: the compute-process list shows the MPS server, not its clients; where a
   listed process is an MPS server, its clients (`nvmlDeviceGetMPSComputeRunning
   Processes`) stand for it, so the job's processes are its ranks, each once.
@@ -751,12 +752,12 @@ class GpuSource:
                 s.throttle_seconds[name] = gpu.totals[f"throttle:{name}"] = (
                     gpu.totals.get(f"throttle:{name}", 0.0) + active)
 
+        if gpu.gpm and self._allowed(gpu, "gpm"):
+            self._sample_gpm(gpu, s, problems)  # on a MIG GPU too: the whole GPU's, and its PCIe and NVLink bytes
         if gpu.mig:
-            s.gpm = _mig_activity(gpu.instances, s.instances)
-        elif gpu.gpm and self._allowed(gpu, "gpm"):
-            self._sample_gpm(gpu, s, problems)
+            s.gpm = _mig_activity(gpu.instances, s.instances)  # the job's instances, not the whole GPU
         with_gpm = gpu.gpm and "gpm" not in gpu.refused
-        if not with_gpm or gpu.mig:
+        if not with_gpm:
             self._pcie_from_counters(gpu, problems)
         self._carry_byte_totals(gpu, s)
         s.activity_source = "gpm" if with_gpm else ("none" if gpu.mig else "utilization")
