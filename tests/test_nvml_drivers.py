@@ -408,3 +408,25 @@ def test_nvml_check_runs_on_every_fake_profile():
         assert result["agree"]["processes"] and result["agree"]["power_watts"], profile
     mig = nvml_check.run_fake("mig-gpm-refused", seconds=3)
     assert mig["activity_sources"] == {"none": 6, "utilization": 18} and "instances" in mig["readings"]["gpu 0"]
+
+
+def test_jobs_are_attributed_through_mps_clients_and_mig_instances(tmp_path, clock):
+    """From NVML's processes to stoker_gpu_job_info, MPS clients and MIG instances included: the ranks' cgroups
+    in the simulated procfs name the Slurm job (docs/JOBS.md). The MPS server (no job's process) and the MIG
+    GPUs' hidden processes left the job unknown."""
+    from stoker.config import DetectConfig
+    from stoker.detect.goodput import GoodputLedger
+    from stoker.exporters import jobs as job_families
+    from stoker.sim import jobs as sim_jobs
+    from stoker.sources.jobs import JobSource
+
+    sim = node(clock, "mps = true\nmig = [0, 1]")
+    sim_jobs.SimJobs(sim, str(tmp_path / "proc")).build()
+    snapshot = ticks(source_on(FakeNVML(sim), clock), clock, 2)[-1]
+    owners = JobSource(str(tmp_path / "proc"), str(tmp_path / "sys")).resolve(p for g in snapshot.gpus for p in g.pids)
+    ledger = GoodputLedger(DetectConfig(), clock)
+    ledger.tick(clock(), snapshot, owners, None, {})
+    body = render(job_families.families(ledger)).decode()
+    info = next(f for f in text_string_to_metric_families(body) if f.name == "stoker_gpu_job_info")
+    assert sorted(int(s.labels["gpu"]) for s in info.samples) == list(range(8))
+    assert {s.labels["job_id"] for s in info.samples} == {sim_jobs.job_id("train", "slurm")}
