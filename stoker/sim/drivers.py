@@ -3,9 +3,9 @@
 A profile holds what differs between the branches the agent supports for the calls it makes:
 
 - The field ids the driver knows are those its NVML header defines: nvml.h as NVIDIA ships it with the
-  CUDA release that bundles that driver, kept in NVIDIA/go-nvml (pkg/nvml/nvml.h at the commits "Bump to
-  NVML version 12.2" (NVML 12.2.140: CUDA 12.2 Update 2, driver 535.104.05), "Bump to NVML version 12.4"
-  (12.4.127: CUDA 12.4 Update 1, 550.54.15), "Bump to NVML version 12.8" (12.8.90: CUDA 12.8, 570.86.10)).
+  CUDA release of that branch, kept in NVIDIA/go-nvml (pkg/nvml/nvml.h at the commits "Bump to NVML
+  version 12.2" (NVML 12.2.140, CUDA 12.2: R535), "Bump to NVML version 12.4" (12.4.127, CUDA 12.4: R550),
+  "Bump to NVML version 12.8" (12.8.90, CUDA 12.8: R570)). The version strings are releases of each branch.
   A driver answers an id it does not know with NVML_ERROR_INVALID_ARGUMENT in that field's nvmlReturn: the
   recorded H200 on 580.159.04 does for ids 289-293 (data/inventory.json). So the PCIe byte counters (197,
   198: NVML change log, "Changes between v550 and v555") are INVALID_ARGUMENT before R555; the v550 header
