@@ -431,7 +431,8 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.fake:
-        results = [run_fake(p, args.seconds, args.interval) for p in ([args.profile] if args.profile else FAKE_PROFILES)]
+        profiles = [args.profile] if args.profile else list(FAKE_PROFILES)
+        results = [run_fake(p, args.seconds, args.interval) for p in profiles]
         result = {"device": "fake NVML, no GPU", "profiles": results,
                   "all_agree": all(r["all_agree"] and not r["problems"] for r in results)}
     else:

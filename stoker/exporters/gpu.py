@@ -114,7 +114,8 @@ def families(snapshot: GpuSnapshot) -> Iterable[Metric]:
 INSTANCE_GPM = [
     ("sm_active", "stoker_gpu_instance_sm_active_ratio", "GPM SM activity of the MIG GPU instance / 100."),
     ("sm_occupancy", "stoker_gpu_instance_sm_occupancy_ratio", "GPM SM occupancy of the MIG GPU instance / 100."),
-    ("tensor_active", "stoker_gpu_instance_tensor_active_ratio", "GPM any-tensor activity of the MIG GPU instance / 100."),
+    ("tensor_active", "stoker_gpu_instance_tensor_active_ratio",
+     "GPM any-tensor activity of the MIG GPU instance / 100."),
     ("dram_active", "stoker_gpu_instance_dram_active_ratio", "GPM DRAM bandwidth utilisation of the MIG GPU "
      "instance / 100."),
 ]

@@ -120,7 +120,8 @@ class FakeNVML:
         self.gpus = [_FakeGpu(i) for i in range(self.node.gpu_count)]
         self._by_address: dict[int, _FakeGpu | _FakeMig] = {_address(g.handle): g for g in self.gpus}
         self._by_address.update((_address(m.handle), m) for g in self.gpus for m in g.instances.values())
-        self._by_handle: dict = {}  # id -> (handle, device) of the handles the agent holds: one cast each, not one per call
+        # id -> (handle, device) of the handles the agent holds: one cast each, not one per call
+        self._by_handle: dict = {}
         self._lock = threading.Lock()
         self._samples: dict[int, tuple[int, int | None, float]] = {}  # sample -> GPU, GPU instance, when
         self._events: dict[int, queue.SimpleQueue] = {}
@@ -522,7 +523,8 @@ class FakeNVML:
         out = {"power_watts": row["power_w"], "power_limit_watts": POWER_LIMIT_MW / 1000,
                "temperature_gpu": self._temperature(gpu), "temperature_memory": self._temperature(gpu) + 6,
                "sm_clock_hertz": row["sm_mhz"] * 1e6, "processes": float(len(self._ranks(gpu))),
-               "memory_used_bytes": used, "memory_total_bytes": len(MIG_INSTANCES) * MIG_MEMORY if mig else MEMORY_TOTAL}
+               "memory_used_bytes": used,
+               "memory_total_bytes": len(MIG_INSTANCES) * MIG_MEMORY if mig else MEMORY_TOTAL}
         if not mig:
             out["utilization_ratio"] = row["util_gpu"] / 100
         return out
