@@ -102,20 +102,28 @@ def _gpus(agent: Agent, r: Report) -> None:
     snap = agent.gpu.snapshot
     r.lines.append("GPUs")
     if snap is None:
-        r.unchecked.append("NVML did not answer (no driver?)")
-        r.lines.append("  NVML did not answer")
+        why = agent.gpu.source.down or "NVML did not answer within the collector's deadline (a hung driver call?)"
+        r.unchecked.append(f"NVML cannot be used: {why}")
+        r.lines.append(f"  NVML cannot be used: {why}")
         return
     busy = agent.verdicts.busy if agent.verdicts else {}
     if any("gpm" in g.refused for g in snap.gpus):
         r.lines.append("  note: GPU profiling (GPM) is restricted to administrators; busy is utilization.gpu bounded "
                        "by power draw, weaker than GPM (docs/OPERATIONS.md: GPU profiling)")
+    if any(g.activity_source == "none" for g in snap.gpus if g.up):
+        r.lines.append("  note: NVML gives no activity for a MIG-enabled GPU without GPU profiling: its busy is "
+                       "unknown (docs/OPERATIONS.md: supported drivers)")
     for g in snap.gpus:
         state = "up" if g.up else "LOST"
         b = busy.get((str(g.index), g.uuid))
         temp = g.temperature.get("gpu")
-        source = {"gpm": "", "utilization": " (util)"}.get(g.activity_source, "")
+        source = {"gpm": "", "utilization": " (util)", "none": " (MIG, no activity)"}.get(g.activity_source, "")
         line = (f"  gpu {g.index}  {g.uuid}  {state:<4}  busy {_pct(b)}{source}  "
                 f"{_num(temp, '°C')}  {_num(g.power_watts, ' W')}")
+        if g.mig:
+            line += "  MIG instances " + (", ".join(
+                str(i.gpu_instance) + (f" ({len(i.pids)} process{'es' * (len(i.pids) > 1)})" if i.pids else "")
+                for i in g.instances) or "none")
         if g.xid_counts:
             line += "  XID " + ",".join(f"{x}x{n}" for x, n in sorted(g.xid_counts.items()))
             r.problems.append(f"gpu {g.index}: XID {sorted(g.xid_counts)}")

@@ -3,6 +3,8 @@ errors, exit codes.
 
 Exit status 2 means the agent could not start as asked (a configuration
 error); systemd's RestartPreventExitStatus=2 keeps such a unit from looping.
+Exit status 75 means the NVIDIA driver was replaced under the running agent,
+which only a new process can use: Restart=on-failure restarts it.
 """
 
 from __future__ import annotations
@@ -230,18 +232,18 @@ def serve(cfg: config_mod.Config, platform, reload, path: str | None = None) -> 
     logs.configure(cfg.agent.log_format)
     from stoker.agent.runtime import Agent
 
-    async def run_agent() -> None:
-        await Agent(cfg, platform, config_file=path).run(reload)
+    async def run_agent() -> int:
+        return await Agent(cfg, platform, config_file=path).run(reload)
 
     try:
-        asyncio.run(run_agent())
+        status = asyncio.run(run_agent())
     except config_mod.ConfigError as exc:
         print(f"stoker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:  # the listen address is taken or not ours
         logs.get("cli").error("cannot start", error=str(exc))
         return EXIT_CONFIG
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 SIGTERM/SIGINT set the stop event; collectors are cancelled and closed with a
 bounded wait, so the process exits within seconds even if a driver call hangs.
+A collector that cannot go on in this process (the NVIDIA driver replaced under
+it) sets the stop event too, with the exit status `run` returns.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 from stoker import __version__, logs
 from stoker.agent import systemd
 from stoker.agent.collector import Collector
-from stoker.agent.gpu import gpu_collector
+from stoker.agent.gpu import EXIT_DRIVER_REPLACED, gpu_collector
 from stoker.agent.jobs import JobAttributor
 from stoker.agent.netdev import NetdevCollector, watched_interfaces
 from stoker.agent.platform import Platform
@@ -64,7 +66,8 @@ class Agent:
         self.probes: ProbeCollector | None = None
         self.verdicts: VerdictCollector | None = None
         if config.gpu.enabled:
-            self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout)
+            self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout,
+                                     on_driver_replaced=lambda: self._exit(EXIT_DRIVER_REPLACED))
         if config.rdma.enabled:
             # each cycle: what the verdicts judge (port state, these hw_counters); the rest, only exported,
             # on the slow tier (sources/rdma.py)
@@ -104,6 +107,7 @@ class Agent:
         if config.agent.process_metrics:  # the agent's own process (exporters/process.py)
             self.supervisor.registry.register(ProcessMetrics())
         self.stop_event = asyncio.Event()
+        self.exit_status = 0
         self.port: int | None = None
         self._listener = None
         self._hint_listener = None
@@ -184,8 +188,14 @@ class Agent:
                 await listener.close()
         log.info("stoker stopped")
 
-    async def run(self, reload: Callable[[], Config] | None = None) -> None:
-        """Serve until SIGTERM/SIGINT; SIGHUP calls `reload` for a new configuration."""
+    def _exit(self, status: int) -> None:
+        """Stop serving and end the process with `status` (what `run` returns)."""
+        self.exit_status = status
+        self.stop_event.set()
+
+    async def run(self, reload: Callable[[], Config] | None = None) -> int:
+        """Serve until SIGTERM/SIGINT (0) or a collector asks for a new process (its status); SIGHUP calls
+        `reload` for a new configuration."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
@@ -201,6 +211,7 @@ class Agent:
         finally:
             systemd.notify("STOPPING=1")
             await self.stop()
+        return self.exit_status
 
     def _on_hangup(self, reload: Callable[[], Config]) -> None:
         """SIGHUP. Whatever fails (a bad file is a ConfigError; anything else is a bug, logged with

@@ -8,7 +8,9 @@ new PIDs, the same job id), the scheduler whose cgroups hold it, the level that
 job reaches (a smaller model replays the recording scaled down), step-to-step
 noise, whether the job hints its checkpoints, and the training steps it
 reports (a step rate). Nodes that play a scenario side by side each run jobs of their
-own (other ids) unless it shares them (`shared_jobs`). The built-in scenarios are such files
+own (other ids) unless it shares them (`shared_jobs`). At the top level, the NVIDIA driver the fake NVML
+answers as (`driver`), GPUs in MIG mode (`mig`), MPS (`mps`) and an in-place
+driver upgrade (`driver_upgrade_at`). The built-in scenarios are such files
 (`stoker/sim/data/scenarios/*.toml`); operators write their own to reproduce an
 incident, and `stoker replay FILE` judges the verdicts against the file's
 expectations. docs/SCENARIOS.md describes the format.
@@ -20,6 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+from stoker.sim import drivers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,6 +94,11 @@ class Scenario:
     restarts: tuple[float, ...] = ()  # `stoker replay` restarts the agent at these scenario seconds
     state: str = "kept"  # what a restart finds of the agent's state file: kept (the package's), or lost
     shared_jobs: bool = False  # every node playing it runs the same jobs (one multi-node job), not its own
+    driver: str = drivers.DEFAULT  # the NVIDIA driver branch the fake NVML answers as (sim/drivers.py)
+    mig: tuple[int, ...] = ()  # GPUs in MIG mode, each with two 3g.40gb instances; the job's rank in the first
+    mps: bool = False  # the job's ranks are MPS clients: the compute-process list shows the MPS server
+    driver_upgrade_at: float | None = None  # the driver is replaced in place: NVML's session ends, and every
+    # nvmlInit after answers LIB_RM_VERSION_MISMATCH
 
     @property
     def period(self) -> float:
@@ -200,7 +209,7 @@ def parse(text: str, name: str) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{name}: not valid TOML: {exc}") from None
     _known(table, {"description", "loop", "fault_at", "restarts", "state", "steps", "expect", "outcomes",
-                   "shared_jobs", *STEP_DEFAULTS}, name)
+                   "shared_jobs", "driver", "mig", "mps", "driver_upgrade_at", *STEP_DEFAULTS}, name)
     defaults = {key: table[key] for key in STEP_DEFAULTS if key in table}
     steps = table.get("steps")
     if not isinstance(steps, list) or not steps:
@@ -214,6 +223,12 @@ def parse(text: str, name: str) -> Scenario:
     shared = table.get("shared_jobs", False)
     if not isinstance(shared, bool):
         raise ScenarioError(f"{name}.shared_jobs: expected true or false")
+    mig = table.get("mig", [])
+    if not isinstance(mig, list) or not all(isinstance(i, int) and 0 <= i < 8 for i in mig):
+        raise ScenarioError(f"{name}.mig: expected a list of GPU indexes 0-7")
+    if not isinstance(table.get("mps", False), bool):
+        raise ScenarioError(f"{name}.mps: expected true or false")
+    upgrade = table.get("driver_upgrade_at")
     restarts = table.get("restarts", [])
     if not isinstance(restarts, list) or not all(isinstance(r, (int, float)) and r > 0 for r in restarts):
         raise ScenarioError(f"{name}.restarts: expected a list of positive scenario seconds")
@@ -225,7 +240,10 @@ def parse(text: str, name: str) -> Scenario:
         fault_at=_number(table, "fault_at", name, 0.0),
         expect=tuple(_expectation(e, f"{name}.expect[{i}]") for i, e in enumerate(table.get("expect", []))),
         outcomes=dict(outcomes), restarts=tuple(sorted(float(r) for r in restarts)),
-        state=_check(table.get("state", "kept"), STATES, f"{name}.state"), shared_jobs=shared)
+        state=_check(table.get("state", "kept"), STATES, f"{name}.state"), shared_jobs=shared,
+        driver=_check(table.get("driver", drivers.DEFAULT), tuple(drivers.PROFILES), f"{name}.driver"),
+        mig=tuple(sorted(set(mig))), mps=table.get("mps", False),
+        driver_upgrade_at=None if upgrade is None else _number(table, "driver_upgrade_at", name))
 
 
 def builtin_names() -> list[str]:
