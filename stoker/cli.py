@@ -132,7 +132,7 @@ def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at
 
     scenario = get_scenario(name)  # a bad name or file is a configuration error, before anything is written
     root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
-    sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0)
+    sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0, held=True)
     return sim, sim.configure(cfg)
 
 

@@ -23,17 +23,27 @@ NOISE = tuple(_RNG.gauss(0.0, 1.0) for _ in range(4093))
 
 class SimNode:
     def __init__(self, scenario: str | scenarios.Scenario = scenarios.DEFAULT, gpu_count: int = GPU_COUNT,
-                 clock: Callable[[], float] = time.monotonic, skip: float = 0.0, name: str = ""):
+                 clock: Callable[[], float] = time.monotonic, skip: float = 0.0, name: str = "",
+                 held: bool = False):
         """`skip` seconds of the scenario are taken as already past (`stoker check` starts in the fault).
-        `name`: what makes this node's jobs its own (`job_key`); "": the scenario's jobs as they are."""
+        `name`: what makes this node's jobs its own (`job_key`); "": the scenario's jobs as they are.
+        `held`: the scenario stands still at `skip` until `begin()`, so that the seconds an agent takes
+        to start (imports, on a loaded machine several) are not scenario time: a GPU lost at second 10
+        is lost while the agent watches, as the scenario means, however slowly it started."""
         self.scenario = scenarios.get(scenario) if isinstance(scenario, str) else scenario
         self.gpu_count = gpu_count
         self.name = name
         self.clock = clock
-        self.started = clock() - skip
+        self._skip = skip
+        self.started: float | None = None if held else clock() - skip
+
+    def begin(self) -> None:
+        """Start the scenario's clock, if held and not yet started."""
+        if self.started is None:
+            self.started = self.clock() - self._skip
 
     def elapsed(self) -> float:
-        return self.clock() - self.started
+        return self._skip if self.started is None else self.clock() - self.started
 
     def gpu_phase(self, t: float | None = None) -> str:
         step, _ = self.scenario.at(self.elapsed() if t is None else t)

@@ -42,9 +42,10 @@ class Simulation:
     """Lays out the simulated kernel under `root` (sys/, proc/, nas/) and keeps it moving."""
 
     def __init__(self, scenario, root: str, rdma_ports: int = 8, clock=time.monotonic, skip: float = 0.0,
-                 name: str | None = None):
+                 name: str | None = None, held: bool = False):
         """`name`: the node's, which makes its jobs its own (`SimNode.job_key`); by default one drawn at
-        random, so that nodes started side by side never report one job; "": the scenario's ids."""
+        random, so that nodes started side by side never report one job; "": the scenario's ids.
+        `held`: the scenario's clock starts when the agent starts driving it (`SimNode.begin`)."""
         self.root = root
         self.name = secrets.token_hex(4) if name is None else name
         self.sysfs_root = os.path.join(root, "sys")
@@ -52,7 +53,7 @@ class Simulation:
         self.token_file = os.path.join(root, "hint-token")
         self.hint_url_file = os.path.join(root, "hint-url")
         self.state_file = os.path.join(root, "state.json")  # /var/lib/stoker/state.json of the package
-        self.node = SimNode(scenario, clock=clock, skip=skip, name=self.name)
+        self.node = SimNode(scenario, clock=clock, skip=skip, name=self.name, held=held)
         self.nvml = FakeNVML(self.node)
         self.network = SimNetwork(self.node, self.sysfs_root, rdma_ports)
         self.storage = SimStorage(self.node, self.procfs_root, os.path.join(root, "nas"), socket.gethostname())
@@ -114,6 +115,7 @@ class Simulation:
                 tracker.hint_end(CHECKPOINT_MOUNT, "completed")
 
     async def _drive(self, agent: Agent) -> None:
+        self.node.begin()
         if agent.hint_url:
             with open(self.hint_url_file, "w") as fh:
                 fh.write(agent.hint_url + "\n")
