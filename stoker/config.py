@@ -12,6 +12,8 @@ infinite interval would freeze a collector while /healthz still said ok, one of
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import sys
 import types
 import typing
@@ -299,11 +301,23 @@ class Config:
             getattr(self, f.name).validate()
 
 
+LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOSTNAME = re.compile(rf"(?=.{{1,253}}$){LABEL}(\.{LABEL})*\.?")
+"""A host name as RFC 1123 allows it (and "_", which /etc/hosts may hold); anything else (a NUL, a label
+over 63 characters, non-ASCII) failed in the resolver with a traceback and exit status 1."""
+
+
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT with a port in 0-65535 (0: any free port), got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    host = host.strip("[]") or "0.0.0.0"
+    if not HOSTNAME.fullmatch(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{key}: {host!r} is neither an IP address nor a host name") from None
+    return host, int(port)
 
 
 def _within(value: float, key: str, low: float, high: float, unit: str = "") -> None:
@@ -318,6 +332,8 @@ def _seconds(value: float, key: str, low: float, high: float) -> None:
 
 def _coerce(value, annotation, key: str):
     """Check one TOML value against its field's type; ints are accepted for floats."""
+    if isinstance(value, str) and "\0" in value:  # TOML's \u0000: no path, address or name holds one
+        raise ConfigError(f"{key}: holds a NUL character")
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for arm in typing.get_args(annotation):
