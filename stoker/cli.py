@@ -154,6 +154,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config)
         scenario = get(args.scenario)
+        replay.limits(scenario, args.interval, args.seconds)
     except (config_mod.ConfigError, ScenarioError) as exc:
         print(f"stoker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
