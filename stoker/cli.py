@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 
 from stoker import __version__, config as config_mod, logs
 from stoker.sim.scenarios import builtin_names
@@ -94,14 +93,15 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False):
-    """The simulated node's platform, its kernel trees written under a fresh temporary
-    directory; returns the platform and the configuration pointed at them. `at_fault`: start
+    """The simulated node's platform, its kernel trees written under a fresh directory of its own
+    (sim/rundir.py); returns the platform and the configuration pointed at them. `at_fault`: start
     where the scenario's fault begins."""
+    from stoker.sim.rundir import run_directory
     from stoker.sim.scenarios import get as get_scenario
     from stoker.sim.simulation import Simulation
 
     scenario = get_scenario(name)  # a bad name or file is a configuration error, before anything is written
-    root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
+    root = stack.enter_context(run_directory("sim"))  # removed at the end, on SIGTERM, or by the next run
     sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0)
     return sim, sim.configure(cfg)
 

@@ -6,12 +6,12 @@ ended."""
 
 from __future__ import annotations
 
-import tempfile
 from typing import TextIO
 
 from stoker.config import INTERVAL, Config
 from stoker.sim.drive import SimDrive
 from stoker.sim.judge import Judgement, judge, run_length
+from stoker.sim.rundir import run_directory
 from stoker.sim.scenarios import Scenario, ScenarioError
 
 MAX_CYCLES = 100_000
@@ -30,7 +30,7 @@ def limits(scenario: Scenario, interval: float, seconds: float | None) -> None:
 
 
 def play(scenario: Scenario, cfg: Config, interval: float, seconds: float | None, out: TextIO) -> Judgement:
-    with tempfile.TemporaryDirectory(prefix="stoker-replay-") as root:
+    with run_directory("replay") as root:
         drive = SimDrive(scenario, root, interval, cfg=cfg)
         try:
             total = seconds if seconds is not None else run_length(scenario)
