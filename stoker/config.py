@@ -404,14 +404,66 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> Confi
     if path is not None:
         text = read_text(path)
         try:
-            table = tomllib.loads(text)
-        except RecursionError:
-            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
-        except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
+            table = parse_toml(text)
+        except ValueError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     config = _build(Config, merge(table, overrides or {}))
     config.validate()
     return config
+
+
+MAX_KEY_PARTS = 16
+"""Parts of one dotted key (`a.b.c`) or table name. tomllib takes time quadratic in them: a key of 8,000
+parts took 2 s, a 1 MiB file of one hours."""
+
+
+def parse_toml(text: str) -> dict:
+    """tomllib.loads within bounds of time and depth; ValueError (TOMLDecodeError, an integer of more
+    than 4300 digits, or one of these bounds) says what is wrong."""
+    line = _long_dotted_key(text)
+    if line is not None:
+        raise ValueError(f"line {line}: a key of more than {MAX_KEY_PARTS} dotted parts")
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _long_dotted_key(text: str) -> int | None:
+    """The number of the first line that starts with a key or table name of more than `MAX_KEY_PARTS`
+    parts (dots outside quotes, up to `=`); None when none does. A line with anything else before its
+    `=` is no key (prose in a multi-line string), nor is one with two dots in a row (tomllib refuses
+    an empty part at once)."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.count(".") >= MAX_KEY_PARTS and _key_parts(line) > MAX_KEY_PARTS:
+            return number
+    return None
+
+
+def _key_parts(line: str) -> int:
+    parts, quote, escaped, last = 1, "", False, ""
+    for c in line:
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\" and quote == '"':
+                escaped = True
+            elif c == quote:
+                quote = ""
+            continue
+        if c in "=#":
+            break
+        if c in "\"'":
+            quote = c
+        elif c == ".":
+            if last == ".":
+                return 0
+            parts += 1
+        elif not (c.isascii() and (c.isalnum() or c in "_-[] \t")):
+            return 0
+        if c not in " \t":
+            last = c
+    return parts
 
 
 def read_text(path: str | Path, key: str = "") -> str:

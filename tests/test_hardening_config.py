@@ -77,8 +77,10 @@ def test_an_integer_too_large_for_a_float_names_the_key(tmp_path):
     assert str(err.value).startswith("agent.interval: out of range")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory", "binary", "deep", "huge"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "binary", "deep", "huge", "dotted"])
 def test_a_config_file_that_is_not_a_toml_text_file_is_one_line_naming_it(tmp_path, kind):
+    """`dotted`: a key of 100,000 parts (200 KB) kept tomllib busy for minutes, quadratic in the parts
+    (found by tests/test_fuzz.py on scenario files)."""
     path = tmp_path / "stoker.toml"
     if kind == "fifo":
         os.mkfifo(path)  # nobody ever writes to it: open() and read() would wait for ever
@@ -88,11 +90,14 @@ def test_a_config_file_that_is_not_a_toml_text_file_is_one_line_naming_it(tmp_pa
         path.write_bytes(b"[agent]\ninterval = 1.0\n# \xff\xfe\x00 latin-1: caf\xe9\n")
     elif kind == "deep":
         path.write_text(DEEP_TOML)
+    elif kind == "dotted":
+        path.write_text("a" + ".a" * 100_000 + " = 1\n")
     else:
         path.write_text("#" * (2 << 20))
     line = one_line(run_cli("--config", str(path), "--simulate"))
     expected = {"fifo": "not a regular file", "directory": "not a regular file", "binary": "not UTF-8",
-                "deep": "nested too deeply", "huge": "larger than 1 MiB"}[kind]
+                "deep": "nested too deeply", "huge": "larger than 1 MiB",
+                "dotted": "line 1: a key of more than 16 dotted parts"}[kind]
     assert str(path) in line and expected in line, line
 
 

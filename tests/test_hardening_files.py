@@ -573,3 +573,25 @@ def test_no_nan_is_written_either(tmp_path):
     text = state.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text)["level"] is None and json.loads(text)["checkpoints"] == [GOOD_CHECKPOINT]
+
+
+# -- pressure files -------------------------------------------------------------------------------
+
+def test_pressure_files_that_block_or_overflow_cost_only_their_own_resource(tmp_path):
+    """A FIFO in place of /proc/pressure/cpu blocked the host collector in open(); a total of
+    thousands of digits raised OverflowError out of the cycle (a float cannot hold it)."""
+    from stoker.sources.pressure import PressureSource
+    pressure = tmp_path / "pressure"
+    pressure.mkdir()
+    os.mkfifo(pressure / "cpu")
+    (pressure / "memory").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=" + "9" * 4000 + "\n"
+                                     "full avg10=0.00 avg60=0.00 avg300=0.00 total=25\n")
+    (pressure / "io").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=1000000\n")
+    try:
+        finished, snap = sample_in_thread(PressureSource(str(tmp_path)))
+    finally:
+        release(pressure / "cpu")
+    assert finished, "a FIFO at pressure/cpu blocked the host collector"
+    assert not isinstance(snap, Exception), snap
+    assert snap.some_seconds == {"io": 1.0} and snap.full_seconds == {"memory": pytest.approx(25e-6)}
+    assert snap.problems == ["not_regular_file"]
