@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import sys
-import tempfile
 
 from stoker import __version__, config as config_mod, logs
 from stoker.sim.scenarios import builtin_names
@@ -124,14 +123,15 @@ def config_path(args: argparse.Namespace) -> str | None:
 
 
 def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False):
-    """The simulated node's platform, its kernel trees written under a fresh temporary
-    directory; returns the platform and the configuration pointed at them. `at_fault`: start
+    """The simulated node's platform, its kernel trees written under a fresh directory of its own
+    (sim/rundir.py); returns the platform and the configuration pointed at them. `at_fault`: start
     where the scenario's fault begins."""
+    from stoker.sim.rundir import run_directory
     from stoker.sim.scenarios import get as get_scenario
     from stoker.sim.simulation import Simulation
 
     scenario = get_scenario(name)  # a bad name or file is a configuration error, before anything is written
-    root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
+    root = stack.enter_context(run_directory("sim"))  # removed at the end, on SIGTERM, or by the next run
     sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0, held=True)
     return sim, sim.configure(cfg)
 
@@ -182,6 +182,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(config_mod.path_for(args.config, simulated=True))
         scenario = get(args.scenario)
+        replay.limits(scenario, args.interval, args.seconds)
     except (config_mod.ConfigError, ScenarioError) as exc:
         print(f"stoker: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -12,6 +12,8 @@ infinite interval would freeze a collector while /healthz still said ok, one of
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import sys
 import types
 import typing
@@ -321,11 +323,23 @@ class Config:
             getattr(self, f.name).validate()
 
 
+LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOSTNAME = re.compile(rf"(?=.{{1,253}}$){LABEL}(\.{LABEL})*\.?")
+"""A host name as RFC 1123 allows it (and "_", which /etc/hosts may hold); anything else (a NUL, a label
+over 63 characters, non-ASCII) failed in the resolver with a traceback and exit status 1."""
+
+
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT with a port in 0-65535 (0: any free port), got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    host = host.strip("[]") or "0.0.0.0"
+    if not HOSTNAME.fullmatch(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{key}: {host!r} is neither an IP address nor a host name") from None
+    return host, int(port)
 
 
 def _within(value: float, key: str, low: float, high: float, unit: str = "") -> None:
@@ -340,6 +354,8 @@ def _seconds(value: float, key: str, low: float, high: float) -> None:
 
 def _coerce(value, annotation, key: str):
     """Check one TOML value against its field's type; ints are accepted for floats."""
+    if isinstance(value, str) and "\0" in value:  # TOML's \u0000: no path, address or name holds one
+        raise ConfigError(f"{key}: holds a NUL character")
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for arm in typing.get_args(annotation):
@@ -420,14 +436,66 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> Confi
     if path is not None:
         text = read_text(path)
         try:
-            table = tomllib.loads(text)
-        except RecursionError:
-            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
-        except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
+            table = parse_toml(text)
+        except ValueError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     config = _build(Config, merge(table, overrides or {}))
     config.validate()
     return config
+
+
+MAX_KEY_PARTS = 16
+"""Parts of one dotted key (`a.b.c`) or table name. tomllib takes time quadratic in them: a key of 8,000
+parts took 2 s, a 1 MiB file of one hours."""
+
+
+def parse_toml(text: str) -> dict:
+    """tomllib.loads within bounds of time and depth; ValueError (TOMLDecodeError, an integer of more
+    than 4300 digits, or one of these bounds) says what is wrong."""
+    line = _long_dotted_key(text)
+    if line is not None:
+        raise ValueError(f"line {line}: a key of more than {MAX_KEY_PARTS} dotted parts")
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _long_dotted_key(text: str) -> int | None:
+    """The number of the first line that starts with a key or table name of more than `MAX_KEY_PARTS`
+    parts (dots outside quotes, up to `=`); None when none does. A line with anything else before its
+    `=` is no key (prose in a multi-line string), nor is one with two dots in a row (tomllib refuses
+    an empty part at once)."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.count(".") >= MAX_KEY_PARTS and _key_parts(line) > MAX_KEY_PARTS:
+            return number
+    return None
+
+
+def _key_parts(line: str) -> int:
+    parts, quote, escaped, last = 1, "", False, ""
+    for c in line:
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\" and quote == '"':
+                escaped = True
+            elif c == quote:
+                quote = ""
+            continue
+        if c in "=#":
+            break
+        if c in "\"'":
+            quote = c
+        elif c == ".":
+            if last == ".":
+                return 0
+            parts += 1
+        elif not (c.isascii() and (c.isalnum() or c in "_-[] \t")):
+            return 0
+        if c not in " \t":
+            last = c
+    return parts
 
 
 def read_text(path: str | Path, key: str = "") -> str:

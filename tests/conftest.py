@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,32 @@ import structlog
 from stoker.sim.drive import ManualClock
 from stoker.sim.fake_nvml import FakeNVML
 from stoker.sim.node import SimNode
+
+
+FUZZ_SEED = "hypothesis_seed"  # the dest of hypothesis' own --hypothesis-seed option
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Fuzzing (hypothesis: tests/test_fuzz.py and every @given) draws a new seed each run, unless
+    --hypothesis-seed gives one; the seed is printed in the header and with every failure, so
+    `--hypothesis-seed=N` replays it. Set before hypothesis' own plugin reads the option."""
+    if config.getoption(FUZZ_SEED, None) is None:
+        config.option.hypothesis_seed = str(random.SystemRandom().randrange(1 << 32))
+
+
+def pytest_report_header(config):
+    seed = config.getoption(FUZZ_SEED, None)
+    return [f"fuzz seed {seed}: replay with --hypothesis-seed={seed}"] if seed is not None else []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        seed = item.config.getoption(FUZZ_SEED, None)
+        report.sections.append(("fuzz seed", f"replay with --hypothesis-seed={seed}"))
 
 
 @pytest.fixture

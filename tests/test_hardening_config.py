@@ -77,8 +77,10 @@ def test_an_integer_too_large_for_a_float_names_the_key(tmp_path):
     assert str(err.value).startswith("agent.interval: out of range")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory", "binary", "deep", "huge"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "binary", "deep", "huge", "dotted"])
 def test_a_config_file_that_is_not_a_toml_text_file_is_one_line_naming_it(tmp_path, kind):
+    """`dotted`: a key of 100,000 parts (200 KB) kept tomllib busy for minutes, quadratic in the parts
+    (found by tests/test_fuzz.py on scenario files)."""
     path = tmp_path / "stoker.toml"
     if kind == "fifo":
         os.mkfifo(path)  # nobody ever writes to it: open() and read() would wait for ever
@@ -88,11 +90,14 @@ def test_a_config_file_that_is_not_a_toml_text_file_is_one_line_naming_it(tmp_pa
         path.write_bytes(b"[agent]\ninterval = 1.0\n# \xff\xfe\x00 latin-1: caf\xe9\n")
     elif kind == "deep":
         path.write_text(DEEP_TOML)
+    elif kind == "dotted":
+        path.write_text("a" + ".a" * 100_000 + " = 1\n")
     else:
         path.write_text("#" * (2 << 20))
     line = one_line(run_cli("--config", str(path), "--simulate"))
     expected = {"fifo": "not a regular file", "directory": "not a regular file", "binary": "not UTF-8",
-                "deep": "nested too deeply", "huge": "larger than 1 MiB"}[kind]
+                "deep": "nested too deeply", "huge": "larger than 1 MiB",
+                "dotted": "line 1: a key of more than 16 dotted parts"}[kind]
     assert str(path) in line and expected in line, line
 
 
@@ -181,3 +186,47 @@ def test_every_failed_reload_is_refused_and_ready_follows_reloading(tmp_path):
     finally:
         agent.kill()
         notify.sock.close()
+
+
+def strings() -> list[str]:
+    """Every string setting (paths, addresses, names), as `section.key`, lists of strings included."""
+    out = []
+    for section in dataclasses.fields(config.Config):
+        cls = typing.get_type_hints(config.Config)[section.name]
+        for key, annotation in typing.get_type_hints(cls).items():
+            if annotation is str or str in typing.get_args(annotation) or annotation == tuple[str, ...]:
+                out.append(f"{section.name}.{key}")
+    return out
+
+
+@pytest.mark.parametrize("key", strings())
+def test_a_nul_in_any_string_setting_is_refused_naming_the_key(key):
+    """TOML strings may hold \\u0000; no path, address or name can. A NUL in `state_file` was accepted and
+    then failed every save; one in `listen` ended in a traceback and exit status 1."""
+    section, name = key.split(".")
+    default = getattr(getattr(config.Config(), section), name)
+    value = ["/mnt/da\0ta"] if isinstance(default, tuple) else "/var/lib/st\0ker"
+    with pytest.raises(config.ConfigError) as err:
+        config.load(overrides={section: {name: value}})
+    assert str(err.value).startswith(key) and "NUL" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("listen", "127.0.0.\\u0000:9477"),
+    ("listen", "a" * 64 + ":9477"),  # a DNS label of 64 characters: UnicodeError in the resolver
+    ("listen", "caf\\u00e9..x:9477"),
+    ("state_file", "/var/lib/stoker/st\\u0000te.json"),
+])
+def test_a_bad_listen_address_or_state_file_is_one_line_and_exit_2(tmp_path, key, value):
+    path = tmp_path / "stoker.toml"
+    path.write_text(f'[agent]\n{key} = "{value}"\n')
+    line = one_line(run_cli("--config", str(path), "--simulate"))
+    assert line.startswith(f"stoker: configuration error: agent.{key}: "), line
+
+
+def test_every_listen_form_the_docs_show_still_parses():
+    for value, expected in [("0.0.0.0:9477", ("0.0.0.0", 9477)), (":9477", ("0.0.0.0", 9477)),
+                            ("[::1]:9478", ("::1", 9478)), ("[fe80::1%eth0]:0", ("fe80::1%eth0", 0)),
+                            ("node-01.cluster.example.com:9477", ("node-01.cluster.example.com", 9477)),
+                            ("localhost:9477", ("localhost", 9477))]:
+        assert config.parse_listen(value) == expected

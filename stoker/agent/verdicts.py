@@ -7,7 +7,6 @@ ranks it, and runs the detectors over it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from typing import Callable
@@ -15,6 +14,7 @@ from typing import Callable
 from stoker import logs
 from stoker.agent.collector import Collector
 from stoker.agent.jobs import JobAttributor
+from stoker.agent.worker import CollectorError, Worker
 from stoker.config import CheckpointConfig, DetectConfig
 from stoker.detect.attribution import Attribution
 from stoker.detect.checkpoint import CheckpointTracker
@@ -33,6 +33,7 @@ log = logs.get("verdicts")
 NO_EVIDENCE = "no network, storage or checkpoint evidence: input pipeline or CPU"
 CARRIED = "as before the agent restarted; its evidence is being measured again"
 RECENT_CHECKPOINTS = 5  # finished checkpoints kept per mount for the dashboards' table
+STATE_TIMEOUT = 5.0  # seconds a read or write of the state file may take (a hung disk or NFS mount)
 
 
 class VerdictCollector(Collector):
@@ -55,6 +56,7 @@ class VerdictCollector(Collector):
         self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
         self.jobs = jobs
         self.store = StateStore(state_file, detect.baseline_window, read_only=not keep_state) if state_file else None
+        self._files = Worker("state")  # the state file's reads and writes, with a deadline (daemon threads)
         self._saved: tuple = ()  # `_state_key` as last saved
         self.busy: dict[tuple[str, str], float] = {}
         self.scores: dict[str, float] = {}
@@ -82,12 +84,18 @@ class VerdictCollector(Collector):
         view = self._view(self._clock())
         self.update(view, await self.jobs.refresh(view.gpu) if self.jobs is not None else None)
         if self.store is not None and (state := self._state_to_save()) is not None:
-            await asyncio.to_thread(self.store.save, *state)  # file I/O: not on the event loop
+            try:  # file I/O: not on the event loop, and a disk that hangs holds up no cycle
+                await self._files.call(self.store.save, *state, timeout=STATE_TIMEOUT)
+            except CollectorError as exc:
+                log.warning("cannot save the job state", path=self.store.path, error=str(exc))
         return []
 
     async def start(self) -> None:
         if self.store is not None:
-            self.recall(await asyncio.to_thread(self.store.load))
+            try:
+                self.recall(await self._files.call(self.store.load, timeout=STATE_TIMEOUT))
+            except CollectorError as exc:
+                log.warning("saved job state unreadable; learning it afresh", path=self.store.path, error=str(exc))
 
     def recall(self, saved: Saved | None) -> None:
         """What the last run of the agent saved; used if the first job on the GPUs is the same."""

@@ -1,18 +1,36 @@
-"""`stoker replay`: a scenario played on a simulated clock, its verdict timeline printed and judged."""
+"""`stoker replay`: a scenario played on a simulated clock, its verdict timeline printed and judged.
+
+A replay's length is bounded before it starts (`limits`): an agent cycle takes 4-5 ms of CPU on
+the simulated clock, so `MAX_CYCLES` is about eight minutes; `--interval 1e-6` would never have
+ended."""
 
 from __future__ import annotations
 
-import tempfile
 from typing import TextIO
 
-from stoker.config import Config
+from stoker.config import INTERVAL, Config
 from stoker.sim.drive import SimDrive
 from stoker.sim.judge import Judgement, judge, run_length
-from stoker.sim.scenarios import Scenario
+from stoker.sim.rundir import run_directory
+from stoker.sim.scenarios import Scenario, ScenarioError
+
+MAX_CYCLES = 100_000
+"""A day at the default 1 s interval."""
+
+
+def limits(scenario: Scenario, interval: float, seconds: float | None) -> None:
+    """ScenarioError unless the interval is one the agent accepts and the replay stays within `MAX_CYCLES`."""
+    low, high = INTERVAL
+    if not low <= interval <= high:
+        raise ScenarioError(f"--interval: must be between {low:g} and {high:g} seconds, got {interval!r}")
+    total = seconds if seconds is not None else run_length(scenario)
+    if total / interval > MAX_CYCLES:
+        raise ScenarioError(f"{scenario.name}: {total:g} s at {interval:g} s intervals is {total / interval:.0f} "
+                            f"agent cycles, more than {MAX_CYCLES}: give a longer --interval or fewer --seconds")
 
 
 def play(scenario: Scenario, cfg: Config, interval: float, seconds: float | None, out: TextIO) -> Judgement:
-    with tempfile.TemporaryDirectory(prefix="stoker-replay-") as root:
+    with run_directory("replay") as root:
         drive = SimDrive(scenario, root, interval, cfg=cfg)
         try:
             total = seconds if seconds is not None else run_length(scenario)

@@ -55,21 +55,28 @@ class NotRegularFile(OSError):
     reason = "not_regular_file"
 
 
-def read_regular(path: str, limit: int | None = None) -> bytes:
-    """The bytes of a regular file (at most `limit`), never blocking on what is not one."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+def read_regular(path: str, limit: int, follow: bool = True) -> bytes:
+    """The bytes of a regular file, at most `limit`, never blocking on what is not one. Read to its
+    end: procfs hands a seq_file out one buffer (about a page) per read. `follow` False: a symbolic
+    link at `path` is refused (ELOOP), as for a file the agent also writes."""
+    fd = open_regular(path, follow)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(f"not a regular file: {path}")
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
-            return fh.read(limit) if limit is not None else fh.read()
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-def open_regular(path: str) -> int:
+def open_regular(path: str, follow: bool = True) -> int:
     """A descriptor of the regular file at `path`; never blocks on what is not one."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile(f"not a regular file: {path}")
@@ -79,6 +86,7 @@ def open_regular(path: str) -> int:
     return fd
 
 
+CHUNK = 1 << 16
 PAGE = 4096  # a sysfs attribute's show() fills at most one page
 KEPT_MAX = 4096
 LIST_TTL = 60.0  # seconds: a listing of an unchanged directory is taken again this often all the same
