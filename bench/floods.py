@@ -19,6 +19,7 @@ Floods (clients come from 127.0.0.2 up, or from 64 addresses for `logins-64`):
     logins      N clients sending wrong passwords over kept-alive connections, non-stop
     logins-64   the same from 64 source addresses
     restart     `logins`, with the exporter restarted under it: the scraper's password is checked afresh
+                (the flood lasts twice as long, so that it goes on for `--seconds` after the restart)
     handshakes  N clients doing TLS handshakes (then closing), non-stop
 
     python -m bench.floods [--seconds 8] [--clients 1.0] [--only NAME ...] [--out FILE]
@@ -284,9 +285,10 @@ def measure(name: str, web: Path | None, kind: str, clients: int, seconds: float
     log_before = exporter.log.stat().st_size
     out = multiprocessing.Queue()
     sources = 64 if kind == "logins-64" else 1
+    flooding = seconds * 2 if kind == "restart" else seconds  # the restart takes seconds of it
     flood = multiprocessing.Process(target=flood_process, args=(
         "logins" if kind in ("logins-64", "restart") else kind, exporter.port, exporter.tls, clients,
-        seconds, sources, out))
+        flooding, sources, out))
     flood.start()
     watch = Watch(pid)
     watch.start()
@@ -323,7 +325,7 @@ def measure(name: str, web: Path | None, kind: str, clients: int, seconds: float
         "answered": len(answered), "tried": len(scrapes), "statuses": statuses,
         "median_ms": round(statistics.median(answered) * 1000, 1) if answered else None,
         "slowest_ms": round(max(answered) * 1000, 1) if answered else None,
-        "flood_connections_per_s": round(opened / seconds) if opened is not None else None,
+        "flood_connections_per_s": round(opened / flooding) if opened is not None else None,
         "before": {"rss_mb": round(before["rss_mb"], 1), "fds": before["fds"]},
         "peak": {"rss_mb": round(watch.rss / 2**20, 1), "fds": watch.fds},
         "log_bytes": exporter.log.stat().st_size - log_before,

@@ -415,6 +415,27 @@ async def test_failing_logins_cannot_evict_the_scrapers_verified_credential(tmp_
     assert checks.costs == [], "the verified pair was answered from the cache"
 
 
+async def test_an_address_that_keeps_failing_is_answered_429_without_bcrypt(tmp_path, monkeypatch):
+    """A guesser cost a bcrypt check per guess for as long as it guessed. Each address may fail 10
+    logins, then one every 5 s; other addresses, and a verified password from the same one, are
+    not affected."""
+    hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=4)).decode()
+    cfg = web_config(tmp_path, f"basic_auth_users:\n  prometheus: {hashed}\n")
+    checks = CountingBcrypt(monkeypatch)
+    now = [1000.0]
+    logins = basicauth.Logins(cfg.users, cfg.dummy, clock=lambda: now[0])
+    assert await logins.check("10.0.0.9", basic("prometheus", PASSWORD)["Authorization"]) == 200
+    wrong = [basic("prometheus", b"guess-%d" % i)["Authorization"] for i in range(20)]
+    assert [await logins.check("10.0.0.1", w) for w in wrong[:12]] == [401] * 10 + [429] * 2
+    assert len(checks.costs) == 11, "no bcrypt for the two over the budget"
+    assert await logins.check("10.0.0.2", wrong[12]) == 401, "another address has its own budget"
+    assert await logins.check("10.0.0.1", basic("prometheus", PASSWORD)["Authorization"]) == 200
+    now[0] += 5.0
+    assert [await logins.check("10.0.0.1", w) for w in wrong[13:15]] == [401, 429]
+    assert await logins.check("2001:db8::1", wrong[15]) == 401
+    assert await logins.check("::ffff:10.0.0.1", wrong[16]) == 429, "an IPv4-mapped address is the IPv4 one"
+
+
 async def test_a_cached_scrape_does_not_queue_behind_failing_logins(tmp_path, monkeypatch):
     hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=10)).decode()
     cfg = web_config(tmp_path, f"basic_auth_users:\n  prometheus: {hashed}\n")
@@ -498,7 +519,8 @@ def attackers(count: int, first: int = 2) -> list[str]:
 async def test_failing_logins_cannot_hold_every_connection(tmp_path, monkeypatch):
     """260 connections sending wrong passwords held all 256 connection slots waiting for bcrypt: the
     authorised scraper got 1 answer out of 80 (node_exporter: 108 of 108). Here 40 from 40 addresses
-    against a listener of 32 connections: every scrape is answered."""
+    against a listener of 32 connections: every scrape is answered. (exporter-toolkit, web/handler.go:
+    one bcrypt check at a time behind a mutex, and no connection cap in Go's net/http.)"""
     hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=10)).decode()
     checks = CountingBcrypt(monkeypatch)
     listener = await auth_server(web_config(tmp_path, f"basic_auth_users:\n  prometheus: {hashed}\n"),
@@ -592,7 +614,8 @@ async def test_a_connect_flood_does_not_overflow_the_accept_queue():
     """With a listen backlog of 64 (8 on the hint API) the kernel dropped the SYNs of a connect flood
     beyond it, a scraper's among them, and resent them only after a second: scrapes waited 1-2 s.
     500 clients connect while the event loop is busy: the kernel completes every handshake at once
-    (it would resend a dropped SYN only after 1 s)."""
+    (it would resend a dropped SYN only after 1 s). Source: Linux net/ipv4/tcp_input.c,
+    tcp_conn_request(), drops a SYN while sk_acceptq_is_full() (counted as ListenOverflows)."""
     listener = await small_server(max_connections=16)
     clients = []
     try:
@@ -621,7 +644,8 @@ async def test_tls_handshakes_in_progress_count_against_the_connection_limit(tmp
     """The event loop did TLS handshakes before the guard saw a connection: 1,000 clients that
     connect and never finish a handshake each held a connection and asyncio's 256 KiB buffer until
     the handshake timeout (RSS 47 -> 260 MB). Now they are connections like others: 40 that never
-    say hello, against a limit of 8, leave 8 open; a TLS client then gets its answer."""
+    say hello, against a limit of 8, leave 8 open; a TLS client then gets its answer. Source:
+    CPython Lib/asyncio/sslproto.py, SSLProtocol.max_size = 256 * 1024, allocated in __init__."""
     subprocess.run([need_binary("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=stoker-test", "-keyout", str(tmp_path / "key.pem"), "-out",
                     str(tmp_path / "cert.pem")], check=True, capture_output=True)

@@ -86,7 +86,7 @@ class Logins:
         self._users = users
         self._dummy = dummy
         self._verified: set[tuple[str, bytes]] = set()
-        self.failures = Failures(clock)
+        self._failures = Failures(clock)
         self._queue: list[_Login] = []  # in arrival order; the one being checked is not in it
         self._waiting: set[str] = set()  # addresses with a login queued or being checked
         self._worker: asyncio.Task | None = None
@@ -109,7 +109,7 @@ class Logins:
         if key in self._verified:
             return OK
         address = _source(address)
-        if (self._closed or address in self._waiting or self.failures.left(address) < 1
+        if (self._closed or address in self._waiting or self._failures.left(address) < 1
                 or not self._make_room(address)):
             return TOO_MANY
         login = _Login(address, *found)
@@ -128,14 +128,14 @@ class Logins:
         if matches:
             self._verified.add(key)
             return OK
-        self.failures.failed(address)
+        self._failures.failed(address)
         return DENIED
 
     def _make_room(self, address: str) -> bool:
         if len(self._queue) < QUEUE:
             return True
-        worst = min(self._queue, key=lambda login: self.failures.left(login.address))
-        if self.failures.left(worst.address) >= self.failures.left(address):
+        worst = min(self._queue, key=lambda login: self._failures.left(login.address))
+        if self._failures.left(worst.address) >= self._failures.left(address):
             return False
         self._queue.remove(worst)
         worst.outcome.set_result(None)

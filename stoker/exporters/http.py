@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import os
 import resource
 import socket
@@ -91,15 +92,17 @@ def make_app(exposition: Exposition, stale: Callable[[], list[str]]) -> web.Appl
 
 class _Connection(asyncio.Protocol):
     """One accepted connection, between asyncio and aiohttp's protocol: the guard sees it arrive,
-    go busy and idle, and leave; aiohttp gets it only once admitted (with TLS, once the handshake
-    is done: connection_made is called again, with the TLS transport) and its first bytes arrive:
-    aiohttp's protocol starts a task per connection, which a client that never sends anything does
-    not need (a tenth of the CPU a flood of them costs: 72-84 µs a connection instead of 78-91)."""
+    go busy and idle, and leave. Nothing else is made for it before its first bytes arrive, which a
+    flood of clients that never send anything does not need: with TLS, the TLS layer then (the bytes
+    are the client's hello; connection_made is called again once the handshake is done, with the TLS
+    transport), and aiohttp's protocol, which starts a task, for the first bytes of a request."""
 
     def __init__(self, guard: ConnectionGuard):
         self.guard = guard
         self.transport: asyncio.BaseTransport | None = None
         """The TCP transport, then the TLS transport over it once the handshake is done."""
+        self.encrypted = False
+        """The TLS layer is set up (not referred to here: it refers to this connection)."""
         self.handler: asyncio.Protocol | None = None
         self.deadline: asyncio.TimerHandle | None = None
         """Pending until the first request arrives."""
@@ -109,14 +112,14 @@ class _Connection(asyncio.Protocol):
             self.transport = transport
             if not self.guard.admit(self):
                 transport.abort()
-                return
-            if self.guard.tls is not None:
-                _TLS(self, self.guard.tls, self.guard.header_timeout).wrap(transport)
-                return
         else:
             self.guard.moved(self, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.guard.tls is not None and not self.encrypted:
+            self.encrypted = True
+            _TLS(self, self.guard.tls, self.guard.header_timeout).take_over(self.transport, data)
+            return
         if self.handler is None:
             self.handler = self.guard.protocol()
             self.handler.connection_made(self.transport)
@@ -141,12 +144,14 @@ class _Connection(asyncio.Protocol):
 
 
 class _TLS(sslproto.SSLProtocol):
-    """asyncio's TLS layer, started by the guard on an admitted connection (not by the event loop
-    at accept, where no cap applies), with a 16 KiB read buffer instead of 256 KiB.
+    """asyncio's TLS layer, started by the guard on an admitted connection that has sent its first
+    bytes (not by the event loop at accept, where no cap applies), with a 16 KiB read buffer
+    instead of 256 KiB.
 
     asyncio allocates and zeroes that buffer for every TLS connection when it is accepted: 1,000
-    handshakes in progress took the agent from 47 to 260 MB, and glibc kept 225 MB of it after
-    they ended. A TLS record is at most 16 KiB; a larger buffer only saves a read call."""
+    clients that connect and never finish a handshake took the agent from 47 to 260 MB, and glibc
+    kept 225 MB of it after they ended. A TLS record is at most 16 KiB; a larger buffer only saves
+    a read call."""
 
     max_size = 16 * 1024
 
@@ -155,11 +160,18 @@ class _TLS(sslproto.SSLProtocol):
                          ssl_handshake_timeout=timeout, ssl_shutdown_timeout=timeout)
         self._conn = conn
 
-    def wrap(self, transport: asyncio.Transport) -> None:
-        """As loop.start_tls() does, inside the connection's connection_made: reading has not
-        started, so no byte of the handshake can reach the TCP protocol."""
+    def take_over(self, transport: asyncio.Transport, first: bytes) -> None:
+        """As loop.start_tls() does, then the bytes the TCP protocol already got, through the
+        buffer asyncio would have read them into."""
         transport.set_protocol(self)
         self.connection_made(transport)
+        pending = memoryview(first)
+        while pending and not transport.is_closing():
+            buffer = self.get_buffer(len(pending))
+            n = min(len(buffer), len(pending))
+            buffer[:n] = pending[:n]
+            pending = pending[n:]
+            self.buffer_updated(n)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -357,11 +369,14 @@ async def serve(app: web.Application, host: str, port: int, ssl_context=None, *,
 
 
 def release_memory() -> None:
-    """Hand the heap's free pages back to the kernel (glibc's malloc_trim; nothing elsewhere).
+    """Free what a flood's connections left, and hand the heap's free pages back to the kernel.
 
-    A flood's connections allocate many small blocks (with TLS, OpenSSL's state and buffers: about
-    90 KB a connection); once they are freed, glibc keeps them in its arenas for reuse, and the
-    agent stayed 24 MB larger after a flood of TLS clients. Called when a flood has ended."""
+    asyncio's transports refer to themselves (the bound method they read with) and their
+    protocols, so a closed connection is freed by the cycle collector, not when it closes, and
+    those of a flood have lived long enough to wait for a full collection: 1,400 TLS connections
+    (OpenSSL's state and buffers, tens of KB each) were still there after a flood. Once freed,
+    glibc keeps the blocks in its arenas for reuse (malloc_trim hands them back; glibc only)."""
+    gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
