@@ -19,7 +19,7 @@ Floods (clients come from 127.0.0.2 up, or from 64 addresses for `logins-64`):
     logins      N clients sending wrong passwords over kept-alive connections, non-stop
     logins-64   the same from 64 source addresses
     restart     `logins`, with the exporter restarted under it: the scraper's password is checked afresh
-                (the flood lasts twice as long, so that it goes on for `--seconds` after the restart)
+                (the flood goes on until the scraper is done)
     handshakes  N clients doing TLS handshakes (then closing), non-stop
 
     python -m bench.floods [--seconds 8] [--clients 1.0] [--only NAME ...] [--out FILE]
@@ -201,10 +201,18 @@ class Watch(threading.Thread):
 # -- the floods (in a child process) ------------------------------------------------------------
 
 
-async def _flood(kind: str, port: int, tls: bool, clients: int, seconds: float, sources: int) -> int:
-    """Runs `clients` copies of one flood for `seconds`; returns how many connections it opened."""
+async def _flood(kind: str, port: int, tls: bool, clients: int, stop, sources: int) -> tuple[int, float]:
+    """Runs `clients` copies of one flood until `stop` (a multiprocessing.Event) is set; returns how
+    many connections it opened, and in how many seconds."""
     opened = 0
-    stop_at = time.monotonic() + seconds
+    started = time.monotonic()
+    flooding = True
+
+    async def watch() -> None:
+        nonlocal flooding
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        flooding = False
     context = client_context() if tls else None
     wrong = 0
 
@@ -218,7 +226,7 @@ async def _flood(kind: str, port: int, tls: bool, clients: int, seconds: float, 
     async def one(i: int) -> None:
         nonlocal wrong
         writer = None
-        while time.monotonic() < stop_at:
+        while flooding:
             try:
                 if kind in ("idle", "slow", "churn", "malformed"):
                     reader, writer = await connect(i)
@@ -230,7 +238,7 @@ async def _flood(kind: str, port: int, tls: bool, clients: int, seconds: float, 
                         writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
                     elif kind == "slow":
                         writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-                    while time.monotonic() < stop_at:
+                    while flooding:
                         try:
                             if await asyncio.wait_for(reader.read(65536), 0.5) == b"":
                                 break
@@ -243,7 +251,7 @@ async def _flood(kind: str, port: int, tls: bool, clients: int, seconds: float, 
                     writer.transport.abort()
                 else:  # logins: wrong passwords, kept alive while the server allows
                     reader, writer = await connect(i, handshake=tls)
-                    while time.monotonic() < stop_at:
+                    while flooding:
                         wrong += 1
                         token = base64.b64encode(f"{USER}:guess-{wrong}".encode()).decode()
                         writer.write(f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n\r\n"
@@ -262,14 +270,14 @@ async def _flood(kind: str, port: int, tls: bool, clients: int, seconds: float, 
                     writer = None
                 await asyncio.sleep(0.01)
 
-    await asyncio.gather(*(one(i) for i in range(clients)))
-    return opened
+    await asyncio.gather(watch(), *(one(i) for i in range(clients)))
+    return opened, time.monotonic() - started
 
 
-def flood_process(kind: str, port: int, tls: bool, clients: int, seconds: float, sources: int, out) -> None:
+def flood_process(kind: str, port: int, tls: bool, clients: int, stop, sources: int, out) -> None:
     import resource
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-    out.put(asyncio.run(_flood(kind, port, tls, clients, seconds, sources)))
+    out.put(asyncio.run(_flood(kind, port, tls, clients, stop, sources)))
 
 
 # -- one measurement ----------------------------------------------------------------------------
@@ -285,10 +293,10 @@ def measure(name: str, web: Path | None, kind: str, clients: int, seconds: float
     log_before = exporter.log.stat().st_size
     out = multiprocessing.Queue()
     sources = 64 if kind == "logins-64" else 1
-    flooding = seconds * 2 if kind == "restart" else seconds  # the restart takes seconds of it
+    stop = multiprocessing.Event()
     flood = multiprocessing.Process(target=flood_process, args=(
         "logins" if kind in ("logins-64", "restart") else kind, exporter.port, exporter.tls, clients,
-        flooding, sources, out))
+        stop, sources, out))
     flood.start()
     watch = Watch(pid)
     watch.start()
@@ -309,8 +317,9 @@ def measure(name: str, web: Path | None, kind: str, clients: int, seconds: float
         time.sleep(SCRAPE_EVERY)
     if kind in ("logins", "logins-64") and exporter.auth:
         row["sigterm_s"] = round(exporter.stop(), 2)
-    flood.join(timeout=seconds + 60)
-    opened = out.get(timeout=5) if not out.empty() else None
+    stop.set()
+    flood.join(timeout=60)
+    opened, flooding = out.get(timeout=5) if not out.empty() else (None, None)
     if exporter.proc.poll() is None:
         time.sleep(5)
         row["after"] = {"rss_mb": round(rss_bytes(pid) / 2**20, 1), "fds": open_files(pid)}
