@@ -55,10 +55,8 @@ IDLE_TIMEOUT = 5.0
 SHUTDOWN_TIMEOUT = 1.0
 """At shutdown, a request in progress gets this long to finish before it is cancelled (a login waiting
 for bcrypt among them); a scrape takes milliseconds, and the next one goes to the new process."""
-TOO_MANY_DELAY = 1.0
-"""A 429 answer is sent after this long, its connection idle meanwhile (displaced first if room is needed):
-a client that asks again at once, as a guesser's loop does, asks once a second per connection, not as
-fast as the event loop can answer, and holds nothing a scraper needs."""
+MAX_HOLD_BACK = 10
+"""Seconds at most that an answer with Retry-After is held back (see ConnectionGuard.middleware)."""
 LISTEN_BACKLOG = 4096
 """Connections the kernel queues until the loop accepts them: Linux's default cap (net.core.somaxconn).
 A queued connection costs kernel memory, not a descriptor of the process; a short queue overflows in a
@@ -279,8 +277,12 @@ class ConnectionGuard:
         finally:
             if conn.transport in self._open:
                 self._idle[conn] = None  # idle from now: the last to be displaced
-        if response.status == 429:
-            await asyncio.sleep(TOO_MANY_DELAY)
+        retry_after = response.headers.get("Retry-After", "")
+        if retry_after.isdigit():
+            # Told to come back in N seconds, the client gets that answer N seconds later, its connection
+            # idle meanwhile: a loop that would not wait (a password guesser's, answered 429 without
+            # bcrypt) asks once per N seconds per connection, not as fast as the loop can answer.
+            await asyncio.sleep(min(int(retry_after), MAX_HOLD_BACK))
         return response
 
 
