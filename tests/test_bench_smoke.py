@@ -127,3 +127,13 @@ def test_nvml_check_reads_nvidia_smi_and_compares_with_tolerances():
     comparison.compare("GPU-aaaa", {"utilization_ratio": 0.2}, smi)
     report = comparison.report()
     assert not report["agree"]["utilization_ratio"] and report["fields"]["utilization_ratio"]["GPU-aaaa"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_floods_harness_against_node_exporter():
+    from bench import floods
+    result = floods.run(seconds=2, scale=0.05, only=["logins/auth"])
+    row = result["runs"][0]
+    assert (row["flood"], row["web"], row["clients"]) == ("logins", "auth", 13)
+    for name in ("stoker", "node_exporter"):
+        assert row[name]["tried"] > 0 and row[name]["peak"]["fds"] > 0 and row[name]["sigterm_s"] >= 0

@@ -145,7 +145,9 @@ class Agent:
             open_files = raise_fd_limit()
             log_loop_errors(asyncio.get_running_loop())
             web = webconfig.load(self.config.agent.web_config_file) if self.config.agent.web_config_file else None
-            app = make_app(self.exposition, self.supervisor.stale, [webconfig.middleware(web)] if web else [])
+            app = make_app(self.exposition, self.supervisor.stale)
+            if web:
+                webconfig.secure(app, web)
             self._listener = await serve(app, host, port, web.ssl_context if web else None)
             self.port = self._listener.port
             await self._serve_hints()
