@@ -377,14 +377,20 @@ def after_every_first_cycle(url: str, timeout: float = 30) -> str:
         time.sleep(0.2)
 
 
+def congested_with_mig(tmp_path_factory) -> str:
+    """The built-in congested fabric with GPUs 0 and 1 in MIG mode, two instances each (docs/SCENARIOS.md,
+    `mig`): the GPU health dashboard's MIG panels have data, and the network verdict is reached all the same."""
+    path = tmp_path_factory.mktemp("scenarios") / "network-congested-mig.toml"
+    path.write_text("mig = [0, 1]\n" + (SCENARIOS / "network-congested.toml").read_text())
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Three simulated nodes (a lost GPU with its XID; a checkpoint; a congested fabric, two of its GPUs in MIG
     mode) scraped by a pod Prometheus with the rules, and a global Prometheus that federates from it with exactly
     the shipped match[]."""
-    mig = tmp_path_factory.mktemp("scenarios") / "network-congested-mig.toml"
-    mig.write_text("mig = [0, 1]\n" + (SCENARIOS / "network-congested.toml").read_text())
-    scenarios = {"n-gpu": "gpu-lost", "n-ckpt": "checkpoint", "n-net": str(mig)}
+    scenarios = {"n-gpu": "gpu-lost", "n-ckpt": "checkpoint", "n-net": congested_with_mig(tmp_path_factory)}
     ports = {node: free_port() for node in scenarios}
     agents = [start_agent_process("--simulate", scenario, "--listen", f"127.0.0.1:{ports[node]}")
               for node, scenario in scenarios.items()]
