@@ -32,7 +32,6 @@ JOB = 'job_id=~"$job_id"'
 GOODPUT_LOW = 0.8  # StokerJobGoodputLow
 PRODUCTIVE, NOT_PRODUCTIVE = ', state="productive"', ', state!="productive"'
 GPU = 'node="$node", gpu=~"$gpu"'
-INSTANCE = "GPU {{gpu}} instance {{gpu_instance}}"  # a MIG GPU instance's legend
 # What the Site and Node pickers list. Fleet: the recording rule, all a federating store holds. Node and GPU
 # health: a series every agent exports from its first scrape, so their pickers fill where the rules are not
 # loaded (their panels read raw series anyway).
@@ -803,13 +802,14 @@ def gpu_health() -> dict:
         return f"rate({metric}{{{g}{extra}}}[{RI}])"
 
     hardware = f', reason=~"{HW_THROTTLE}"'
+    instance = "GPU {{gpu}} instance {{gpu_instance}}"  # a MIG GPU instance's legend
 
     def per_gpu(title: str, metric: str, description: str) -> dict:
         return ts(title, "percentunit", description, q(f"{metric}{{{g}}}", "GPU {{gpu}}"), min=0, max=1, w=8,
                   calcs=("mean", "min", "max"))
 
     def per_instance(title: str, metric: str, description: str) -> dict:
-        return ts(title, "percentunit", description, q(f"{metric}{{{g}}}", INSTANCE), min=0, max=1, w=6,
+        return ts(title, "percentunit", description, q(f"{metric}{{{g}}}", instance), min=0, max=1, w=6,
                   calcs=("mean", "min", "max"))
 
     def with_mig_uuid(metric: str) -> str:
@@ -956,10 +956,10 @@ def gpu_health() -> dict:
            "holds most of it. The GPU's framebuffer (Memory and interconnects row) is the sum of its "
            "instances'.",
            q(f"stoker_gpu_instance_memory_used_bytes{{{g}}} / stoker_gpu_instance_memory_total_bytes{{{g}}}",
-             INSTANCE), min=0, max=1),
+             instance), min=0, max=1),
         ts("Compute processes per instance", "short", "Processes in each GPU instance (MPS clients for their "
            "server). An instance that loses its processes mid-job has lost its rank.",
-           q(f"stoker_gpu_instance_compute_processes{{{g}}}", INSTANCE), min=0),
+           q(f"stoker_gpu_instance_compute_processes{{{g}}}", instance), min=0),
     ], [variable("node", "Node", f"label_values({AGENT_NODES}{{{SITE}}}, node)"),
         variable("gpu", "GPU", 'label_values(stoker_gpu_info{node="$node"}, gpu)', multi=True, sort=3)],
         NODE, AGENT_NODES)
