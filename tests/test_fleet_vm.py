@@ -37,7 +37,7 @@ from tests.servers import (
     vmalert,
     with_flags,
 )
-from tests.test_dashboards import answered, committed, panels
+from tests.test_dashboards import answered, committed, congested_with_mig, panels
 from tests.test_prometheus_scrape import FILE_SD, file_sd_targets, target_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ SITE = "dc1-pod-a"  # the shipped flags' site
 
 # Each agent's scenario. The paging nodes; two healthy ones that must never page; and, as in
 # tests/test_dashboards.py, the states the rarer dashboard panels need (an XID and a lost GPU, a finished
-# checkpoint, a congested fabric), which page too.
+# checkpoint, a congested fabric with two GPUs in MIG mode: the fixture plays congested_with_mig), which page too.
 AGENTS = {
     "n-storage": "storage-starved",
     "n-ckpt": "checkpoint-stall",
@@ -227,8 +227,9 @@ def fleet(tmp_path_factory):
     Alertmanager -> webhook; and Prometheus (remote-write.yml) -> a second victoria-metrics."""
     tmp = tmp_path_factory.mktemp("fleet")
     ports = {node: free_port() for node in AGENTS}
+    scenarios = {**AGENTS, "n-net": congested_with_mig(tmp_path_factory)}
     agents = [start_agent_process("--simulate", scenario, "--listen", f"127.0.0.1:{ports[node]}")
-              for node, scenario in AGENTS.items()]
+              for node, scenario in scenarios.items()]
     hook = Webhook()
     try:
         for port in ports.values():
