@@ -541,3 +541,270 @@ def test_evidence_that_flickers_while_the_gpus_starve_does_not_flip_the_verdict_
     changes = sum(1 for a, b in zip(causes, causes[1:]) if a != b)
     assert causes[-1] == "storage" and changes <= 3, causes
     assert causes[20:].count("host") == 0
+
+
+# -- the engine's numbers, each stated here and measured through behaviour ----------------------------
+# (detect/policy.py holds them; a test that imported them would agree with any change)
+
+def engine(**kw) -> Engine:
+    return Engine(DetectConfig(**{"recover_after": 3.0, "flap_factor": 3.0, **kw}))
+
+
+def run(e: Engine, ticks, level: float | None = 0.9) -> list[str | None]:
+    """Tick `e` once a second from t=0 over (busy, scores, now) rows; the causes it holds after each."""
+    return [e.update(float(t), busy, True, level, scores(**s), scores(**n)) for t, (busy, s, n) in enumerate(ticks)]
+
+
+def test_the_signal_table():
+    """Every kind of evidence: its cause, the [detect] key it is measured against, and how it is weighed."""
+    from stoker.detect.policy import SIGNALS
+    rows = {kind: (s.cause, s.threshold, s.prefetched, s.present_only, s.of_the_job) for kind, s in SIGNALS.items()}
+    assert rows == {
+        "port_down": ("network", None, False, False, False),
+        "link_down": ("network", None, False, False, False),
+        "congestion": ("network", "cnp_per_second", False, False, False),
+        "retransmits": ("network", "retransmits_per_second", False, False, False),
+        "pfc_pause": ("network", "pause_ratio", False, False, False),
+        "read_latency": ("storage", "read_latency_seconds", True, False, False),
+        "read_queue": ("storage", "read_queue_seconds", True, False, False),
+        "reads_stalled": ("storage", "reads_stalled_after", True, False, True),
+        "write_latency": ("storage", "write_latency_seconds", False, False, False),
+        "probe_slow": ("storage", "probe_latency_seconds", True, False, False),
+        "probe_hung": ("storage", "probe_hung_seconds", True, False, False),
+        "checkpoint_write_latency": ("checkpoint", "write_latency_seconds", False, True, False),
+        "checkpoint": ("checkpoint", None, False, True, False),
+        "cpu_pressure": ("host", "cpu_pressure_ratio", False, False, False),
+        "memory_pressure": ("host", "memory_pressure_ratio", False, False, False),
+    }
+
+
+def test_the_cause_table():
+    """The causes in their tie order: a checkpoint preempts and is not damped; host is the residual."""
+    from stoker.detect.policy import CAUSES
+    assert [(c.name, c.preempts, c.damped, c.residual) for c in CAUSES] == [
+        ("storage", False, True, False), ("network", False, True, False),
+        ("checkpoint", True, False, False), ("host", False, True, True)]
+    e = engine()
+    assert run(e, [(0.1, {"storage": 2.0, "network": 2.0}, {"storage": 2.0, "network": 2.0})]) == ["storage"], \
+        "a tie goes to the first in the table"
+
+
+@pytest.mark.parametrize("strength, weight", [
+    (1.0, 1.0), (2.0, 2.0), (4.0, 3.0), (8.0, 4.0), (16.0, 5.0), (1000.0, 5.0), (0.5, 1.0)])
+def test_a_signal_weighs_one_more_per_doubling_up_to_five(strength, weight):
+    from stoker.detect.attribution import strength_score
+    assert strength_score(Signal("congestion", "mlx5_0/1", strength, "")) == pytest.approx(weight)
+
+
+def test_an_open_checkpoint_weighs_six():
+    from stoker.detect.attribution import strength_score
+    assert strength_score(Signal("checkpoint", "/mnt/ckpt", 1.0, "")) == 6.0
+
+
+@pytest.mark.parametrize("grown_to, weight", [(8.0, 0.4), (8.5, 1 + 3.087)])
+def test_tolerated_evidence_weighs_a_tenth_until_it_grows_past_twice(grown_to, weight):
+    a = Attribution(DetectConfig(tolerate_after=10.0))
+    for t in range(11):
+        a.observe(float(t), [RAIL], at_level=True)  # strength 4 for 10 s at the level
+    a.observe(11.0, [Signal("port_down", "mlx5_3/1", grown_to, "")], at_level=False)
+    assert a.scores()["network"] == pytest.approx(weight, abs=0.01)
+
+
+@pytest.mark.parametrize("seconds, weight", [(9, 3.0), (10, 1.5), (119, 1.5), (120, 0.3)])
+def test_a_slow_nas_at_the_level_weighs_full_then_half_then_a_tenth(seconds, weight):
+    a = Attribution(DetectConfig(tolerate_after=10.0, prefetch_hides=120.0))
+    for t in range(seconds + 1):
+        a.observe(float(t), [READS], at_level=True)  # strength 4: score 3
+    assert a.scores()["storage"] == pytest.approx(weight)
+
+
+@pytest.mark.parametrize("now, cause", [(2.0, "network"), (1.99, None)])
+def test_a_cold_start_names_a_cause_only_twice_past_its_threshold(now, cause):
+    e = engine()
+    assert run(e, [(0.2, {"network": now}, {"network": now})], level=None) == [cause]
+
+
+@pytest.mark.parametrize("score, causes", [(1.0, ["storage", "storage"]), (0.99, [None, "host"])])
+def test_a_score_of_one_explains_a_drop_and_nothing_explained_is_host_on_the_second_low_sample(score, causes):
+    e = engine()
+    assert run(e, [(0.1, {"storage": score}, {"storage": score})] * 2) == causes
+
+
+def test_host_is_named_on_the_second_low_sample_only_when_every_source_was_measured():
+    e = engine()
+    assert e.update(0.0, 0.1, True, 0.9, NO, NO, measured=False) is None
+    assert e.update(1.0, 0.1, True, 0.9, NO, NO, measured=False) is None
+    assert e.update(2.0, 0.1, True, 0.9, NO, NO) == "host"
+
+
+def test_a_cause_only_remembered_while_the_gpus_starve_resolves_after_recover_after():
+    e = engine()
+    slow = {"storage": 3.0}
+    causes = run(e, [(0.1, slow, slow)] + [(0.1, slow, {})] * 6)
+    assert causes == ["storage", "storage", "storage", "storage", "host", "host", "host"]
+    assert e.causes["storage"].state == "resolved"
+
+
+def test_a_cause_that_came_back_after_resolving_resolves_flap_factor_times_later():
+    e = engine()
+    slow = {"storage": 3.0}
+    causes = run(e, [(0.1, slow, slow)] + [(0.1, slow, {})] * 4 + [(0.1, slow, slow)] + [(0.1, slow, {})] * 10)
+    assert causes[4] == "host" and causes[5] == "storage"
+    assert causes[6:] == ["storage"] * 9 + ["host"], "9 s absent (3 x 3 s), not 3"
+
+
+def test_the_resolving_clock_stops_while_the_gpus_are_back():
+    """An intermittent NAS whose evidence trails the GPUs by a tick: a gap spent recovering is not its
+    absence while they starve (the field case nas-slow-8-of-14-evidence-lags)."""
+    e = engine()
+    slow = {"storage": 3.0}
+    rows = [(0.1, slow, slow), (0.1, slow, {}), (0.9, slow, {}), (0.9, slow, {}), (0.9, slow, {}),
+            (0.1, slow, {}), (0.1, slow, slow)]
+    assert run(e, rows) == ["storage"] * 7
+
+
+@pytest.mark.parametrize("rival, switched_at", [(3.0, 3), (2.99, None)])
+def test_a_present_cause_replaces_another_outranking_it_one_and_a_half_times_for_recover_after(rival, switched_at):
+    e = engine()
+    both = {"storage": 2.0, "network": rival}
+    causes = run(e, [(0.1, {"storage": 2.0}, {"storage": 2.0})] + [(0.1, both, both)] * 5)
+    expected = ["storage"] * 6 if switched_at is None else ["storage"] * (switched_at + 1) + ["network"] * (5 - switched_at)
+    assert causes == expected
+
+
+def test_a_present_cause_heavier_than_a_remembered_one_replaces_it_on_the_second_sample():
+    e = engine()
+    causes = run(e, [(0.1, {"storage": 2.0}, {"storage": 2.0}),
+                     (0.1, {"storage": 2.0, "network": 2.5}, {"network": 2.5}),
+                     (0.1, {"storage": 2.0, "network": 2.5}, {"network": 2.5})])
+    assert causes == ["storage", "storage", "network"]
+
+
+def test_a_weaker_present_cause_replaces_a_remembered_one_after_recover_after():
+    e = engine()
+    rows = [(0.1, {"storage": 3.0}, {"storage": 3.0})] + [(0.1, {"storage": 3.0, "network": 1.5}, {"network": 1.5})] * 4
+    assert run(e, rows) == ["storage"] * 4 + ["network"]
+
+
+def test_a_checkpoint_preempts_at_once_and_host_yields_at_once():
+    e = engine()
+    both = {"storage": 3.0, "checkpoint": 6.0}
+    assert run(e, [(0.1, {"storage": 3.0}, {"storage": 3.0}), (0.1, both, both)]) == ["storage", "checkpoint"]
+    e = engine()
+    assert run(e, [(0.1, {}, {}), (0.1, {}, {}), (0.1, {"network": 1.0}, {"network": 1.0})]) == \
+        [None, "host", "network"]
+
+
+@pytest.mark.parametrize("flap_window, clears_after", [(30.0, 9), (5.0, 3)])
+def test_a_verdict_clears_after_recover_after_back_and_flap_factor_times_that_when_it_came_back(flap_window,
+                                                                                                clears_after):
+    e = engine(flap_window=flap_window)
+    slow = {"storage": 3.0}
+    assert run(e, [(0.1, slow, slow)] + [(0.9, {}, {})] * 4)[-1] is None, "the first time: 3 s after it is back"
+    causes = [e.update(float(t), busy, True, 0.9, scores(**s), scores(**s))
+              for t, (busy, s) in enumerate([(0.1, slow)] + [(0.9, {})] * 12, start=10)]
+    assert causes.index(None) == clears_after + 1, causes
+
+
+def test_a_checkpoint_verdict_is_never_damped():
+    e = engine()
+    ck = {"checkpoint": 6.0}
+    run(e, [(0.1, ck, ck)] + [(0.9, {}, {})] * 4)
+    causes = [e.update(float(t), busy, True, 0.9, scores(**s), scores(**s))
+              for t, (busy, s) in enumerate([(0.1, ck)] + [(0.9, {})] * 4, start=10)]
+    assert causes == ["checkpoint", "checkpoint", "checkpoint", "checkpoint", None]
+
+
+def test_a_host_verdict_in_the_band_is_the_new_normal_after_ten_times_recover_after_then_recovers():
+    e = engine()
+    causes = run(e, [(0.1, {}, {})] * 2 + [(0.65, {}, {})] * 40)
+    assert causes.index(None, 2) == 2 + 30 + 3, causes
+
+
+def test_one_low_sample_does_not_restart_the_new_normal_clock_and_two_do():
+    one = run(engine(), [(0.1, {}, {})] * 2 + [(0.65, {}, {})] * 10 + [(0.1, {}, {})] + [(0.65, {}, {})] * 30)
+    assert one.index(None, 2) == 2 + 30 + 3, "the dip's second is in the count"
+    two = run(engine(), [(0.1, {}, {})] * 2 + [(0.65, {}, {})] * 10 + [(0.1, {}, {})] * 2 + [(0.65, {}, {})] * 40)
+    assert two.index(None, 2) == 2 + 10 + 2 + 30 + 3
+
+
+def test_a_strong_cause_in_the_band_is_not_a_new_normal():
+    e = engine()
+    slow = {"storage": 2.0}
+    assert set(run(e, [(0.1, slow, slow)] + [(0.65, slow, slow)] * 60)) == {"storage"}
+    e = engine()
+    weak = {"storage": 1.99}
+    assert run(e, [(0.1, weak, weak)] + [(0.65, weak, weak)] * 60)[-1] is None
+
+
+@pytest.mark.parametrize("busy, cause", [(0.39, "storage"), (0.41, None)])
+def test_a_cold_verdict_recovers_at_twice_its_starved_level(busy, cause):
+    e = engine()
+    slow = {"storage": 3.0}
+    causes = run(e, [(0.2, slow, slow)] * 3 + [(busy, slow, slow)] * 4, level=None)
+    assert causes[-1] == cause
+
+
+def test_a_cold_verdict_of_idle_gpus_recovers_at_the_cold_floor_and_idle_samples_are_not_its_level():
+    e = engine()
+    slow = {"storage": 3.0}
+    assert run(e, [(0.0, slow, slow)] * 3 + [(0.45, slow, slow)] * 4, level=None)[-1] == "storage", "cold floor"
+    e = engine()
+    assert run(e, [(0.06, slow, slow)] * 3 + [(0.11, slow, slow)] * 4, level=None)[-1] == "storage"
+    e = engine()
+    assert run(e, [(0.06, slow, slow)] * 3 + [(0.13, slow, slow)] * 4, level=None)[-1] is None, "twice 0.06"
+    e = engine()
+    assert run(e, [(0.04, slow, slow)] * 5 + [(0.06, slow, slow)] * 3 + [(0.11, slow, slow)] * 4,
+               level=None)[-1] == "storage", "the idle samples (0.04) are left out of its level: 0.06, not 0.04"
+
+
+def test_a_cold_verdicts_starved_level_is_the_median_of_its_last_300_samples():
+    e = engine()
+    slow = {"storage": 3.0}
+    run(e, [(0.3, slow, slow)] * 300 + [(0.1, slow, slow)] * 150, level=None)
+    assert e.starvation.cold_line() == pytest.approx(0.4)
+    assert run(e, [(0.45, slow, slow)] * 4, level=None)[-1] is None
+
+
+def test_a_cold_verdict_ends_when_its_evidence_goes_never_host():
+    """A 28% job started into a congested fabric: once the congestion clears, no `host` (the field case
+    cold-start-small-job-into-congestion)."""
+    e = engine()
+    hot = {"network": 3.0}
+    causes = run(e, [(0.28, hot, hot)] * 5 + [(0.28, hot, {})] * 12, level=None)
+    assert "host" not in causes and causes[-1] is None
+    assert causes.index(None) == 5 + 3 + 3, "resolved after 3 s starved without it, then 3 s of recovery"
+
+
+def test_a_cold_verdict_passes_to_another_strong_cause_when_its_own_ends():
+    e = engine()
+    causes = run(e, [(0.0, {"checkpoint": 6.0}, {"checkpoint": 6.0}), (0.0, {"network": 2.0}, {"network": 2.0})],
+                 level=None)
+    assert causes == ["checkpoint", "network"]
+
+
+def test_the_busy_ratio_judgement_lines():
+    from stoker.detect.starvation import Starvation
+    s = Starvation(DetectConfig())
+    assert [s.judge(b, 1.0) for b in (0.04, 0.49, 0.5, 0.79, 0.8)] == ["low", "low", "band", "band", "back"]
+    assert s.judge(0.049, 0.06) == "low", "idle, whatever the level"
+    assert [s.judge(b, None) for b in (0.49, 0.5)] == ["low", "back"]
+    assert s.usable(0.04) is None and s.usable(0.05) == 0.05
+    assert [s.waiting(b, None) for b in (0.09, 0.1)] == [True, False]
+    assert [s.at_level(b, None) for b in (0.49, 0.5)] == [False, True]
+    assert [s.at_level(b, 1.0) for b in (0.79, 0.8)] == [False, True]
+
+
+def test_a_job_level_needs_ten_samples():
+    job = JobTracker(DetectConfig())
+    job.update(0.0, snapshot((100, 101)))
+    for t in range(9):
+        job.remember(float(t), 0.9)
+    assert job.baseline() is None
+    job.remember(9.0, 0.9)
+    assert job.baseline() == 0.9
+
+
+def test_port_strengths():
+    from stoker.detect.evidence import PORT_DOWN, PORT_NEVER_UP
+    assert (PORT_DOWN, PORT_NEVER_UP) == (4.0, 2.0)

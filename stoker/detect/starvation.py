@@ -12,9 +12,9 @@ Each sample of the node's busy ratio is judged against the job's level
 Without a usable level (the agent just started, a new job, a copy-bound job,
 a busy ratio whose source changed) there is no band: `low` is below the cold
 line, `back` above it. The cold line is `cold_floor` until a verdict holds,
-then `min(cold_floor, max(2 x its starved level, 2 x idle_floor))`: its
-starved level is the median of what the GPUs did while it held, idle samples
-left out (a job loading does nothing, and any work would read as a recovery);
+then `min(cold_floor, 2 x its starved level)`: its starved level is the median
+of what the GPUs did while it held, idle samples (below `idle_floor`) left out
+(a job loading does nothing, and any work would read as a recovery);
 `cold_floor` while only those were seen.
 
 The machine (which cause, and whether one is named at all, is the arbiter's):
@@ -91,8 +91,7 @@ class Starvation:
         c = self.config
         if self.state == OK or not self.levels:
             return c.cold_floor
-        return min(c.cold_floor, max(TIMINGS.cold_line * statistics.median(self.levels),
-                                     TIMINGS.cold_line * c.idle_floor))
+        return min(c.cold_floor, TIMINGS.cold_line * statistics.median(self.levels))
 
     def judge(self, busy: float, level: float | None) -> str:
         """`level`: usable (see `usable`)."""
