@@ -13,7 +13,8 @@ an afternoon). Each mutant is one of:
 Docstrings, annotations, f-strings and log calls are left alone. The tests run in a forked
 child of a process that has imported them once; the child patches the mutated module in
 place (functions and methods get the mutant's code, module-level values are rebound in every
-module that imported them) and runs pytest on the tests given, stopping at the first failure.
+module that imported them) and runs the tests, collected once by pytest in the parent, stopping at
+the first failure.
 A mutant is killed when a test fails or the run exceeds `--timeout` (an endless loop).
 
     python -m bench.mutation [--files stoker/detect/causes.py ...] [--tests tests/test_detect.py]
@@ -193,6 +194,8 @@ def _patch_class(old: type, new: type) -> None:
 
 def apply(module: types.ModuleType, source: str) -> None:
     """Make `module` behave as `source` says, keeping its functions' and classes' identity."""
+    if not source:
+        return
     ns: dict = {"__name__": module.__name__, "__file__": module.__file__, "__package__": module.__package__}
     exec(compile(source, module.__file__, "exec"), ns)
     for name, new in ns.items():
@@ -209,26 +212,68 @@ def apply(module: types.ModuleType, source: str) -> None:
                     setattr(m, name, new)
 
 
-def run_one(module: types.ModuleType, source: str, tests: list[str], timeout: float) -> str:
-    """killed | survived | timeout, for one mutant, in a forked child."""
+def run_one(module: types.ModuleType, source: str, items: list, timeout: float) -> str:
+    """killed | survived | timeout, for one mutant: the collected tests run in a forked child, in order,
+    until one fails."""
+    from _pytest.runner import runtestprotocol
+
     pid = os.fork()
     if pid == 0:
         signal.alarm(int(timeout))
-        code = 1
+        failed = True
         try:
-            import pytest
-            apply(module, source)
             with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *tests])
-        except BaseException:  # noqa: BLE001 - a mutant that breaks the import kills itself
-            code = 1
-        os._exit(0 if code == 0 else 1)
+                apply(module, source)
+                failed = False
+                for i, item in enumerate(items):
+                    reports = runtestprotocol(item, log=False, nextitem=items[i + 1] if i + 1 < len(items) else None)
+                    if any(r.failed for r in reports):
+                        failed = True
+                        break
+        except BaseException:  # noqa: BLE001 - a mutant that breaks the module kills itself
+            failed = True
+        os._exit(1 if failed else 0)
     started = time.monotonic()
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM:
         return "timeout"
     return "survived" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and \
         time.monotonic() - started < timeout else "killed"
+
+
+class Mutate:
+    """A pytest plugin: collect the tests once, then run them against each mutant instead of once."""
+
+    def __init__(self, files: list[str], timeout: float, limit: int):
+        self.files, self.timeout, self.limit = files, timeout, limit
+        self.results: list[dict] = []
+
+    def pytest_runtestloop(self, session) -> bool:
+        import importlib
+
+        items = list(session.items)
+        if run_one(types.ModuleType("none"), "", items, self.timeout) != "survived":
+            raise SystemExit("the tests fail without any mutant")
+        for path in self.files:
+            name = ".".join(Path(path).with_suffix("").parts)
+            module = importlib.import_module(name)
+            source = Path(path).read_text()
+            found = mutants(source) + _not_mutants(source)
+            if self.limit:
+                found = found[:self.limit]
+            survivors, killed, timeouts = [], 0, 0
+            for line, description, mutated in found:
+                result = run_one(module, mutated, items, self.timeout)
+                killed += result != "survived"
+                timeouts += result == "timeout"
+                if result == "survived":
+                    survivors.append(f"{path}:{line}: {description}")
+            self.results.append({"file": path, "mutants": len(found), "killed": killed, "timeouts": timeouts,
+                                 "survivors": survivors})
+            print(f"\n{path}: {killed}/{len(found)} killed", flush=True)
+            for s in survivors:
+                print(f"  survived {s}", flush=True)
+        return True
 
 
 def main() -> None:
@@ -242,35 +287,13 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    import importlib
-
     import pytest
-    with redirect_stdout(io.StringIO()):
-        if pytest.main(["-q", "-p", "no:cacheprovider", *args.tests]) != 0:  # imports them, and must pass
-            raise SystemExit("the tests fail without any mutant")
-    files = []
-    for path in args.files:
-        name = ".".join(Path(path).with_suffix("").parts)
-        module = importlib.import_module(name)
-        source = Path(path).read_text()
-        found = mutants(source) + _not_mutants(source)
-        if args.limit:
-            found = found[:args.limit]
-        survivors, killed, timeouts = [], 0, 0
-        for line, description, mutated in found:
-            result = run_one(module, mutated, args.tests, args.timeout)
-            killed += result != "survived"
-            timeouts += result == "timeout"
-            if result == "survived":
-                survivors.append(f"{path}:{line}: {description}")
-        files.append({"file": path, "mutants": len(found), "killed": killed, "timeouts": timeouts,
-                      "survivors": survivors})
-        print(f"{path}: {killed}/{len(found)} killed", flush=True)
-        for s in survivors:
-            print(f"  survived {s}", flush=True)
-    total = sum(f["mutants"] for f in files)
-    killed = sum(f["killed"] for f in files)
-    emit("mutation", {"files": files, "mutants": total, "killed": killed,
+
+    plugin = Mutate(args.files, args.timeout, args.limit)
+    pytest.main(["-q", "-p", "no:cacheprovider", *args.tests], plugins=[plugin])
+    total = sum(f["mutants"] for f in plugin.results)
+    killed = sum(f["killed"] for f in plugin.results)
+    emit("mutation", {"files": plugin.results, "mutants": total, "killed": killed,
                       "score": round(killed / total, 4) if total else None, "tests": args.tests}, args.out)
 
 

@@ -702,8 +702,8 @@ def test_a_verdict_clears_after_recover_after_back_and_flap_factor_times_that_wh
     slow = {"storage": 3.0}
     assert run(e, [(0.1, slow, slow)] + [(0.9, {}, {})] * 4)[-1] is None, "the first time: 3 s after it is back"
     causes = [e.update(float(t), busy, True, 0.9, scores(**s), scores(**s))
-              for t, (busy, s) in enumerate([(0.1, slow)] + [(0.9, {})] * 12, start=10)]
-    assert causes.index(None) == clears_after + 1, causes
+              for t, (busy, s) in enumerate([(0.1, slow)] + [(0.9, {})] * 12, start=9)]
+    assert causes.index(None) == clears_after + 1, causes  # ended at t=4, back at 9: 5 s later
 
 
 def test_a_checkpoint_verdict_is_never_damped():
@@ -808,3 +808,140 @@ def test_a_job_level_needs_ten_samples():
 def test_port_strengths():
     from stoker.detect.evidence import PORT_DOWN, PORT_NEVER_UP
     assert (PORT_DOWN, PORT_NEVER_UP) == (4.0, 2.0)
+
+
+def test_a_sample_back_between_two_low_ones_restarts_the_lag():
+    assert run(engine(), [(0.1, {}, {}), (0.9, {}, {}), (0.1, {}, {}), (0.1, {}, {})]) == [None, None, None, "host"]
+
+
+def test_another_job_restarts_the_lag():
+    e = engine()
+    assert e.update(0.0, 0.1, True, 0.9, NO, NO) is None
+    assert e.update(1.0, 0.1, False, 0.9, NO, NO) is None, "no job"
+    assert e.update(2.0, 0.1, True, 0.9, NO, NO) is None
+    assert e.update(3.0, 0.1, True, 0.9, NO, NO) == "host"
+    assert e.update(4.0, None, True, 0.9, NO, NO) is None, "no busy ratio (NVML did not answer): no verdict"
+
+
+def test_the_resolving_clock_starts_on_low_samples_not_in_the_band():
+    s = {"storage": 3.0}
+    causes = run(engine(), [(0.1, s, s), (0.65, s, {}), (0.65, s, {}), (0.65, s, {}), (0.1, s, {}), (0.1, s, {}),
+                            (0.1, s, {}), (0.1, s, {})])
+    assert causes == ["storage"] * 7 + ["host"]
+
+
+def test_a_resolved_cause_stays_resolved_until_present_again():
+    s = {"storage": 3.0}
+    causes = run(engine(), [(0.1, s, s)] + [(0.1, s, {})] * 4 + [(0.9, s, {}), (0.1, s, {})])
+    assert causes[4:] == ["host", "host", "host"]
+
+
+def test_a_cause_whose_evidence_is_gone_turns_host_only_once_every_source_was_measured():
+    e = engine()
+    s = {"storage": 3.0}
+    e.update(0.0, 0.1, True, 0.9, scores(**s), scores(**s))
+    assert [e.update(float(t), 0.1, True, 0.9, NO, NO, measured=False) for t in (1, 2, 3)] == ["storage"] * 3
+    assert e.update(4.0, 0.1, True, 0.9, NO, NO) == "host"
+
+
+def test_a_cold_start_takes_the_strongest_cause_present():
+    assert run(engine(), [(0.2, {"network": 2.5, "storage": 3.0}, {"network": 2.5, "storage": 3.0})],
+               level=None) == ["storage"]
+
+
+def test_a_checkpoint_preempts_only_strong_now():
+    both = {"storage": 1.0, "checkpoint": 2.0}
+    assert run(engine(), [(0.1, {"storage": 1.0}, {"storage": 1.0}), (0.1, both, both)]) == ["storage", "checkpoint"]
+    weak = {"storage": 1.0, "checkpoint": 1.9}
+    assert run(engine(), [(0.1, {"storage": 1.0}, {"storage": 1.0})] + [(0.1, weak, weak)] * 4) == \
+        ["storage"] * 4 + ["checkpoint"], "not strong: it challenges as any cause does"
+
+
+def test_a_present_cause_as_heavy_as_a_remembered_one_waits_recover_after():
+    rows = [(0.1, {"storage": 2.5}, {"storage": 2.5})] + [(0.1, {"storage": 2.5, "network": 2.5}, {"network": 2.5})] * 4
+    assert run(engine(), rows) == ["storage"] * 4 + ["network"]
+
+
+def test_starved_seconds_count_the_time_each_cause_held():
+    e = engine()
+    s = {"storage": 3.0}
+    for t in (0.0, 0.5, 1.0):
+        e.update(t, 0.1, True, 0.9, scores(**s), scores(**s))
+    assert e.seconds == {"storage": 1.0, "network": 0.0, "checkpoint": 0.0, "host": 0.0}
+    e.update(1.5, 0.1, False, 0.9, NO, NO)
+    e.update(2.0, 0.1, False, 0.9, NO, NO)
+    assert e.seconds["storage"] == 1.5, "the tick that ends it counts, nothing after"
+
+
+def test_a_cold_verdicts_first_sample_is_in_its_starved_level():
+    s = {"storage": 3.0}
+    assert engine().starvation.cold_line() == 0.5, "no verdict: the cold floor"
+    e = engine()
+    assert run(e, [(0.1, s, s), (0.15, s, s), (0.27, s, s)], level=None) == ["storage"] * 3
+    assert e.starvation.state == "recovering", "twice the median of 0.1 and 0.15: 0.25"
+
+
+def test_in_the_band_a_cause_gone_recovers_only_once_measured():
+    e = engine()
+    s = {"storage": 3.0}
+    e.update(0.0, 0.1, True, 0.9, scores(**s), scores(**s))
+    assert [e.update(float(t), 0.65, True, 0.9, NO, NO, measured=False) for t in range(1, 6)] == ["storage"] * 5
+
+
+def test_the_gpu_machine_lines_for_the_collector():
+    from stoker.detect.starvation import Starvation
+    s = Starvation(DetectConfig())
+    assert [s.low(b, 1.0) for b in (0.49, 0.5)] == [True, False]
+    assert s.low(0.049, 0.06) and not s.low(0.05, 0.06)
+    assert not s.low(0.0, None) and not s.low(0.0, 0.04), "no usable level: never low by it"
+    assert [s.waiting(b, 1.0) for b in (0.49, 0.5)] == [True, False]
+    assert not s.at_level(None, 1.0)
+    s.begin(cold=False)
+    assert not s.at_level(1.0, 1.0), "a verdict holds: the GPUs are not at their level over the window"
+
+
+def test_what_a_signal_says_to_the_operator():
+    a = Attribution(DetectConfig(evidence_memory=10.0))
+    a.observe(0.0, [READS, RAIL], at_level=False)
+    a.observe(5.0, [RAIL], at_level=False)
+    assert a.reasons("storage") == ["/mnt/data: READ takes 80 ms (5 s ago)"]
+    assert a.reasons("network") == ["mlx5_3/1 down"]
+    assert a.current() == [RAIL]
+    a.observe(10.0, [], at_level=False)
+    assert (READS.key in a.traces, a.scores()["storage"]) == (True, 0.0), "kept, weightless, at exactly the memory"
+    a.observe(10.5, [], at_level=False)
+    assert READS.key not in a.traces
+
+
+def test_evidence_about_the_last_jobs_reads_is_dropped_at_a_job_change():
+    a = Attribution(DetectConfig())
+    stalled = Signal("reads_stalled", "/mnt/data", 3.0, "")
+    a.observe(0.0, [stalled, RAIL], at_level=False)
+    a.new_job()
+    assert set(a.traces) == {RAIL.key}
+
+
+def test_a_level_saved_by_the_last_run_is_known_at_once():
+    job = JobTracker(DetectConfig())
+    job.update(0.0, snapshot((100, 101)))
+    job.seed(50.0, 0.8)
+    assert job.baseline() == 0.8
+
+
+def test_a_job_level_is_the_median_of_the_last_baseline_window():
+    job = JobTracker(DetectConfig(baseline_window=20.0))
+    job.update(0.0, snapshot((100, 101)))
+    for t in range(15):
+        job.remember(float(t), 0.9)
+    for t in range(15, 30):
+        job.remember(float(t), 0.5)
+    assert job.baseline() == 0.5 and len(job.history) == 21, "t=9 to 29"
+
+
+def test_a_verdict_carried_over_a_restart_resolves_as_any_other():
+    """Carried, its cause has not come back after resolving: 3 s absent, not 9."""
+    e = engine()
+    e.new_job()
+    e.resume(0.0, "storage", cold=False)
+    s = {"storage": 3.0}
+    assert run(e, [(0.1, s, {})] * 5)[1:] == ["storage", "storage", "host", "host"]

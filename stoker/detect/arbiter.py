@@ -104,8 +104,8 @@ class Arbiter:
         if (heavier and p.samples >= TIMINGS.replace) or t - p.since >= TIMINGS.hold * self.config.recover_after:
             self.set(best)
 
-    def end(self, t: float) -> None:
-        if self.cause is not None:
-            self.ended = (self.cause, t)
+    def end(self, t: float | None) -> None:
+        """No verdict from here; `t` None: the last one is forgotten too (another job's)."""
+        self.ended = None if t is None else (self.cause, t) if self.cause is not None else self.ended
         self.cause = self.since = self.pending = None
         self.came_back = False

@@ -1,8 +1,8 @@
 """Which cause explains the GPUs' wait: signals weighed by strength and by timing.
 
-Each signal's history is kept as a `Trace`: when it appeared, when it was last
-seen, and how long the GPUs kept their job's level while it was present. Its
-weight for the ranking:
+Each signal's history is kept as a `Trace`: when it was last seen, and how
+long the GPUs kept their job's level while it was present. Its weight for the
+ranking:
 
 - strength: 1 at its threshold, growing with the log of how far past it
   (twice the threshold weighs 2, four times 3), capped at `Weights.most`;
@@ -46,7 +46,6 @@ def strength_score(signal: Signal) -> float:
 @dataclass
 class Trace:
     signal: Signal
-    onset: float
     last_seen: float
     tolerated_seconds: float = 0.0
     tolerated_strength: float = 0.0
@@ -76,7 +75,7 @@ class Attribution:
         for s in signals:
             trace = self.traces.get(s.key)
             if trace is None or t - trace.last_seen > memory:
-                trace = self.traces[s.key] = Trace(s, t, t)
+                trace = self.traces[s.key] = Trace(s, t)  # new, or back after it was forgotten
             trace.signal, trace.last_seen = s, t
             if at_level:
                 trace.tolerated_seconds += dt

@@ -89,7 +89,7 @@ class Causes:
                judgement: str, leveled: bool, config: DetectConfig) -> None:
         """`leveled`: the judgement is against the job's level (not the cold line)."""
         for name, m in self.machines.items():
-            m.update(t, scores.get(name, 0.0), now.get(name, 0.0), measured, holding, judgement, config)
+            m.update(t, scores[name], now[name], measured, holding, judgement, config)
         quiet = leveled and judgement == LOW and not any(m.state == ACTIVE for m in self.machines.values())
         self.lag = self.lag + 1 if quiet else 0
 

@@ -108,12 +108,9 @@ class Engine:
     def new_job(self) -> None:
         """Another job: no verdict, and the last job's verdicts are not this one's to come back."""
         self.end(None)
-        self.arbiter.ended = None
 
     def end(self, t: float | None) -> None:
-        if t is not None:
-            self.arbiter.end(t)
-        else:
-            self.arbiter.cause = self.arbiter.pending = None
+        """The verdict ends at `t` (None: it was another job's, and is forgotten)."""
+        self.arbiter.end(t)
         self.starvation.end()
         self.causes.reset()

@@ -53,7 +53,7 @@ class Starvation:
     def __init__(self, config: DetectConfig):
         self.config = config
         self.state = OK
-        self.cold = False  # the verdict began without the job's level
+        self.cold = False  # the verdict (the current or last one) began without the job's level
         self.recovering_since: float | None = None
         self.in_band_since: float | None = None  # above the starved line, below the recovered one
         self.low_run = 0  # low samples in a row
@@ -137,4 +137,4 @@ class Starvation:
             t - self.recovering_since >= TIMINGS.recover * c.recover_after * (c.flap_factor if damped else 1.0)
 
     def end(self) -> None:
-        self.state, self.cold, self.recovering_since = OK, False, None
+        self.state, self.recovering_since = OK, None
