@@ -173,11 +173,14 @@ def _patch_function(old: types.FunctionType, new: types.FunctionType) -> None:
 
 
 def _patch_class(old: type, new: type) -> None:
+    dataclass = hasattr(new, "__dataclass_fields__")
     for name, value in vars(new).items():
-        if name in ("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__"):
-            continue
         current = vars(old).get(name)
-        if isinstance(value, types.FunctionType) and isinstance(current, types.FunctionType):
+        if name == "__init__" and dataclass and isinstance(current, types.FunctionType):
+            current.__defaults__, current.__kwdefaults__ = value.__defaults__, value.__kwdefaults__  # generated
+        elif name.startswith("__") and name.endswith("__") and name != "__init__":
+            continue  # the class's machinery (fields, slots, match args, docs)
+        elif isinstance(value, types.FunctionType) and isinstance(current, types.FunctionType):
             _patch_function(current, value)
         elif isinstance(value, property) and isinstance(current, property):
             for part in ("fget", "fset"):
@@ -185,11 +188,9 @@ def _patch_class(old: type, new: type) -> None:
                     _patch_function(getattr(current, part), getattr(value, part))
         elif isinstance(value, (staticmethod, classmethod)) and isinstance(current, type(value)):
             _patch_function(current.__func__, value.__func__)
-        elif not isinstance(value, (types.FunctionType, property, staticmethod, classmethod, type)):
-            try:
-                setattr(old, name, value)
-            except (AttributeError, TypeError):
-                pass
+        elif not isinstance(value, (types.FunctionType, property, staticmethod, classmethod, type,
+                                    types.MemberDescriptorType, types.GetSetDescriptorType)):
+            setattr(old, name, value)  # a class attribute: a dataclass field's default
 
 
 def apply(module: types.ModuleType, source: str) -> None:
@@ -258,6 +259,8 @@ class Mutate:
             name = ".".join(Path(path).with_suffix("").parts)
             module = importlib.import_module(name)
             source = Path(path).read_text()
+            if run_one(module, source, items, self.timeout) != "survived":  # the patching itself must be harmless
+                raise SystemExit(f"{path}: the tests fail with the module patched by its own source")
             found = mutants(source) + _not_mutants(source)
             if self.limit:
                 found = found[:self.limit]

@@ -793,6 +793,9 @@ def test_the_busy_ratio_judgement_lines():
     assert [s.waiting(b, None) for b in (0.09, 0.1)] == [True, False]
     assert [s.at_level(b, None) for b in (0.49, 0.5)] == [False, True]
     assert [s.at_level(b, 1.0) for b in (0.79, 0.8)] == [False, True]
+    assert [s.at_level(b, 0.5) for b in (0.39, 0.4)] == [False, True]
+    assert [s.judge(b, 0.5) for b in (0.24, 0.25, 0.39, 0.4)] == ["low", "band", "band", "back"]
+    assert s.judge(0.05, 0.06) == "back", "at the idle floor is not below it"
 
 
 def test_a_job_level_needs_ten_samples():
@@ -945,3 +948,201 @@ def test_a_verdict_carried_over_a_restart_resolves_as_any_other():
     e.resume(0.0, "storage", cold=False)
     s = {"storage": 3.0}
     assert run(e, [(0.1, s, {})] * 5)[1:] == ["storage", "storage", "host", "host"]
+
+
+def test_host_with_evidence_of_its_own_is_challenged_as_any_cause():
+    cpu = {"host": 2.0}
+    both = {"host": 2.0, "network": 2.5}
+    assert run(engine(), [(0.1, cpu, cpu)] + [(0.1, both, both)] * 5) == ["host"] * 6, "2.5 is not 1.5 x 2.0"
+
+
+def test_host_without_evidence_does_not_yield_to_a_cause_only_remembered():
+    assert run(engine(), [(0.1, {}, {}), (0.1, {}, {})] + [(0.1, {"storage": 2.0}, {})] * 3) == \
+        [None] + ["host"] * 4
+
+
+def test_a_cause_damped_when_it_comes_back_within_the_flap_window_at_any_hour():
+    e = engine()
+    slow = {"storage": 3.0}
+    for t in range(1000, 1005):
+        e.update(float(t), 0.1 if t == 1000 else 0.9, True, 0.9, scores(**slow) if t == 1000 else NO, NO)
+    assert e.cause is None and e.arbiter.ended == ("storage", 1004.0)
+    causes = [e.update(float(t), 0.1 if t == 1014 else 0.9, True, 0.9, scores(**slow) if t == 1014 else NO, NO)
+              for t in range(1014, 1025)]
+    assert causes == ["storage"] * 10 + [None], "back 10 s after it ended: 9 s to clear"
+
+
+def test_a_checkpoint_that_ended_leaves_host_on_the_second_low_sample():
+    ck = {"checkpoint": 6.0}
+    assert run(engine(), [(0.1, ck, ck), (0.1, {}, {}), (0.1, {}, {})]) == ["checkpoint", "checkpoint", "host"]
+
+
+def test_nothing_changes_cause_while_the_gpus_are_in_the_band():
+    s, both = {"storage": 2.0}, {"storage": 2.0, "network": 3.0}
+    causes = run(engine(), [(0.1, s, s)] + [(0.65, both, both)] * 5 + [(0.1, both, both)] * 4)
+    assert causes == ["storage"] * 9 + ["network"], "the challenge starts at the first low sample"
+
+
+def test_a_carried_verdict_recovers_undamped_unless_saved_as_a_return():
+    e = engine()
+    e.resume(0.0, "storage", cold=False)
+    assert run(e, [(0.9, {}, {})] * 4)[-1] is None
+
+
+def test_a_carried_verdict_whose_cause_shows_again_is_not_a_return():
+    e = engine()
+    e.new_job()
+    e.resume(0.0, "storage", cold=False)
+    s = {"storage": 3.0}
+    assert run(e, [(0.1, s, s)] + [(0.1, s, {})] * 4)[-1] == "host"
+
+
+def test_a_cause_at_exactly_one_is_not_gone():
+    e = engine()
+    s, one = {"storage": 3.0}, {"storage": 1.0}
+    assert run(e, [(0.1, s, s)] + [(0.65, one, one)] * 8)[-1] == "storage"
+
+
+def test_a_verdict_passed_on_without_a_level_is_still_starved():
+    e = engine()
+    run(e, [(0.0, {"checkpoint": 6.0}, {"checkpoint": 6.0}), (0.0, {"network": 2.0}, {"network": 2.0})], level=None)
+    assert (e.cause, e.starvation.state, e.starvation.cold) == ("network", "low", True)
+    e = engine()
+    run(e, [(0.1, {"network": 2.0}, {"network": 2.0})])
+    assert (e.cause, e.starvation.cold) == ("network", False)
+
+
+def test_a_cold_verdict_is_not_passed_to_a_weak_cause():
+    causes = run(engine(), [(0.0, {"checkpoint": 6.0}, {"checkpoint": 6.0})] + [(0.0, {"network": 1.5},
+                                                                                 {"network": 1.5})] * 4, level=None)
+    assert causes == ["checkpoint", "checkpoint", "checkpoint", "checkpoint", None], "it recovers: 3 s"
+
+
+def test_a_cold_verdicts_level_counts_samples_at_the_idle_floor():
+    e = engine()
+    s = {"storage": 3.0}
+    run(e, [(0.05, s, s)] * 3, level=None)
+    assert e.starvation.cold_line() == pytest.approx(0.1)
+
+
+def test_toleration_counts_seconds_not_samples():
+    a = Attribution(DetectConfig(tolerate_after=10.0))
+    for k in range(20):
+        a.observe(k * 0.5, [RAIL], at_level=True)  # 9.5 s at the level
+    assert a.scores()["network"] == pytest.approx(3.0)
+    a.observe(10.0, [RAIL], at_level=True)
+    assert a.scores()["network"] == pytest.approx(0.3)
+
+
+def test_a_signal_back_within_the_memory_keeps_what_was_tolerated():
+    a = Attribution(DetectConfig(tolerate_after=10.0, evidence_memory=15.0))
+    for t in range(11):
+        a.observe(float(t), [RAIL], at_level=True)
+    a.observe(25.0, [RAIL], at_level=False)
+    assert a.scores()["network"] == pytest.approx(0.3), "15 s later: the same trace"
+    a.observe(40.5, [RAIL], at_level=False)
+    assert a.scores()["network"] == pytest.approx(3.0), "forgotten: a new one"
+
+
+def test_reasons_come_strongest_first_and_weightless_ones_are_left_out():
+    a = Attribution(DetectConfig(evidence_memory=10.0))
+    queue = Signal("read_queue", "/mnt/data", 2.0, "queued")
+    a.observe(0.0, [queue, READS], at_level=False)
+    assert a.reasons("storage") == ["/mnt/data: READ takes 80 ms", "queued"]
+    a.observe(1.0, [queue], at_level=False)
+    a.observe(11.0, [], at_level=False)
+    assert a.reasons("storage") == [] and queue.key in a.traces, "10 s old: kept, weightless, not a reason"
+
+
+# -- evidence: what each source's window measures -----------------------------------------------------
+# (mountstats fields as Linux's fs/nfs/iostat.h and net/sunrpc/stats.c give them: per operation, ops,
+# queue and execute milliseconds; PSI `some` totals in microseconds, here in seconds as the source keeps them)
+
+from stoker.detect.evidence import EvidenceTracker  # noqa: E402
+from stoker.detect.view import NodeView, ProbeState  # noqa: E402
+from stoker.sources.netdev import NetInterface, NetSnapshot  # noqa: E402
+from stoker.sources.pressure import PressureSnapshot  # noqa: E402
+
+
+def nfs(read_ops: float, read_exec_ms: float, read_queue_ms: float = 0.0, write_ops: float = 0.0,
+        write_exec_ms: float = 0.0, role: str = "data", mountpoint: str = "/mnt/data") -> NfsSnapshot:
+    return NfsSnapshot([NfsSample(mountpoint, "nas:/x", "4.1", "tcp", 1, role, ops={
+        "READ": {"ops": read_ops, "execute_ms": read_exec_ms, "queue_ms": read_queue_ms},
+        "WRITE": {"ops": write_ops, "execute_ms": write_exec_ms, "queue_ms": 0.0}})])
+
+
+def kinds(signals) -> dict[str, float]:
+    return {s.kind: round(s.strength, 3) for s in signals}
+
+
+def test_nfs_reads_are_judged_per_operation_over_the_window():
+    ev = EvidenceTracker(DetectConfig())  # 20 ms per READ executing, 10 ms queued
+    assert ev.signals(NodeView(0.0, nfs=nfs(100, 0))) == [] and not ev.measured()
+    assert kinds(ev.signals(NodeView(1.0, nfs=nfs(200, 4000, 1500)))) == {"read_latency": 2.0, "read_queue": 1.5}
+    assert ev.measured()
+    assert kinds(ev.signals(NodeView(2.0, nfs=nfs(300, 6000, 2500)))) == {}, "20 ms and 10 ms: at, not past"
+
+
+def test_a_data_mount_that_stops_completing_reads_is_stalled_reads():
+    ev = EvidenceTracker(DetectConfig(reads_stalled_after=1.0))
+    for t, ops in ((0.0, 100), (1.0, 200), (2.0, 300), (3.0, 300), (5.0, 300)):
+        signals = ev.signals(NodeView(t, nfs=nfs(ops, ops * 5)))
+    assert kinds(signals) == {"reads_stalled": 3.0}, "seen completing reads by t=2, none since: 3 s"
+    ev.new_job()
+    assert kinds(ev.signals(NodeView(5.0, nfs=nfs(300, 1500)))) == {}, "the gone job's reads are not the next one's"
+    other = EvidenceTracker(DetectConfig())
+    for t in (0.0, 1.0, 5.0):
+        signals = other.signals(NodeView(t, nfs=nfs(100, 500, role="other", mountpoint="/mnt/logs")))
+    assert signals == [], "only a data mount's reads are the job's input"
+
+
+def test_writes_are_the_checkpoints_on_a_checkpoint_mount_and_storages_elsewhere():
+    for role, kind in (("checkpoint", "checkpoint_write_latency"), ("data", "write_latency")):
+        ev = EvidenceTracker(DetectConfig())  # 100 ms per WRITE
+        ev.signals(NodeView(0.0, nfs=nfs(0, 0, role=role, write_ops=10)))
+        assert kinds(ev.signals(NodeView(1.0, nfs=nfs(0, 0, role=role, write_ops=20, write_exec_ms=3000)))) == \
+            {kind: 3.0}
+
+
+def test_a_snapshot_seen_again_is_no_new_window_and_a_source_gone_says_nothing():
+    ev = EvidenceTracker(DetectConfig())
+    ev.signals(NodeView(0.0, nfs=nfs(100, 0)))
+    slow = nfs(200, 4000)
+    assert kinds(ev.signals(NodeView(1.0, nfs=slow))) == {"read_latency": 2.0}
+    assert kinds(ev.signals(NodeView(2.0, nfs=slow))) == {"read_latency": 2.0}, "held, not measured again"
+    assert ev.signals(NodeView(3.0)) == []
+
+
+def test_a_window_is_as_long_as_between_the_collectors_samples():
+    ev = EvidenceTracker(DetectConfig(cpu_pressure_ratio=0.4))
+    ev.signals(NodeView(10.0, host=PressureSnapshot({"cpu": 1.0}), sampled={"host": 0.0}))
+    signals = ev.signals(NodeView(11.0, host=PressureSnapshot({"cpu": 2.6}), sampled={"host": 2.0}))
+    assert kinds(signals) == {"cpu_pressure": 2.0}, "1.6 s waited in the 2 s between its samples: 80%"
+
+
+def test_host_pressure_for_cpu_and_memory():
+    ev = EvidenceTracker(DetectConfig(cpu_pressure_ratio=0.4, memory_pressure_ratio=0.2))
+    ev.signals(NodeView(0.0, host=PressureSnapshot({"cpu": 10.0, "memory": 5.0})))
+    assert kinds(ev.signals(NodeView(1.0, host=PressureSnapshot({"cpu": 10.5, "memory": 5.3})))) == \
+        {"cpu_pressure": 1.25, "memory_pressure": 1.5}
+
+
+def test_probes_slow_and_hung():
+    ev = EvidenceTracker(DetectConfig(probe_latency_seconds=1.0, probe_hung_seconds=5.0))
+    probe = ProbeState("/mnt/data", 10.0, {"write": 0.01, "read": 3.0})
+    assert kinds(ev.signals(NodeView(0.0, probes=[probe]))) == {"probe_hung": 2.0, "probe_slow": 3.0}
+    assert ev.signals(NodeView(1.0, probes=[ProbeState("/mnt/data", 0.0, {})])) == []
+
+
+def test_a_link_that_goes_down_and_pfc_pauses():
+    ev = EvidenceTracker(DetectConfig(pause_ratio=0.02))
+    up = NetInterface("eth3", True, pause_seconds={("3", "rx"): 1.0, ("3", "tx"): 0.0})
+    ev.signals(NodeView(0.0, net=NetSnapshot([up])))
+    paused = NetInterface("eth3", True, pause_seconds={("3", "rx"): 1.05, ("3", "tx"): 9.0})
+    assert kinds(ev.signals(NodeView(1.0, net=NetSnapshot([paused])))) == {"pfc_pause": 2.5}, "rx only: 5%"
+    down = NetInterface("eth3", False, pause_seconds={("3", "rx"): 1.05})
+    assert kinds(ev.signals(NodeView(2.0, net=NetSnapshot([down])))) == {"link_down": 4.0}
+    never = EvidenceTracker(DetectConfig())
+    never.signals(NodeView(0.0, net=NetSnapshot([NetInterface("eth9", False)])))
+    assert never.signals(NodeView(1.0, net=NetSnapshot([NetInterface("eth9", False)]))) == [], \
+        "never seen up: no evidence"

@@ -2,7 +2,8 @@
 
 It reads no hardware; each cycle it assembles a `NodeView` from what the
 collectors last sampled, follows the job on the GPUs, measures the evidence,
-ranks it, and runs the detectors over it.
+weighs it, runs the engine's machines over it (detect/engine.py), and hands
+the exporter one immutable snapshot of the tick (detect/snapshot.py).
 """
 
 from __future__ import annotations

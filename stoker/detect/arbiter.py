@@ -108,4 +108,3 @@ class Arbiter:
         """No verdict from here; `t` None: the last one is forgotten too (another job's)."""
         self.ended = None if t is None else (self.cause, t) if self.cause is not None else self.ended
         self.cause = self.since = self.pending = None
-        self.came_back = False
