@@ -1091,9 +1091,13 @@ def test_a_data_mount_that_stops_completing_reads_is_stalled_reads():
     ev.new_job()
     assert kinds(ev.signals(NodeView(5.0, nfs=nfs(300, 1500)))) == {}, "the gone job's reads are not the next one's"
     other = EvidenceTracker(DetectConfig())
-    for t in (0.0, 1.0, 5.0):
-        signals = other.signals(NodeView(t, nfs=nfs(100, 500, role="other", mountpoint="/mnt/logs")))
+    for t, ops in ((0.0, 100), (1.0, 200), (2.0, 300), (3.0, 300), (5.0, 300)):
+        signals = other.signals(NodeView(t, nfs=nfs(ops, ops * 5, role="other", mountpoint="/mnt/logs")))
     assert signals == [], "only a data mount's reads are the job's input"
+    idle = EvidenceTracker(DetectConfig())
+    for t in (0.0, 1.0, 2.0, 9.0):
+        signals = idle.signals(NodeView(t, nfs=nfs(100, 500)))
+    assert signals == [], "never seen reading: not stalled (and no READ in a window: no latency)"
 
 
 def test_writes_are_the_checkpoints_on_a_checkpoint_mount_and_storages_elsewhere():
@@ -1146,3 +1150,98 @@ def test_a_link_that_goes_down_and_pfc_pauses():
     never.signals(NodeView(0.0, net=NetSnapshot([NetInterface("eth9", False)])))
     assert never.signals(NodeView(1.0, net=NetSnapshot([NetInterface("eth9", False)]))) == [], \
         "never seen up: no evidence"
+
+
+def test_the_tables_cannot_be_changed_while_the_agent_runs():
+    """Every machine reads the same rows for the agent's life: a row is data, not state."""
+    import dataclasses
+
+    from stoker.detect.policy import CAUSES, SIGNALS, TIMINGS, WEIGHTS
+    for row, key in ((SIGNALS["congestion"], "cause"), (CAUSES[0], "name"), (WEIGHTS, "strong"), (TIMINGS, "lag")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(row, key, None)
+
+
+def test_signals_are_values():
+    assert len({READS, Signal("read_latency", "/mnt/data", 4.0, "/mnt/data: READ takes 80 ms")}) == 1
+
+
+def test_a_held_window_of_the_last_jobs_reads_goes_with_it():
+    ev = EvidenceTracker(DetectConfig())
+    for t, ops in ((0.0, 100), (1.0, 200), (2.0, 300), (3.0, 300)):
+        snap = nfs(ops, ops * 5)
+        ev.signals(NodeView(t, nfs=snap))
+    assert kinds(ev.signals(NodeView(5.0, nfs=nfs(300, 1500)))) == {"reads_stalled": 3.0}
+    held = nfs(300, 1500)
+    ev.signals(NodeView(6.0, nfs=held))
+    ev.new_job()
+    assert ev.signals(NodeView(7.0, nfs=held)) == [], "the collector did not sample again: its window is held"
+
+
+def test_missing_counters_are_no_evidence_and_no_error():
+    ev = EvidenceTracker(DetectConfig())
+    only_reads = NfsSnapshot([NfsSample("/mnt/data", "nas:/x", "4.1", "tcp", 1, "data",
+                                        ops={"READ": {"ops": 100, "execute_ms": 0, "queue_ms": 0}})])
+    ev.signals(NodeView(0.0, nfs=only_reads, host=PressureSnapshot({"cpu": 1.0, "memory": 1.0})))
+    later = NfsSnapshot([NfsSample("/mnt/data", "nas:/x", "4.1", "tcp", 1, "data",
+                                   ops={"READ": {"ops": 200, "execute_ms": 4000, "queue_ms": 0}})])
+    assert kinds(ev.signals(NodeView(1.0, nfs=later, host=PressureSnapshot({"cpu": 1.9})))) == \
+        {"read_latency": 2.0, "cpu_pressure": 2.25}
+
+
+def test_rdma_ports_down_and_congestion_from_the_worst_counter():
+    from stoker.sources.rdma import RdmaPort, RdmaSnapshot
+    ev = EvidenceTracker(DetectConfig(cnp_per_second=500.0))
+
+    def rdma(up: list[bool | None], cnp: float, ecn: float) -> RdmaSnapshot:
+        return RdmaSnapshot([RdmaPort(f"mlx5_{i}", "1", f"eth{i}", up=u,
+                                      hw_counters={"np_cnp_sent": cnp, "np_ecn_marked_roce_packets": ecn})
+                             for i, u in enumerate(up)])
+    ev.signals(NodeView(0.0, rdma=rdma([True, True, True, False], 0, 0)))
+    signals = ev.signals(NodeView(2.0, rdma=rdma([True, True, True, False], 1000, 4000), sampled={"rdma": 2.0}))
+    strengths = {(s.kind, s.source): round(s.strength, 2) for s in signals}
+    assert strengths[("port_down", "mlx5_3/1")] == 2.0, "never up, most siblings up"
+    assert strengths[("congestion", "mlx5_0/1")] == 4.0, "the ECN marks: 2000 per s over 2 s"
+    signals = ev.signals(NodeView(3.0, rdma=rdma([False, True, True, False], 1000, 4000)))
+    assert {(s.kind, s.source): s.strength for s in signals if s.kind == "port_down"} == \
+        {("port_down", "mlx5_0/1"): 4.0}, "up before, down now: 4; mlx5_3 no longer beside a majority up"
+    half = EvidenceTracker(DetectConfig())
+    half.signals(NodeView(0.0, rdma=rdma([True, True, False, False], 0, 0)))
+    assert [s for s in half.signals(NodeView(1.0, rdma=rdma([True, True, False, False], 0, 0)))
+            if s.kind == "port_down"] == [], "half the ports never up: spares, not lost rails"
+
+
+def test_a_jobs_pids_are_kept_while_they_are_invisible_and_dropped_when_it_goes():
+    job = JobTracker(DetectConfig())
+    job.update(0.0, snapshot((100, 101)))
+    assert not job.update(1.0, snapshot(())), "memory held, PIDs in another namespace: the same job"
+    assert job.pids == frozenset({100, 101}) and job.present
+    job.update(2.0, snapshot((), memory=1e9))
+    assert job.pids == frozenset() and not job.present
+    assert not job.update(3.0, None) and not job.present, "no GPU snapshot: no job seen"
+
+
+def test_a_job_is_present_by_its_processes_or_by_memory_past_the_floor():
+    job = JobTracker(DetectConfig(job_memory_floor_bytes=4 << 30))
+    assert job.update(0.0, GpuSnapshot([GpuSample(0, "GPU-0", processes=1, pids=(5,), memory_used_bytes=0)]))
+    job.update(1.0, None)
+    assert not job.update(2.0, GpuSnapshot([GpuSample(0, "GPU-0", processes=0, memory_used_bytes=4 << 30)]))
+    assert job.update(3.0, GpuSnapshot([GpuSample(0, "GPU-0", processes=0, memory_used_bytes=(4 << 30) + 1)]))
+
+
+def test_a_job_works_from_its_first_sample_at_the_idle_floor():
+    job = JobTracker(DetectConfig())
+    job.update(0.0, snapshot((100,)))
+    job.remember(0.0, 0.04)
+    assert not job.worked
+    job.remember(1.0, 0.05)
+    assert job.worked and len(job.history) == 1
+
+
+def test_a_jobs_last_ten_samples_outlast_the_window():
+    job = JobTracker(DetectConfig(baseline_window=20.0))
+    job.update(0.0, snapshot((100,)))
+    for t in range(10):
+        job.remember(float(t), 0.9)
+    job.remember(1000.0, 0.9)
+    assert len(job.history) == 10 and job.baseline() == 0.9

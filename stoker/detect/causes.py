@@ -8,12 +8,13 @@ Its machine:
 | --- | --- | --- |
 | `inactive` | score below `Weights.explains` | no |
 | `active` | score at least that, and present now (or a source has no window yet: not measured absent) | yes |
-| `resolving` | remembered, measured absent now; its clock runs while a verdict holds and the GPUs are low | yes |
+| `resolving` | remembered, measured absent now | yes |
 | `resolved` | absent while the GPUs starved for `Timings.resolve` x recover_after (x flap_factor once it came back) | no |
 
-The clock stops while the GPUs are back at their level (a recovery between an
-intermittent fault's bursts is not the fault's absence while they starve),
-and every clock starts afresh when no verdict holds. A `resolved` cause stays
+The resolving clock starts at a low sample while a verdict holds (a band
+sample does not stop it) and is reset when the GPUs are back at their level (a
+recovery between an intermittent fault's bursts is not the fault's absence
+while they starve); every clock starts afresh when no verdict holds. A `resolved` cause stays
 so until present again, and then it has *come back*: an intermittent fault's
 gaps are its own, so its later gaps wait `flap_factor` times longer. The
 arbiter (arbiter.py) reads these states; `pending` is the arbiter's: a cause
