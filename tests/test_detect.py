@@ -9,7 +9,7 @@ import pytest
 
 from stoker.config import CheckpointConfig, DetectConfig
 from stoker.detect.attribution import Attribution
-from stoker.detect.checkpoint import FORGET_AFTER, CheckpointTracker
+from stoker.detect.checkpoint import CheckpointTracker, HintError
 from stoker.detect.evidence import Signal
 from stoker.detect.job import MIN_BASELINE_SAMPLES, JobTracker
 from stoker.detect.engine import Engine
@@ -311,7 +311,10 @@ def test_a_checkpoint_on_a_vanished_mount_is_lost_and_the_mount_forgotten():
     for _ in range(22):
         tick(t, clock, NfsSnapshot([]), True)
     assert t.mounts["/mnt/ckpt"].outcomes["lost"] == 1
-    clock.advance(FORGET_AFTER)
+    clock.advance(600.0 - 21.0)  # gone since the first empty snapshot, 21 s ago: 600 s in all
+    t.update(NfsSnapshot([]), False)
+    assert "/mnt/ckpt" in t.mounts, "forgotten only after ten minutes gone"
+    clock.advance(0.5)
     t.update(NfsSnapshot([]), False)
     assert "/mnt/ckpt" not in t.mounts
 
@@ -1245,3 +1248,175 @@ def test_a_jobs_last_ten_samples_outlast_the_window():
         job.remember(float(t), 0.9)
     job.remember(1000.0, 0.9)
     assert len(job.history) == 10 and job.baseline() == 0.9
+
+
+
+# -- the checkpoint machine's clocks and lines, at 2 s windows (a window's length must count) ---------
+
+def tick2(t: CheckpointTracker, clock: ManualClock, snap: NfsSnapshot | None, waiting: bool) -> None:
+    clock.advance(2.0)
+    t.update(snap, waiting)
+
+
+def test_the_mount_machine_through_a_detected_checkpoint():
+    t, clock, mount = tracker(detect_after=4.0, quiet_after=6.0, write_floor_bytes_per_second=1e6)
+    tick2(t, clock, mount.write(0), False)
+    m = t.mounts["/mnt/ckpt"]
+    states = []
+    for rate, waiting in ((0, False), (2.5e6, True), (2.5e6, True), (2.5e6, True), (0, True), (0, True), (0, True),
+                          (0, False), (0, False)):
+        tick2(t, clock, mount.write(2 * rate), waiting)
+        states.append(m.state)
+    assert states == ["idle", "candidate", "open", "open", "open", "open", "settling", "idle", "idle"]
+    assert m.outcomes["completed"] == 1 and m.last_started == 4.0, "opened from the candidate's start"
+    assert m.last_duration == 6.0, "ended when its writes did (t=10), not when quiet_after told (t=16)"
+
+
+def test_writes_at_the_floor_are_quiet():
+    t, clock, mount = tracker(write_floor_bytes_per_second=1e6)
+    tick2(t, clock, mount.write(0), False)
+    for _ in range(4):
+        tick2(t, clock, mount.write(2e6), True)
+    assert t.mounts["/mnt/ckpt"].state == "idle" and t.mounts["/mnt/ckpt"].usual_rate == 1e6
+
+
+def test_a_burst_is_past_both_lines():
+    for written, state in ((400e6, "idle"), (401e6, "open")):  # 200 MB/s: at the line, not past it
+        t, clock, mount = tracker(burst_bytes_per_second=200e6)
+        tick2(t, clock, mount.write(0), False)
+        tick2(t, clock, mount.write(0), False)
+        tick2(t, clock, mount.write(written), False)
+        assert t.mounts["/mnt/ckpt"].state == state
+
+
+def test_the_usual_rate_is_the_median_of_the_last_30_windows():
+    t, clock, mount = tracker()
+    tick2(t, clock, mount.write(0), False)
+    for rate in [50e6] * 16 + [0] * 15:
+        tick2(t, clock, mount.write(2 * rate), False)
+    assert t.mounts["/mnt/ckpt"].usual_rate == 25e6
+
+
+def test_data_waits_for_the_server_past_a_mebibyte_or_a_thousandth_of_what_was_written():
+    from stoker.detect.checkpoint import Active, _waiting_for_server
+    a = Active(0.0, "hint", 0.0, 0.0, 0.0, 0.0)
+    a.unflushed = 1 << 20
+    assert not _waiting_for_server(a)
+    a.unflushed += 1
+    assert _waiting_for_server(a)
+    a.last_server = 2e9  # 2 GB written: up to 2 MB is rounding
+    assert not _waiting_for_server(a)
+    a.unflushed = 2e6 + 1
+    assert _waiting_for_server(a)
+
+
+def test_a_stall_is_past_stall_after_and_abandonment_past_abandon_after():
+    t, clock, mount = tracker(stall_after=10.0, abandon_after=30.0)
+    tick2(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")  # at t=2
+    states = []
+    for _ in range(16):
+        tick2(t, clock, mount.write(0), True)
+        states.append(t.mounts["/mnt/ckpt"].state)
+    assert states[4:6] == ["open", "stalled"], "10 s without progress at t=12: not yet; 12 s: stalled"
+    assert states[13:16] == ["stalled", "stalled", "settling"], "open 30 s at t=32, abandoned past it"
+    assert t.mounts["/mnt/ckpt"].outcomes["abandoned"] == 1
+
+
+def test_over_budget_past_the_budget():
+    t, clock, mount = tracker(budget=10.0)
+    tick2(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    m = t.mounts["/mnt/ckpt"]
+    clock.advance(10.0)
+    assert not t.over_budget(m)
+    clock.advance(0.5)
+    assert t.over_budget(m)
+    t.hint_end("/mnt/ckpt", "completed")
+    assert not t.over_budget(m) and m.last_duration == 10.5
+
+
+def test_a_mount_gone_past_stall_after_loses_its_checkpoint():
+    t, clock, mount = tracker(stall_after=10.0)
+    tick2(t, clock, mount.write(0), False)
+    t.hint_start("/mnt/ckpt")
+    tick2(t, clock, NfsSnapshot([]), True)  # opened at t=2, gone from t=4
+    for _ in range(5):
+        tick2(t, clock, NfsSnapshot([]), True)
+    assert t.mounts["/mnt/ckpt"].state == "stalled", "10 s gone: not lost yet (12 s without progress: stalled)"
+    tick2(t, clock, NfsSnapshot([]), True)
+    m = t.mounts["/mnt/ckpt"]
+    assert (m.state, m.outcomes["lost"], m.last_duration) == ("settling", 1, 2.0), "ended when it went"
+
+
+def test_hints_name_their_mount_by_path_or_mountpoint():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    assert t.resolve(None, "/mnt/ckpt/run7/step1200") == "/mnt/ckpt"
+    assert t.resolve(None, "/mnt/ckpt") == "/mnt/ckpt"
+    assert t.resolve("/mnt/ckpt", None) == "/mnt/ckpt"
+    for args, status in (((None, "/mnt/ckptx/a"), 404), (("/mnt/other", None), 404), ((None, None), 400)):
+        with pytest.raises(HintError) as e:
+            t.resolve(*args)
+        assert e.value.status == status
+    with pytest.raises(HintError) as e:
+        t.hint_end("/mnt/ckpt", "completed")
+    assert e.value.status == 409
+
+
+def test_a_start_hint_confirms_a_detected_checkpoint_and_keeps_its_start():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    tick(t, clock, mount.write(2e9), False)
+    m = t.mounts["/mnt/ckpt"]
+    started = m.active.started
+    t.hint_start("/mnt/ckpt", expected_bytes=5e9)
+    assert (m.active.source, m.active.started, m.active.expected_bytes) == ("hint", started, 5e9)
+    t.hint_start("/mnt/ckpt")
+    assert m.active.expected_bytes == 5e9
+
+
+def test_a_start_hint_on_a_mount_never_sampled_counts_from_zero():
+    t, clock, _ = tracker()
+    t.update(NfsSnapshot([NfsSample("/mnt/ckpt", "nas:/ckpt", "4.1", "tcp", 1, "checkpoint")]), False)
+    t.hint_start("/mnt/ckpt")
+    a = t.mounts["/mnt/ckpt"].active
+    assert (a.start_server, a.start_client, a.last_server) == (0.0, 0.0, 0.0)
+
+
+def test_a_detected_checkpoint_outlives_a_job_change_and_is_handed_over():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    tick(t, clock, mount.write(2e9), True)
+    t.job_changed()
+    m = t.mounts["/mnt/ckpt"]
+    assert m.state == "open" and m.outcomes["abandoned"] == 0 and t.inherited("/mnt/ckpt")
+    assert t.signals() == [], "the gone job's"
+    assert not t.inherited("/mnt/other")
+
+
+def test_a_snapshot_seen_again_is_no_new_window():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    snap = mount.write(2e9)
+    tick(t, clock, snap, False)
+    m = t.mounts["/mnt/ckpt"]
+    assert m.state == "open" and m.written_bytes == 0.0
+    tick(t, clock, snap, False)
+    assert m.written_bytes == 0.0 and m.active.writing, "the same totals: nothing measured, nothing quiet"
+
+
+def test_without_client_counts_the_flush_after_an_end_is_not_another_checkpoint():
+    t, clock, _ = tracker(quiet_after=2.0)
+    server = [1e9]
+
+    def snap(add: float) -> NfsSnapshot:
+        server[0] += add
+        return NfsSnapshot([NfsSample("/mnt/ckpt", "nas:/ckpt", "4.1", "tcp", 1, "checkpoint", write_bytes=server[0])])
+    tick(t, clock, snap(0), False)
+    t.hint_start("/mnt/ckpt")
+    tick(t, clock, snap(1e9), True)
+    t.hint_end("/mnt/ckpt", "completed")
+    for _ in range(3):
+        tick(t, clock, snap(1e9), False)
+    assert t.mounts["/mnt/ckpt"].state == "settling", "no client count: no way to tell the job's new bytes"

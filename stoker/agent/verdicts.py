@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from types import MappingProxyType
 from typing import Callable
 
 from stoker import logs
@@ -187,9 +188,11 @@ class VerdictCollector(Collector):
                                      m.written_bytes, m.last_duration, frozen(m.outcomes),
                                      tuple(self.recent.get(mp, ())))
                        for mp, m in sorted(self.checkpoints.mounts.items()))
-        return Snapshot(t, v.cause, v.busy, v.baseline, tuple(v.evidence), e.starvation.state, frozen(states),
-                        frozen(self.scores), frozen(e.seconds), tuple(self.attribution.current()), frozen(self.busy),
-                        frozen(self.busy_seconds), self.job_present_seconds, mounts)
+        # `states`, `scores` and `busy` are new each tick: read-only views suffice; the counters are copied
+        return Snapshot(t, v.cause, v.busy, v.baseline, tuple(v.evidence), e.starvation.state,
+                        MappingProxyType(states), MappingProxyType(self.scores), frozen(e.seconds),
+                        tuple(self.attribution.current()), MappingProxyType(self.busy), frozen(self.busy_seconds),
+                        self.job_present_seconds, mounts)
 
     def _note_checkpoints(self) -> None:
         """Keep each checkpoint that ended since the last tick (by the tracker or a hint) for the table
