@@ -125,3 +125,18 @@ def test_nvml_check_reads_nvidia_smi_and_compares_with_tolerances():
     comparison.compare("GPU-aaaa", {"utilization_ratio": 0.2}, smi)
     report = comparison.report()
     assert not report["agree"]["utilization_ratio"] and report["fields"]["utilization_ratio"]["GPU-aaaa"]["n"] == 2
+
+
+def test_mutation_harness_makes_one_change_at_a_time_and_patches_in_place():
+    import types
+
+    from bench import mutation
+    source = '"""Doc 1."""\nLIMIT = 2\n\n\ndef over(x: int) -> bool:\n    """Past 3?"""\n    return x > LIMIT and not x < 0\n'
+    found = mutation.mutants(source) + mutation._not_mutants(source)
+    assert sorted(d for _, d, _ in found) == ["0 -> 1", "2 -> 3", "And -> Or", "Gt -> GtE", "Lt -> LtE", "not x -> x"]
+    module = types.ModuleType("m")
+    module.__file__ = "m.py"
+    exec(compile(source, "m.py", "exec"), module.__dict__)
+    over = module.over
+    mutation.apply(module, dict((d, m) for _, d, m in found)["Gt -> GtE"])
+    assert module.over is over and over(2), "the same function, the mutant's code"

@@ -1420,3 +1420,75 @@ def test_without_client_counts_the_flush_after_an_end_is_not_another_checkpoint(
     for _ in range(3):
         tick(t, clock, snap(1e9), False)
     assert t.mounts["/mnt/ckpt"].state == "settling", "no client count: no way to tell the job's new bytes"
+
+
+# -- the busy ratio, the snapshot, the state file's clocks ----------------------------------------------
+
+def test_the_busy_ratio_is_gpm_sm_activity_else_utilization_bounded_by_power():
+    """The recorded H200 (stoker/sim/data/H200-RECORDING.md): 121 W idle of a 700 W limit, 673 W saturated;
+    the copy-bound phase reads 15% utilization at 124 W."""
+    from stoker.detect.view import gpu_busy
+    gpus = [GpuSample(0, "GPU-0", gpm={"sm_active": 0.42}, utilization=0.9),
+            GpuSample(1, "GPU-1", utilization=0.15, power_watts=124.0, power_limit_watts=700.0),
+            GpuSample(2, "GPU-2", utilization=0.95, power_watts=673.0, power_limit_watts=700.0),
+            GpuSample(3, "GPU-3", utilization=0.30, power_watts=100.0, power_limit_watts=700.0),
+            GpuSample(4, "GPU-4", utilization=0.5),
+            GpuSample(5, "GPU-5", utilization=0.5, power_watts=300.0, power_limit_watts=0.0),
+            GpuSample(6, "GPU-6"),
+            GpuSample(7, "GPU-7", up=False, utilization=0.9)]
+    busy = gpu_busy(NodeView(0.0, gpu=GpuSnapshot(gpus)))
+    assert busy[("0", "GPU-0")] == 0.42
+    assert busy[("1", "GPU-1")] == pytest.approx((124 - 119) / 441)  # power says idle: 1%
+    assert busy[("2", "GPU-2")] == 0.95, "power past the working share: utilization holds"
+    assert busy[("3", "GPU-3")] == 0.0, "below idle power"
+    assert busy[("4", "GPU-4")] == 0.5 and busy[("5", "GPU-5")] == 0.5, "no power reading: utilization"
+    assert ("6", "GPU-6") not in busy and ("7", "GPU-7") not in busy
+    assert gpu_busy(NodeView(0.0)) == {}
+
+
+def test_a_snapshots_mount_reads_its_state():
+    from stoker.detect.snapshot import MountSnapshot
+    m = {s: MountSnapshot("/m", s, None, False, False, None, None, None, None, {}, ()) for s in
+         ("idle", "candidate", "open", "stalled", "settling")}
+    assert [s for s, x in m.items() if x.in_progress] == ["open", "stalled"]
+    assert [s for s, x in m.items() if x.stalled] == ["stalled"]
+
+
+def test_the_state_file_is_due_every_30_s_and_carries_a_verdict_for_60(tmp_path):
+    clock = ManualClock(1000.0)
+    store = StateStore(str(tmp_path / "state.json"), max_age=300.0, wall=clock)
+    assert store.due()
+    store.save(frozenset({1}), 0.9, [], ("network", True, True))
+    clock.advance(29.9)
+    assert not store.due()
+    clock.advance(0.1)
+    assert store.due()
+    clock.advance(30.0)
+    saved = store.load()
+    assert (saved.cause, saved.cold, saved.came_back) == ("network", True, True), "60 s old: carried"
+    clock.advance(0.1)
+    saved = store.load()
+    assert (saved.cause, saved.cold, saved.came_back, saved.level) == (None, False, False, 0.9), \
+        "older: the level only (the verdict may have ended while no agent watched)"
+
+
+def test_the_state_file_comes_back_up_to_max_age_and_never_from_the_future(tmp_path):
+    clock = ManualClock(1000.0)
+    store = StateStore(str(tmp_path / "state.json"), max_age=300.0, wall=clock)
+    store.save(frozenset({1}), 1.0, [])
+    clock.advance(300.0)
+    assert store.load().level == 1.0, "a level of 1 is a level"
+    clock.now = 999.0
+    assert store.load() is None, "written after now: a clock that jumped"
+    (tmp_path / "state.json").write_text(json.dumps({"pids": [1], "level": 0, "saved": clock()}))
+    assert store.load().level is None, "0 is no level"
+    (tmp_path / "state.json").write_text(json.dumps({"pids": [1], "level": None, "saved": clock(),
+                                                     "checkpoints": [1]}))
+    assert store.load() is None, "checkpoint records must be records"
+
+
+def test_a_read_only_state_file_is_never_written(tmp_path):
+    clock = ManualClock(1000.0)
+    store = StateStore(str(tmp_path / "state.json"), max_age=300.0, wall=clock, read_only=True)
+    store.save(frozenset({1}), 0.9, [])
+    assert not (tmp_path / "state.json").exists() and not store.due()
