@@ -11,7 +11,7 @@ from stoker.config import CheckpointConfig, DetectConfig
 from stoker.detect.attribution import Attribution
 from stoker.detect.checkpoint import CheckpointTracker, HintError
 from stoker.detect.evidence import Signal
-from stoker.detect.job import MIN_BASELINE_SAMPLES, JobTracker
+from stoker.detect.job import JobTracker
 from stoker.detect.engine import Engine
 from stoker.detect.state import Saved, StateStore
 from stoker.sim.drive import ManualClock
@@ -174,7 +174,7 @@ def snapshot(pids: tuple[int, ...], memory: float = 60e9) -> GpuSnapshot:
 def test_a_job_is_new_when_its_processes_all_change_or_the_gpus_were_released():
     job = JobTracker(DetectConfig())
     assert job.update(0.0, snapshot((100, 101)))
-    for t in range(MIN_BASELINE_SAMPLES):
+    for t in range(10):
         job.remember(float(t), 0.9)
     assert job.baseline() == 0.9
     assert not job.update(1.0, snapshot((100, 202))), "one rank restarted: the same job"
