@@ -137,3 +137,18 @@ def test_floods_harness_against_node_exporter():
     assert (row["flood"], row["web"], row["clients"]) == ("logins", "auth", 13)
     for name in ("stoker", "node_exporter"):
         assert row[name]["tried"] > 0 and row[name]["peak"]["fds"] > 0 and row[name]["sigterm_s"] >= 0
+
+
+def test_mutation_harness_makes_one_change_at_a_time_and_patches_in_place():
+    import types
+
+    from bench import mutation
+    source = '"""Doc 1."""\nLIMIT = 2\n\n\ndef over(x: int) -> bool:\n    """Past 3?"""\n    return x > LIMIT and not x < 0\n'
+    found = mutation.mutants(source) + mutation._not_mutants(source)
+    assert sorted(d for _, d, _ in found) == ["0 -> 1", "2 -> 3", "And -> Or", "Gt -> GtE", "Lt -> LtE", "not x -> x"]
+    module = types.ModuleType("m")
+    module.__file__ = "m.py"
+    exec(compile(source, "m.py", "exec"), module.__dict__)
+    over = module.over
+    mutation.apply(module, dict((d, m) for _, d, m in found)["Gt -> GtE"])
+    assert module.over is over and over(2), "the same function, the mutant's code"

@@ -121,7 +121,7 @@ async def test_fast_renderer_matches_prometheus_client_byte_for_byte(tmp_path):
     drive.run(15)
     from stoker.exporters import gpu, nfs, rdma, verdicts
     for families in (gpu.families(drive.view.gpu), rdma.families(drive.view.rdma), nfs.families(drive.view.nfs),
-                     verdicts.families(drive.verdicts)):
+                     verdicts.families(drive.verdicts.snapshot)):
         families = list(families)
         assert render(families) == reference_render(families)
     odd = GaugeMetricFamily("stoker_odd", 'help with \\ and \n newline', labels=["path"])

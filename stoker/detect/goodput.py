@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from stoker import logs
 from stoker.config import DetectConfig
 from stoker.detect.checkpoint import HintError
+from stoker.detect.policy import CAUSE_NAMES
 from stoker.histogram import Histogram
 from stoker.sources.jobs import JOB_ID, SLUID, JobSnapshot, Owner
 
@@ -73,7 +74,7 @@ if TYPE_CHECKING:
 
 log = logs.get("goodput")
 
-STATES = ("productive", "idle", "storage", "network", "host", "checkpoint")
+STATES = ("productive", "idle", *CAUSE_NAMES)  # a starved second goes to the verdict's cause
 NODE_STATES = STATES + ("no_job", "unknown")
 UNKNOWN = "unknown"
 SCHEDULERS = ("slurm", "kubernetes", "none")
