@@ -378,6 +378,13 @@ def test_the_simulated_node_example_of_the_docs_works_as_written(tmp_path):
         env.pop("STOKER_HINT_TOKEN", None)
         result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True,
                                 timeout=60, env=env)
+        # the steps reach the agent at once; /metrics shows them from its next cycle, which a person
+        # typing the last line never beats, but a script can: its last line (the curl) again, for a while
+        scrape = script.strip().splitlines()[-1]
+        deadline = time.monotonic() + 10
+        while not result.stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            result = subprocess.run(["bash", "-c", scrape], capture_output=True, text=True, timeout=10, env=env)
         assert result.stdout.strip() == 'stoker_job_steps_total{job_id="my-test"} 100.0', result
     finally:
         proc.terminate()

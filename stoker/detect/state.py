@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from stoker import logs
-from stoker.detect.attribution import CAUSES
+from stoker.detect.policy import CAUSE_NAMES as CAUSES
 from stoker.sources.files import NotRegularFile, read_regular
 
 log = logs.get("state")
