@@ -4,7 +4,8 @@ errors, exit codes.
 Exit status 2 means the agent could not start as asked (a configuration
 error); systemd's RestartPreventExitStatus=2 keeps such a unit from looping.
 Exit status 75 means the NVIDIA driver was replaced under the running agent,
-which only a new process can use: Restart=on-failure restarts it.
+which only a new process can use, or that a file the agent reads at start did
+not answer in time (a hung NFS mount): Restart=on-failure restarts it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from stoker import __version__, config as config_mod, logs
 from stoker.sim.scenarios import builtin_names
 
 EXIT_CONFIG = 2
+EXIT_RETRY = 75  # EX_TEMPFAIL, as agent/gpu.py's EXIT_DRIVER_REPLACED
 CONFIG_HELP = (f"TOML configuration file (default: {config_mod.DEFAULT_FILE}, the service's, when it exists; "
                "none with --simulate)")
 
@@ -194,12 +196,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from stoker import rules
     try:
-        path = args.file or rules.shipped_rules()
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = config_mod.read_text(args.file or rules.shipped_rules())  # never blocks on a FIFO
         base = rules.DEFAULT_BASE if args.runbook_base is None else args.runbook_base
         sys.stdout.write(rules.with_runbook_base(text, base))
-    except (OSError, rules.RulesError) as exc:
+    except (config_mod.ConfigError, rules.RulesError) as exc:
         print(f"stoker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 0
@@ -217,6 +217,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 platform = sim.platform()
             else:
                 platform = platforms.real()
+        except config_mod.FileUnanswered as exc:
+            print(f"stoker: {exc}; exiting for a restart", file=sys.stderr)
+            return EXIT_RETRY
         except (config_mod.ConfigError, ValueError) as exc:
             print(f"stoker: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
@@ -238,6 +241,9 @@ def serve(cfg: config_mod.Config, platform, reload, path: str | None = None) -> 
 
     try:
         status = asyncio.run(run_agent())
+    except config_mod.FileUnanswered as exc:
+        print(f"stoker: {exc}; exiting for a restart", file=sys.stderr)
+        return EXIT_RETRY
     except config_mod.ConfigError as exc:
         print(f"stoker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stoker.sources.files import NotRegularFile, read_regular
+from stoker.sources.files import NotRegularFile, Unanswered, read_regular_within
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,10 +45,18 @@ CHECKPOINT_TIME = (0.001, 7 * 86400.0)
 
 MAX_FILE_BYTES = 1 << 20
 """Configuration, web configuration and token files are small; anything larger is the wrong file."""
+READ_DEADLINE = 5.0
+"""Seconds one of those files may take to read: milliseconds on a local disk or a healthy NFS mount;
+past it the mount is taken as hung (files.read_regular_within)."""
 
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the operator: ``key: what is wrong``."""
+
+
+class FileUnanswered(ConfigError):
+    """A file that did not answer within READ_DEADLINE: nothing wrong with what it holds, and a later
+    try may read it (the agent exits for a restart rather than with the status of a bad file)."""
 
 
 @dataclass(frozen=True)
@@ -503,11 +511,15 @@ def read_text(path: str | Path, key: str = "") -> str:
 
     Opened without blocking and refused unless it is a regular file: a FIFO blocks open() and
     read() until someone writes to it, on the event loop when a reload or the hint token reads
-    it, and then not even SIGTERM gets through. Capped at MAX_FILE_BYTES and decoded as UTF-8.
-    Every error names `key` (when the file is a setting's value) and the file."""
+    it, and then not even SIGTERM gets through. Read in a thread of its own and given up after
+    READ_DEADLINE (FileUnanswered): a regular file on a hung NFS mount blocks its read in the kernel.
+    Capped at MAX_FILE_BYTES and decoded as UTF-8. Every error names `key` (when the file is a
+    setting's value) and the file."""
     where = f"{key}: {path}" if key else str(path)
     try:
-        data = read_regular(str(path), MAX_FILE_BYTES + 1)
+        data = read_regular_within(str(path), MAX_FILE_BYTES + 1, READ_DEADLINE)
+    except Unanswered as exc:
+        raise FileUnanswered(f"{where}: {exc.strerror}") from None
     except NotRegularFile:
         raise ConfigError(f"{where}: not a regular file") from None
     except OSError as exc:

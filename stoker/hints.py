@@ -47,8 +47,11 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
+from stoker.sources.files import NotRegularFile, read_regular_within  # standard library only, too
+
 DEFAULT_URL = "http://127.0.0.1:9478"
 DEFAULT_TOKEN_FILE = "/etc/stoker/hint-token"
+TOKEN_FILE_LIMIT = 1 << 20  # bytes: the agent's cap on the same file (config.MAX_FILE_BYTES)
 
 log = logging.getLogger("stoker.hints")
 
@@ -59,17 +62,28 @@ class HintFailed(RuntimeError):
         self.status = status
 
 
-def _token(token: str | None, token_file: str | None) -> str:
-    """The token by the agent's rule: the text less one trailing newline, then exactly that."""
+def _token(token: str | None, token_file: str | None, timeout: float = 2.0) -> str:
+    """The token by the agent's rule: the text less one trailing newline, then exactly that.
+
+    A token file is read as the agent reads it (files.read_regular_within): only a regular file,
+    opened without blocking (a FIFO blocked the training step that sent a checkpoint hint, and
+    `stoker checkpoint`, for good), at most TOKEN_FILE_LIMIT bytes, given up after `timeout` (a
+    file on a hung NFS mount)."""
     where = "token=" if token else "$STOKER_HINT_TOKEN"
     value = token or os.environ.get("STOKER_HINT_TOKEN")
     if not value:
         where = token_file or os.environ.get("STOKER_HINT_TOKEN_FILE", DEFAULT_TOKEN_FILE)
         try:
-            with open(where, encoding="utf-8", errors="replace", newline="") as fh:  # as the agent: no \r\n -> \n
-                value = fh.read()
+            data = read_regular_within(where, TOKEN_FILE_LIMIT + 1, timeout)
+        except NotRegularFile:
+            raise HintFailed(f"cannot read the hint token from {where}: not a regular file") from None
         except OSError as exc:
             raise HintFailed(f"cannot read the hint token from {where}: {exc.strerror}") from None
+        except ValueError:  # a NUL in the path
+            raise HintFailed(f"cannot read the hint token from {where!r}: the path holds a NUL byte") from None
+        if len(data) > TOKEN_FILE_LIMIT:
+            raise HintFailed(f"the hint token file {where} is larger than {TOKEN_FILE_LIMIT >> 20} MiB")
+        value = data.decode("utf-8", "replace")  # as the agent: no \r\n -> \n; not UTF-8 is refused below
     value = value.removesuffix("\n")
     if not (value.isascii() and value.isprintable()) or " " in value:
         raise HintFailed(f"the hint token from {where} must be printable ASCII without spaces, "
@@ -88,7 +102,8 @@ def _post(path: str, body: dict, url: str | None = None, token: str | None = Non
     base = (url or os.environ.get("STOKER_HINT_URL") or DEFAULT_URL).rstrip("/")
     request = urllib.request.Request(
         f"{base}{path}", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {_token(token, token_file)}"})
+        headers={"Content-Type": "application/json",
+                 "Authorization": f"Bearer {_token(token, token_file, timeout)}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return json.loads(resp.read() or b"{}")
@@ -286,7 +301,7 @@ class Steps:
         if not self._pending or (not final and time.monotonic() < self._retry_at):
             return
         try:
-            token = _token(self._token, self._token_file)
+            token = _token(self._token, self._token_file, self._timeout)
         except HintFailed as exc:
             self._disable(str(exc))
             return

@@ -5,6 +5,7 @@ the key or the file and exit status 2 at start; a refused reload with READY=1 af
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ import pytest
 
 from stoker import config
 from tests.conftest import free_port, start_agent_process, wait_http
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEEP_TOML = "a = " + "[" * 5000 + "]" * 5000 + "\n"
 
@@ -230,3 +233,79 @@ def test_every_listen_form_the_docs_show_still_parses():
                             ("node-01.cluster.example.com:9477", ("node-01.cluster.example.com", 9477)),
                             ("localhost:9477", ("localhost", 9477))]:
         assert config.parse_listen(value) == expected
+
+
+# -- files on a hung NFS mount (tests/hung_mount.py) ---------------------------------------------------
+
+def hang(path) -> None:
+    """From now on `path` reads as on a hung NFS mount, in an agent run through tests/hung_mount.py."""
+    open(f"{path}.hung", "w").close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["config", "web_config_file", "token_file"])
+def test_a_file_that_does_not_answer_at_start_is_one_line_and_exit_75(tmp_path, which):
+    """A configuration, web configuration or hint token file on a hung NFS mount blocked the start for
+    good: the configuration file's read before the event loop, the other two on it, after asyncio took
+    SIGTERM (measured on main with the token file: the agent still alive 5 s after SIGTERM, until
+    SIGKILL). Each read is given up after config.READ_DEADLINE (shortened to 1 s here): one line naming
+    the file, and exit status 75, not 2: nothing is wrong with the file, and systemd restarts the unit
+    (Restart=on-failure) where RestartPreventExitStatus=2 would leave the node unwatched for good."""
+    web, token = tmp_path / "web.yml", tmp_path / "hint-token"
+    web.write_text("http_server_config:\n  headers: {}\n")
+    token.write_text("0123456789abcdef-test-token\n")
+    path = tmp_path / "stoker.toml"
+    path.write_text(f'[agent]\nweb_config_file = "{web}"\n' if which == "web_config_file" else
+                    f'[checkpoint]\ntoken_file = "{token}"\n' if which == "token_file" else "")
+    hang({"config": path, "web_config_file": web, "token_file": token}[which])
+    done = subprocess.run([sys.executable, "-m", "tests.hung_mount", "run", "--config", str(path), "--simulate",
+                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "STOKER_TEST_READ_DEADLINE": "1"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 75 and len(lines) == 1, (done.returncode, done.stderr[-3000:])
+    named = {"config": str(path), "web_config_file": f"agent.web_config_file: {web}",
+             "token_file": f"checkpoint.token_file: {token}"}[which]
+    assert named in lines[0] and "no answer within 1 s" in lines[0] and "exiting for a restart" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_a_reload_whose_file_does_not_answer_keeps_the_loop_serving_and_sigterm_obeyed(tmp_path):
+    """SIGHUP read the configuration file on the event loop: on a hung NFS mount that froze the agent,
+    no scrape answered, no watchdog ping went out (systemd would kill it with SIGABRT after WatchdogSec)
+    and SIGTERM was never heard. Now the read runs in a thread: while it hangs /metrics answers and the
+    watchdog is pinged; after config.READ_DEADLINE the reload is refused, the running configuration
+    stays and READY=1 follows; another SIGHUP while that read is still stuck is refused at once (one
+    stuck thread, not one per signal); SIGTERM ends the agent, the read still stuck, with status 0."""
+    path = tmp_path / "stoker.toml"
+    path.write_text('[agent]\ninterval = 0.5\n')
+    notify = Notifications(str(tmp_path / "notify"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    agent = start_agent_process("--simulate", "healthy", "--config", str(path), "--listen", f"127.0.0.1:{port}",
+                                "--log-format", "json", module="tests.hung_mount",
+                                env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000",
+                                     "STOKER_TEST_READ_DEADLINE": "3"})
+    try:
+        assert "READY=1" in notify.until_ready()[-1]
+        wait_http(url)
+        hang(path)
+        agent.send_signal(signal.SIGHUP)
+        while (message := notify.sock.recv(4096).decode()) != "RELOADING=1":
+            assert message == "WATCHDOG=1", message
+        with urllib.request.urlopen(url, timeout=2) as resp:  # the read is hanging meanwhile
+            assert resp.status == 200
+        during = notify.until_ready()
+        assert during[-1] == "READY=1" and during.count("WATCHDOG=1") >= 3, during
+        agent.send_signal(signal.SIGHUP)
+        again = notify.until_ready()
+        assert again[0] == "RELOADING=1" and again[-1] == "READY=1", again
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=10) == 0
+        refused = [json.loads(line) for line in agent.log().splitlines()
+                   if "configuration reload refused" in line]
+        assert [line["error"] for line in refused] == [
+            f"{path}: no answer within 3 s (a hung network mount?)",
+            f"{path}: still waiting for an earlier read of it to return"], refused
+    finally:
+        agent.kill()
+        notify.sock.close()

@@ -452,6 +452,41 @@ def test_an_agent_with_a_fifo_as_state_file_starts_serves_and_stops(tmp_path):
         release(fifo)
 
 
+@pytest.mark.slow
+def test_an_agent_whose_state_file_does_not_answer_serves_and_obeys_sigterm(tmp_path):
+    """A state file on a hung NFS mount (tests/hung_mount.py). The verdicts gave up on it after 5 s,
+    but the inventory read the same file in asyncio's default executor: on SIGTERM the agent logged
+    `stoker stopped` and then never exited (asyncio.run waits for the executor's threads; measured on
+    main: alive 8 s after SIGTERM, until SIGKILL). Now the inventory reads and writes it as the
+    verdicts do, in the sampling lane's daemon thread with the state file's deadline: one line, the
+    node's series, and exit status 0 on SIGTERM with the read still stuck."""
+    import signal
+    import urllib.request
+
+    from tests.conftest import free_port, start_agent_process, wait_http
+    state = tmp_path / "state.json"
+    state.write_text("{}")
+    (tmp_path / "state.json.hung").touch()
+    config = tmp_path / "stoker.toml"
+    config.write_text(f'[agent]\nstate_file = "{state}"\n')
+    port = free_port()
+    agent = start_agent_process("--simulate", "healthy", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+                                "--log-format", "json", module="tests.hung_mount")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/metrics")
+        deadline = time.monotonic() + 30
+        while "kept inventory unreadable" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert "stoker_gpu_" in resp.read().decode()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=15) == 0
+        unreadable = [json.loads(line) for line in agent.log().splitlines() if "kept inventory unreadable" in line]
+        assert [line["error"] for line in unreadable] == ["inventory: call exceeded 5s"], unreadable
+    finally:
+        agent.kill()
+
+
 def test_the_save_never_follows_a_link_planted_at_its_temporary_name(tmp_path):
     """A link at `<state>.tmp` made the agent overwrite its target with JSON. The save writes a new file
     of its own (O_EXCL|O_NOFOLLOW, a random name), and only over a regular file or nothing."""

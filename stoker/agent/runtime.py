@@ -113,6 +113,7 @@ class Agent:
         self._hint_listener = None
         self.hint_url: str | None = None
         self._background: list[asyncio.Task] = []
+        self._reloading: asyncio.Future | None = None
 
     def view(self, t: float) -> NodeView:
         """The node as the collectors last saw it."""
@@ -144,14 +145,17 @@ class Agent:
         if serve_http:
             open_files = raise_fd_limit()
             log_loop_errors(asyncio.get_running_loop())
-            web = webconfig.load(self.config.agent.web_config_file) if self.config.agent.web_config_file else None
+            # the operator's files in a thread: one on a hung NFS mount would block the loop, and SIGTERM
+            # with it (config.read_text gives up on the read after READ_DEADLINE)
+            web_file = self.config.agent.web_config_file
+            web = await asyncio.to_thread(webconfig.load, web_file) if web_file else None
             app = make_app(self.exposition, self.supervisor.stale)
             if web:
                 webconfig.secure(app, web)
             self._listener = await serve(app, host, port, web.ssl_context if web else None)
             self.port = self._listener.port
             await self._serve_hints()
-        self._background = [asyncio.create_task(job(self)) for job in self.platform.background]
+        self._background += [asyncio.create_task(job(self)) for job in self.platform.background]
         self._background.append(asyncio.create_task(self.inventory.run()))
         await self.supervisor.start()
         log.info("stoker started", version=__version__, config_file=self.config_file, listen=f"{host}:{self.port}",
@@ -163,10 +167,11 @@ class Agent:
         cfg = self.config.checkpoint
         if self.verdicts is None or not cfg.token_file:
             return
-        # read_text refuses anything but a regular file: a FIFO would block this open() on the
-        # event loop, and SIGTERM with it.
+        # read_text refuses anything but a regular file (a FIFO would block its open()), and reads in a
+        # thread of its own with a deadline (a hung NFS mount would block its read): in a thread here
+        # too, so the loop and SIGTERM go on meanwhile.
         # the token is the file less one trailing newline, compared exactly (docs/OPERATIONS.md, step 3)
-        token = read_text(cfg.token_file, "checkpoint.token_file").removesuffix("\n")
+        token = (await asyncio.to_thread(read_text, cfg.token_file, "checkpoint.token_file")).removesuffix("\n")
         if len(token) < 16:
             raise ConfigError(f"checkpoint.token_file: {cfg.token_file}: the token is shorter than 16 characters")
         if not (token.isascii() and token.isprintable()) or " " in token:
@@ -216,19 +221,29 @@ class Agent:
         return self.exit_status
 
     def _on_hangup(self, reload: Callable[[], Config]) -> None:
-        """SIGHUP. Whatever fails (a bad file is a ConfigError; anything else is a bug, logged with
-        its traceback), the running configuration stays and READY=1 follows RELOADING=1: without
-        it systemd would consider the service reloading for ever."""
+        """SIGHUP: `reload` reads the configuration file in a thread, so the loop serves, samples, pings
+        the watchdog and hears SIGTERM while it reads (a file on a hung NFS mount is given up after
+        config.READ_DEADLINE). A SIGHUP that comes while a reload is under way is that reload's."""
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("configuration reload already under way; this SIGHUP is left to it")
+            return
+        self._reloading = asyncio.ensure_future(self._reload(reload))
+        self._background.append(self._reloading)  # cancelled by stop()
+
+    async def _reload(self, reload: Callable[[], Config]) -> None:
+        """Whatever fails (a bad file is a ConfigError; anything else is a bug, logged with its
+        traceback), the running configuration stays and READY=1 follows RELOADING=1: without it
+        systemd would consider the service reloading for ever. Cancelled (the agent stops), it
+        says nothing more: STOPPING=1 is said."""
         systemd.notify("RELOADING=1")
         try:
-            self.apply(reload())
+            self.apply(await asyncio.to_thread(reload))
         except ConfigError as exc:
             log.error("configuration reload refused; keeping the running one", error=str(exc))
         except Exception as exc:
             log.error("configuration reload refused; keeping the running one", error=f"{type(exc).__name__}: {exc}",
                       exc_info=True)
-        finally:
-            systemd.notify("READY=1")
+        systemd.notify("READY=1")
 
     def apply(self, new: Config) -> None:
         """Take a new configuration without restarting: intervals, deadlines, thresholds, probe

@@ -25,6 +25,8 @@ from typing import Callable, Iterable
 from prometheus_client.core import GaugeMetricFamily
 
 from stoker import logs
+from stoker.agent.verdicts import STATE_TIMEOUT
+from stoker.agent.worker import CollectorError, Worker
 from stoker.config import InventoryConfig
 from stoker.detect.state import read_fields, write_fields
 
@@ -48,6 +50,7 @@ class Inventory:
         self.configure(config)
         self.learned: dict[str, int] = {}  # the most each kind has shown: the state file's, then this run's
         self._kept: dict[str, int] = {}  # as the state file holds them
+        self._files = Worker("inventory")  # the state file's reads and writes, with a deadline (daemon threads)
 
     def configure(self, config: InventoryConfig) -> None:
         self.configured = {"gpu": config.gpus, "rdma_port": config.rdma_ports}
@@ -112,8 +115,17 @@ class Inventory:
         self._kept = learned
 
     async def run(self, every: float = KEEP_EVERY) -> None:
-        """The agent's background task: load, then keep what grows."""
-        await asyncio.to_thread(self.load)
+        """The agent's background task: load, then keep what grows. The file is read and written
+        as the verdicts' state is, in the sampling lane's daemon thread, given up after STATE_TIMEOUT:
+        in asyncio's default executor a read hung on a dead NFS server held up the process's exit for
+        good, after `stoker stopped` (asyncio.run waits for the executor's threads)."""
+        await self._in_lane(self.load, "kept inventory unreadable; learning it afresh")
         while True:
             await asyncio.sleep(every)
-            await asyncio.to_thread(self.keep)
+            await self._in_lane(self.keep, "cannot keep the inventory")
+
+    async def _in_lane(self, job: Callable[[], None], failure: str) -> None:
+        try:
+            await self._files.call(job, timeout=STATE_TIMEOUT)
+        except CollectorError as exc:  # past the deadline, or the last call still hung
+            log.warning(failure, path=self.state_file, error=str(exc))

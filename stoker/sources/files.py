@@ -38,6 +38,7 @@ import os
 import re
 import resource
 import stat
+import threading
 import time
 
 
@@ -84,6 +85,57 @@ def open_regular(path: str, follow: bool = True) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class Unanswered(OSError):
+    """A read given up at its deadline: the file sits on a mount whose server does not answer."""
+
+    reason = "unanswered"
+
+
+_stuck: dict[str, threading.Thread] = {}  # path -> the thread still in a read given up on
+_stuck_lock = threading.Lock()
+
+
+def read_regular_within(path: str, limit: int, deadline: float) -> bytes:
+    """`read_regular` of a file the operator points at (configuration, web configuration, hint token),
+    given up past `deadline` seconds with `Unanswered`.
+
+    The non-blocking open keeps a FIFO from blocking, but a regular file on a hard NFS mount whose
+    server is away blocks open() and read() in the kernel until it answers, and only a fatal signal
+    ends that wait: SIGTERM with a handler does not. So the read runs in a daemon thread of its own and
+    the caller waits at most `deadline`; the thread is left to its read and ends when it returns, or
+    with the process (a daemon thread does not hold up the interpreter's exit, and the exit's SIGKILL
+    ends the kernel's wait). While a read of `path` is stuck, the next one fails at once: a stream of
+    reloads against a hung file leaves one thread, not one per reload."""
+    with _stuck_lock:
+        if path in _stuck:
+            raise Unanswered(errno.ETIMEDOUT, "still waiting for an earlier read of it to return", path)
+    outcome: list = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            outcome.append((True, read_regular(path, limit)))
+        except BaseException as exc:  # handed to the caller
+            outcome.append((False, exc))
+        with _stuck_lock:  # done, and out of `_stuck`, at once for the caller
+            done.set()
+            if _stuck.get(path) is threading.current_thread():
+                del _stuck[path]
+
+    thread = threading.Thread(target=read, name="stoker-read", daemon=True)
+    thread.start()
+    if not done.wait(deadline):
+        with _stuck_lock:
+            if not done.is_set():
+                _stuck[path] = thread
+                raise Unanswered(errno.ETIMEDOUT, f"no answer within {deadline:g} s (a hung network mount?)",
+                                 path)
+    ok, value = outcome[0]
+    if ok:
+        return value
+    raise value
 
 
 CHUNK = 1 << 16

@@ -19,7 +19,8 @@ Traps handled here (../shared/DESIGN.md):
   netdev directory whose name is not UTF-8 (os.listdir gives it surrogate
   escapes) can be no label value, and one such label failed the rendering of
   the whole exposition. It is skipped, a `bad_name` problem each cycle, and the
-  rest is reported as if it were not there.
+  rest is reported as if it were not there. So is the netdev that a port's
+  `gid_attrs/ndevs/0` names with such bytes (`_netdev`).
 - `rate` is trusted only while `state` is ACTIVE: a down port reports a stale default.
 - `lifespan` in hw_counters is the counters' refresh period, not a counter.
 
@@ -366,16 +367,21 @@ class RdmaSource:
             return ""
 
     def _netdev(self, ndev_path: str, device_root: str, problems: list[str]) -> str:
-        """The Ethernet interface behind the port: its GID table's netdev, else the PCI function's."""
+        """The Ethernet interface behind the port: its GID table's netdev, else the PCI function's.
+        The file's text comes decoded as ASCII, each other byte a U+FFFD: a name that is not ASCII is
+        taken from the function's listing instead, where os.listdir gives it exactly (and skips it as
+        a bad_name when it is not UTF-8). Taken as read, `ens\\xff0` was exported as `ens\\ufffd0`, a
+        name no interface has, so the netdev collector failed on it every cycle."""
         name = self._text(ndev_path)
-        if name:
+        if name and name.isascii():
             return name
         try:
             nets = self.reader.listdir(os.path.join(device_root, "device", "net"))
         except OSError:
-            return ""
+            nets = []
         good = [n for n in nets if _label_safe(n)]
-        problems += ["bad_name"] * (len(nets) - len(good))
+        skipped = len(nets) - len(good) or (1 if name and not good else 0)  # the file's name, counted once
+        problems += ["bad_name"] * skipped
         return good[0] if good else ""
 
 
