@@ -454,7 +454,7 @@ def finite_record(record: dict) -> bool:
 def test_state_file_load_gives_sound_state_or_nothing(text):
     """Whatever the file holds: no exception, nothing but finite numbers restored, a level in (0, 1], a
     known cause, and what was loaded saves again (no NaN or lone surrogate can be written back)."""
-    from stoker.detect.attribution import CAUSES
+    from stoker.detect.policy import CAUSE_NAMES as CAUSES
     from stoker.detect.state import StateStore
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, "state.json")
