@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from stoker import config
 from stoker.agent.platform import Platform
@@ -116,3 +117,21 @@ def test_an_unreadable_inventory_is_learned_afresh(tmp_path):
         inventory = Inventory(config.InventoryConfig(), {"gpu": lambda: 8}, str(state))
         inventory.load()
         assert inventory.counts() == [("gpu", 8, 8)], bad
+
+
+async def test_a_count_no_node_can_have_in_the_state_file_is_left_out_and_metrics_still_render(tmp_path):
+    """A count of 401 digits in the state file's `inventory` (JSON allows integers of up to 4,300)
+    was kept as the expected count: rendering it as a float raised OverflowError, so every scrape
+    of /metrics was a 500 (the whole exposition, not one series), and the file kept it for good (the
+    agent rewrites only a count that grows). `true` was read as 1. A count outside the
+    configuration's own range ([inventory], 0-1024) is left out with one line; the node's own
+    count is learned afresh."""
+    state = tmp_path / "state.json"
+    for bad in ("1" + "0" * 400, "true", "1025"):
+        state.write_text('{"inventory": {"gpu": %s, "rdma_port": 8}}' % bad)
+        with capture_logs() as lines:
+            seen = await inventory_of(agent_on(tmp_path / bad[:8], state, has_gpus=8, has_ports=8))
+        assert seen[("stoker_inventory_expected", "gpu")] == 8, bad
+        assert seen[("stoker_inventory_expected", "rdma_port")] == 8, bad
+        left_out = [line for line in lines if line["event"].startswith("part of the kept inventory left out")]
+        assert [line["kinds"] for line in left_out] == [["gpu"]], bad

@@ -27,7 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 from stoker import logs
 from stoker.agent.verdicts import STATE_TIMEOUT
 from stoker.agent.worker import CollectorError, Worker
-from stoker.config import InventoryConfig
+from stoker.config import MAX_INVENTORY, InventoryConfig
 from stoker.detect.state import read_fields, write_fields
 
 log = logs.get("inventory")
@@ -91,11 +91,15 @@ class Inventory:
         if not self.state_file:
             return
         try:
-            kept = read_fields(self.state_file).get(FIELD) or {}
-            kept = {k: int(v) for k, v in kept.items() if k in self.configured and isinstance(v, int) and v > 0}
+            found = read_fields(self.state_file).get(FIELD) or {}
+            kept = {k: v for k, v in found.items() if k in self.configured and _count(v)}
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("kept inventory unreadable; learning it afresh", path=self.state_file, error=str(exc))
             return
+        bad = sorted(k for k in found if k in self.configured and k not in kept)
+        if bad:  # 10**400 broke the rendering of every scrape, and the file kept it for good
+            log.warning("part of the kept inventory left out; learning it afresh", path=self.state_file,
+                        kinds=bad, error=f"not a count from 1 to {MAX_INVENTORY}")
         self._kept = dict(kept)
         for kind, n in kept.items():
             self.learned[kind] = max(n, self.learned.get(kind, 0))
@@ -129,3 +133,8 @@ class Inventory:
             await self._files.call(job, timeout=STATE_TIMEOUT)
         except CollectorError as exc:  # past the deadline, or the last call still hung
             log.warning(failure, path=self.state_file, error=str(exc))
+
+
+def _count(value) -> bool:
+    """A count a node can have, as the configuration's [inventory] allows it (not a bool, not 10**400)."""
+    return type(value) is int and 0 < value <= MAX_INVENTORY
