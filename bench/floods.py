@@ -4,14 +4,19 @@ scraper still get its answers?
 Both serve the same trees (tests/fixtures/sysfs/xe9680 and tests/fixtures/procfs/node, as
 bench/peer.py) behind the same exporter-toolkit web configuration (none, basic auth, TLS, or
 both; bcrypt cost 10). For each flood, each exporter is started fresh, the flood runs from a
-child process for `--seconds`, and a scraper on 127.0.0.1 asks for /metrics every 0.25 s with
+child process for `--seconds`, and a scraper asks for /metrics every 0.25 s with
 Prometheus' default 10 s timeout, sending the right password where auth is on. Reported per
 exporter: scrapes answered 200 out of those tried, their median and slowest time, the flood's
 own rate (so both took the same beating), the exporter's resident memory and open descriptors
 (before, at the peak, and 5 s after the flood), its log bytes, and for the failing-login floods
 how long SIGTERM takes while the flood goes on.
 
-Floods (clients come from 127.0.0.2 up, or from 64 addresses for `logins-64`):
+The flooding clients come from 127.0.0.2 up (64 addresses for `logins-64`): a local user's. The
+scraper comes from this host's own address on its default route, a remote Prometheus as far as the
+exporter can tell (Stoker counts the whole loopback range as one client of basic auth, as it is one
+host); from 127.0.0.1 where the host has no such address.
+
+Floods:
     idle        N connections that send nothing (reopened when closed)
     slow        N connections trickling a header, a byte every 0.5 s
     churn       N clients connecting and closing at once, non-stop (a connect flood)
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import http.client
 import multiprocessing
 import os
 import signal
@@ -41,8 +47,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from bench.common import emit, rss_bytes
@@ -151,19 +155,37 @@ class Exporter:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/metrics"
 
 
+def scraper_address() -> str:
+    """This host's address on its default route (connecting a UDP socket sends nothing), else 127.0.0.1."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+            address = probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    return address if not address.startswith("127.") else "127.0.0.1"
+
+
+SCRAPER = scraper_address()
+
+
 def scrape(url: str, tls: bool, auth: bool, timeout: float = SCRAPE_TIMEOUT, password: str = PASSWORD) -> tuple:
+    """One GET of `url` (http(s)://127.0.0.1:PORT/metrics) from SCRAPER: (status or error, seconds)."""
     headers = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode()} if auth else {}
-    context = client_context() if tls else None
+    host, port = url.split("/")[2].split(":")
+    conn = (http.client.HTTPSConnection(host, int(port), timeout=timeout, source_address=(SCRAPER, 0),
+                                        context=client_context()) if tls else
+            http.client.HTTPConnection(host, int(port), timeout=timeout, source_address=(SCRAPER, 0)))
     started = time.monotonic()
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout,
-                                    context=context) as resp:
-            resp.read()
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except (OSError, ValueError) as exc:
+        conn.request("GET", "/metrics", headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        status = resp.status
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         status = type(exc).__name__
+    finally:
+        conn.close()
     return status, time.monotonic() - started
 
 

@@ -436,7 +436,7 @@ async def test_an_address_that_keeps_failing_is_answered_429_without_bcrypt(tmp_
     assert await logins.check("::ffff:10.0.0.1", wrong[16]) == 429, "an IPv4-mapped address is the IPv4 one"
 
 
-async def test_a_cached_scrape_does_not_queue_behind_failing_logins(tmp_path, monkeypatch):
+async def test_a_cached_scrape_does_not_queue_behind_failing_logins(tmp_path, monkeypatch, loopback_as_hosts):
     hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=10)).decode()
     cfg = web_config(tmp_path, f"basic_auth_users:\n  prometheus: {hashed}\n")
     checks = CountingBcrypt(monkeypatch)
@@ -515,8 +515,17 @@ def attackers(count: int, first: int = 2) -> list[str]:
     return [f"127.0.{(first + i) // 250}.{(first + i) % 250 + 1}" for i in range(count)]
 
 
+@pytest.fixture
+def loopback_as_hosts(monkeypatch):
+    """Each 127.0.0.0/8 address stands in for a host of its own, as the tests below have no other
+    addresses to send from; the agent counts the whole loopback range as one client (basicauth._source,
+    tested in test_attacks.py)."""
+    real = basicauth._source
+    monkeypatch.setattr(basicauth, "_source", lambda address: address if (address or "").startswith("127.") else real(address))
+
+
 @pytest.mark.slow
-async def test_failing_logins_cannot_hold_every_connection(tmp_path, monkeypatch):
+async def test_failing_logins_cannot_hold_every_connection(tmp_path, monkeypatch, loopback_as_hosts):
     """260 connections sending wrong passwords held all 256 connection slots waiting for bcrypt: the
     authorised scraper got 1 answer out of 80 (node_exporter: 108 of 108). Here 40 from 40 addresses
     against a listener of 32 connections: every scrape is answered. (exporter-toolkit, web/handler.go:
@@ -539,7 +548,7 @@ async def test_failing_logins_cannot_hold_every_connection(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-async def test_a_new_scrapers_login_waits_for_one_check_per_other_address(tmp_path, monkeypatch):
+async def test_a_new_scrapers_login_waits_for_one_check_per_other_address(tmp_path, monkeypatch, loopback_as_hosts):
     """After a restart the scraper's password is not verified yet: it waited behind every queued
     wrong password (0 answers out of 29). 30 connections from one address flood; the scraper's own
     check comes after at most the one in progress and one more of that address."""
@@ -558,7 +567,7 @@ async def test_a_new_scrapers_login_waits_for_one_check_per_other_address(tmp_pa
 
 
 @pytest.mark.slow
-async def test_a_full_login_queue_makes_room_for_an_address_that_has_not_failed(tmp_path, monkeypatch):
+async def test_a_full_login_queue_makes_room_for_an_address_that_has_not_failed(tmp_path, monkeypatch, loopback_as_hosts):
     """40 addresses keep the queue of logins full; once they have failed, the scraper's first login
     takes the place of one of theirs, and waits at most for the queue ahead of it."""
     hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=8)).decode()
@@ -575,7 +584,7 @@ async def test_a_full_login_queue_makes_room_for_an_address_that_has_not_failed(
 
 
 @pytest.mark.slow
-async def test_stopping_turns_away_the_logins_still_waiting(tmp_path, monkeypatch):
+async def test_stopping_turns_away_the_logins_still_waiting(tmp_path, monkeypatch, loopback_as_hosts):
     """SIGTERM during a flood of failing logins took 26 s: the server waited for every queued bcrypt
     check. Now at most the check in progress runs after the listener starts closing."""
     hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=10)).decode()

@@ -15,12 +15,15 @@ of 29 when the agent had just restarted and had to check its password too). So:
   loop: failing logins cost the node at most one core, which the training
   job's data loaders need more;
 - at most `QUEUE` logins wait for it, and at most one from each source address
-  (an IPv6 /64 counts as one): a client that already has a login waiting, or
-  has spent its budget of failures, is answered 429 at once, without bcrypt.
-  Connections held by logins are so bounded, and an address's turn comes after
-  at most one check of each other address. When the queue is full, a newcomer
-  takes the place of the waiting login whose address has failed the most (the
-  scraper, which does not fail, is the last to be turned away); otherwise 429.
+  (an IPv6 /64 counts as one, and so does the loopback range: `_source`): a
+  client that already has a login waiting, or has spent its budget of failures,
+  is answered 429 at once, without bcrypt. Connections held by logins are so
+  bounded, and an address's turn comes after at most one check of each other
+  address. When the queue is full, a newcomer takes the place of the waiting
+  login whose address has failed the most often (the scraper, which does not
+  fail, is the last to be turned away); otherwise 429. How often, not how much
+  budget is left: a budget refills, and guessers that failed once every 5 s
+  each tied with the scraper, which a tie turned away.
 """
 
 from __future__ import annotations
@@ -51,20 +54,24 @@ OK, DENIED, TOO_MANY = 200, 401, 429
 
 
 class Failures:
-    """Per-address budget of failed logins: a token bucket that only failures draw from."""
+    """Per-address budget of failed logins (a token bucket that only failures draw from), and how many
+    failures the address had in all."""
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
-        self._left: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (budget left, when)
+        self._left: OrderedDict[str, tuple[float, float, int]] = OrderedDict()  # address -> (budget left, when, failures)
 
     def left(self, address: str) -> float:
-        budget, when = self._left.get(address, (FAILURES_BURST, 0.0))
+        budget, when, _ = self._left.get(address, (FAILURES_BURST, 0.0, 0))
         return min(FAILURES_BURST, budget + (self._clock() - when) * FAILURES_PER_SECOND)
 
+    def count(self, address: str) -> int:
+        return self._left.get(address, (0, 0.0, 0))[2]
+
     def failed(self, address: str) -> None:
-        budget = self.left(address) - 1
+        budget, count = self.left(address) - 1, self.count(address) + 1
         self._left.pop(address, None)
-        self._left[address] = (budget, self._clock())
+        self._left[address] = (budget, self._clock(), count)
         if len(self._left) > ADDRESSES:
             self._left.popitem(last=False)
 
@@ -134,8 +141,8 @@ class Logins:
     def _make_room(self, address: str) -> bool:
         if len(self._queue) < QUEUE:
             return True
-        worst = min(self._queue, key=lambda login: self._failures.left(login.address))
-        if self._failures.left(worst.address) >= self._failures.left(address):
+        worst = max(self._queue, key=lambda login: self._failures.count(login.address))
+        if self._failures.count(worst.address) <= self._failures.count(address):
             return False
         self._queue.remove(worst)
         worst.outcome.set_result(None)
@@ -155,15 +162,19 @@ class Logins:
 
 
 def _source(address: str | None) -> str:
-    """The client's address as one budget: an IPv6 /64 is one host's (SLAAC hands a host a whole /64)."""
+    """The client's address as one budget: one host's. A global IPv6 /64 is one host's (SLAAC hands a
+    host a whole /64); a link-local address is (every host on a link is in fe80::/64); the loopback
+    range is this host (a local user may bind() to any of 127.0.0.0/8's 16 million addresses)."""
     try:
         ip = ipaddress.ip_address(address or "")
     except ValueError:
         return address or ""
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.version == 6 and not ip.is_link_local:
+        return str(ipaddress.ip_network((int(ip), 64), strict=False))  # without a zone (%eth0)
     return str(ip)
 
 

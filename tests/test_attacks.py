@@ -1,0 +1,89 @@
+"""Third round of attacks on the fixes of issue 25: what still broke, each a test that failed on the
+code before its fix. Real servers and agents on loopback, real sockets, real bcrypt; the fake NVML
+and simulated trees where hardware is involved."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import bcrypt
+
+from stoker.exporters import basicauth
+from tests.test_hardening_http import PASSWORD, basic, web_config
+
+WRONG = basic("prometheus", b"guess")["Authorization"]
+RIGHT = basic("prometheus", PASSWORD)["Authorization"]
+
+
+class HeldBcrypt:
+    """Stands in for Logins._bcrypt: each check waits until `release`, so a test can fill the queue."""
+
+    def __init__(self, logins: basicauth.Logins):
+        self.real, self.gate, self.checked = logins._bcrypt, threading.Event(), []
+        logins._bcrypt = self
+
+    def __call__(self, user: str, password: bytes) -> bool:
+        self.gate.wait(10)
+        self.checked.append(password)
+        return self.real(user, password)
+
+
+def logins_with_clock(tmp_path, now: list[float]) -> basicauth.Logins:
+    hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=4)).decode()
+    cfg = web_config(tmp_path, f"basic_auth_users:\n  prometheus: {hashed}\n")
+    return basicauth.Logins(cfg.users, cfg.dummy, clock=lambda: now[0])
+
+
+async def test_guessers_that_pace_themselves_cannot_keep_a_new_scrapers_login_out(tmp_path):
+    """The queue of logins made room for the address with the most budget left, but a budget refills
+    (one failure every 5 s): guessers whose addresses fail once each 5 s tie with a scraper that never
+    failed, and a tie turned the scraper away. With about 70 addresses (a /57 of IPv6 /64s, or any 70
+    hosts) the queue stays full of such logins at bcrypt's pace, and an agent that had just started
+    (the scraper's password not verified yet) answered its scraper 429 for as long as they went on.
+    What ranks an address now is how often it has failed, which does not refill."""
+    now = [1000.0]
+    logins = logins_with_clock(tmp_path, now)
+    guessers = [f"10.0.{i}.1" for i in range(40)]
+    for address in guessers:  # each fails once...
+        assert await logins.check(address, WRONG) == 401
+    now[0] += 5.0  # ...and waits until its budget is whole again
+    held = HeldBcrypt(logins)
+    queued = [asyncio.create_task(logins.check(guessers[0], WRONG))]
+    await asyncio.sleep(0.05)  # in bcrypt
+    queued += [asyncio.create_task(logins.check(address, WRONG)) for address in guessers[1:basicauth.QUEUE + 1]]
+    await asyncio.sleep(0.05)  # QUEUE waiting
+    scraper = asyncio.create_task(logins.check("10.1.0.1", RIGHT))
+    await asyncio.sleep(0.05)
+    turned_away = scraper.done() and scraper.result() == basicauth.TOO_MANY
+    held.gate.set()
+    await asyncio.gather(*queued)
+    assert not turned_away and await scraper == basicauth.OK
+    assert held.checked.index(PASSWORD) <= basicauth.QUEUE, "it took a place in the queue"
+
+
+async def test_every_loopback_address_is_one_client(tmp_path):
+    """127.0.0.0/8 is one host: a local user can send from 16 million source addresses (bind() to any
+    of them needs no privilege), each with a budget of 10 failures and a place in the queue of its own:
+    a guesser with a fresh address for every login costs a bcrypt check per guess without end, and keeps
+    the queue full of logins that never failed, which a new scraper's first login cannot displace
+    (measured on a real agent: the scraper answered 429 at every try for as long as it went on). ::1
+    is the same host."""
+    now = [1000.0]
+    logins = logins_with_clock(tmp_path, now)
+    answers = [await logins.check(f"127.{i // 250}.{i % 250}.{i % 7 + 1}", WRONG) for i in range(30)]
+    assert answers == [401] * basicauth.FAILURES_BURST + [429] * (30 - basicauth.FAILURES_BURST)
+    assert await logins.check("::1", WRONG) == 429 and await logins.check("::ffff:127.9.9.9", WRONG) == 429
+    assert await logins.check("192.0.2.7", WRONG) == 401, "another host has its own budget"
+
+
+def test_link_local_ipv6_addresses_are_each_their_own_client():
+    """Every host on a link has an address in fe80::/64: counted by /64, as a global IPv6 address is
+    (one /64 is one host's, by SLAAC), every link-local client of every interface shared one budget
+    and one place in the queue."""
+    source = basicauth._source
+    assert source("fe80::1%eth0") != source("fe80::2%eth0")
+    assert source("fe80::1%eth0") != source("fe80::1%eth1")  # one address on two links: two hosts
+    assert source("2001:db8::1") == source("2001:db8::ffff:1") != source("2001:db8:0:1::1")
+    assert source("127.0.0.1") == source("127.200.3.4") == source("::1") == source("::ffff:127.0.0.2")
+    assert source("10.0.0.1") == source("::ffff:10.0.0.1") != source("10.0.0.2")
