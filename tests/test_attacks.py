@@ -87,3 +87,29 @@ def test_link_local_ipv6_addresses_are_each_their_own_client():
     assert source("2001:db8::1") == source("2001:db8::ffff:1") != source("2001:db8:0:1::1")
     assert source("127.0.0.1") == source("127.200.3.4") == source("::1") == source("::ffff:127.0.0.2")
     assert source("10.0.0.1") == source("::ffff:10.0.0.1") != source("10.0.0.2")
+
+
+def test_a_forged_run_after_a_quiet_spell_does_not_make_a_running_jobs_steps_lost():
+    """A run that reports nothing for NEW_RUN_EVERY (30 s) yields to a new one: a checkpoint of a large
+    model or an evaluation takes longer than that. One request from any holder of the token, naming the
+    job and a new run from step 0, then counted every step of the job as lost (100 of 100 here, no
+    restart, the job's processes the same all along), for good; repeated at each quiet spell. Steps are
+    lost when a relaunch replaces the job's processes; the agent sees that they were not."""
+    from tests.test_goodput import Clock, DetectConfig, GoodputLedger, StepRecord, run, slurm, snapshot
+    clock = Clock()
+    ledger = GoodputLedger(DetectConfig(), clock)
+    gpu, owners = snapshot({i: [100 + i] for i in range(8)}), {100 + i: slurm("42") for i in range(8)}
+    run(ledger, clock, 2, gpu, owners)
+    ledger.record_steps([StepRecord(n, 1.0) for n in range(1, 101)], run="slurm:42.0.0", pid=100)
+    run(ledger, clock, 31, gpu, owners)  # a checkpoint: the same processes, no steps
+    ledger.record_steps([StepRecord(0)], job="42", run="forged")
+    run(ledger, clock, 2, gpu, owners)
+    assert ledger.record_steps([StepRecord(101)], run="slurm:42.0.0", pid=100)[1:] == (1, 0)
+    job = ledger.jobs["42"]
+    assert (job.lost_steps, job.restarts, job.last_step) == (0, 0, 101)
+    # a real relaunch still loses what it does again: new processes resume at step 51
+    clock.now += 30
+    relaunched = {200 + i: slurm("42") for i in range(8)}
+    run(ledger, clock, 1, snapshot({i: [200 + i] for i in range(8)}), relaunched)
+    assert ledger.record_steps([StepRecord(51)], run="slurm:42.0.1", pid=200)[1:] == (1, 0)
+    assert (job.lost_steps, job.restarts) == (51, 1)

@@ -414,12 +414,14 @@ class GoodputLedger:
         """A new launch of the job. It resumes at `first`: the steps from there to the last one of the run
         it replaces are done again, lost (never more than the job reported and had not lost yet). That
         run is the latest one begun on other processes than the job's now, where the agent sees them (a
-        run that claimed the new processes before is not it), else the current one. Without a process
-        set to follow (another PID namespace) the new run is the job's restart."""
+        run that claimed the new processes before is not it); where it sees them and no run's are gone,
+        nothing was relaunched and nothing is lost (a run quiet for NEW_RUN_EVERY, in a long checkpoint,
+        yields to any token holder's new run, which counted every step of the job lost). Without a
+        process set to follow (another PID namespace) it is the current one, and the job's restart."""
         if acct.run is not None:
-            before = max((r for r in acct.runs.values() if r.pids and r.pids.isdisjoint(acct.pids)),
-                         key=lambda r: r.t, default=acct.runs[acct.run])
-            last = before.last_step
+            gone = [r for r in acct.runs.values() if r.pids and r.pids.isdisjoint(acct.pids)]
+            before = max(gone, key=lambda r: r.t, default=None if acct.pids else acct.runs[acct.run])
+            last = before.last_step if before is not None else None
             if last is not None and first <= last:
                 acct.lost_steps += min(last - first + 1, acct.steps - acct.lost_steps)
             if not acct.pids:
