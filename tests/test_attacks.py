@@ -113,3 +113,25 @@ def test_a_forged_run_after_a_quiet_spell_does_not_make_a_running_jobs_steps_los
     run(ledger, clock, 1, snapshot({i: [200 + i] for i in range(8)}), relaunched)
     assert ledger.record_steps([StepRecord(51)], run="slurm:42.0.1", pid=200)[1:] == (1, 0)
     assert (job.lost_steps, job.restarts) == (51, 1)
+
+
+def test_one_jobs_own_cgroups_cannot_hide_the_other_jobs_processes(tmp_path):
+    """Slurm's cgroup/v1 plugin makes each task's cgroup owned by the job's user (slurm
+    src/plugins/cgroup/v1/cgroup_v1.c, `_handle_task_cgroup`: `common_cgroup_create(..., task_cgroup_path,
+    job->uid, job->gid)`), so the user may make cgroups inside it. The walk that places PIDs /proc does
+    not show (the service's ProtectProc=invisible) stops after MAX_CGROUPS directories of all jobs
+    together: one job with 4,100 empty cgroups of its own, visited first, left every other job's GPU
+    processes unplaced (`unknown`), every retry. Each job's subtree now gets MAX_CGROUPS_PER_JOB visits."""
+    from stoker.sources.jobs import JobSource
+    sysfs = tmp_path / "sys"
+    freezer = sysfs / "fs" / "cgroup" / "freezer" / "slurm"
+    victim = freezer / "uid_1001" / "job_1234" / "step_0" / "task_0"
+    victim.mkdir(parents=True)
+    (victim / "cgroup.procs").write_text("4242\n")
+    own = freezer / "uid_1002" / "job_9999" / "step_0" / "task_0"
+    for i in range(4100):
+        (own / f"c{i:04d}").mkdir(parents=True)
+    (tmp_path / "proc").mkdir()
+    snap = JobSource(str(tmp_path / "proc"), str(sysfs)).resolve([4242])
+    owner = snap.owners[4242]
+    assert owner is not None and (owner.job_id, owner.source) == ("1234", "cgroup"), snap

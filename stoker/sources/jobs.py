@@ -77,6 +77,10 @@ from stoker.sources.files import read_regular
 
 MAX_CGROUPS = 4096
 """Directories visited per walk of the scheduler cgroups: a Kubernetes node at its 110-pod limit has about 500."""
+MAX_CGROUPS_PER_JOB = 256
+"""Directories visited per walk in one job's subtree: a Slurm job has a few per step (a task per GPU), a pod
+one per container. A job's user may make cgroups in its own (Slurm's cgroup v1 task cgroups are the user's):
+4,100 of them used up MAX_CGROUPS before the walk reached any other job."""
 MAX_ENTRIES = 4096
 """Entries read of one directory: a job's user may make cgroups in its own (cgroup v1 step cgroups are its)."""
 MAX_SLICES, MAX_SLICE_DEPTH = 256, 4
@@ -330,10 +334,18 @@ class JobSource:
         self.walks += 1
         found: dict[int, Owner | None] = {}
         visited, deadline = 0, time.monotonic() + WALK_SECONDS
+        per_job: dict[str, int] = {}
         for top, hierarchy in self._roots():
             stack = [top]
             while stack and wanted - found.keys():
                 path = stack.pop()
+                owner = parse_cgroup_path("/" + os.path.relpath(path, hierarchy))
+                if owner is not None:
+                    per_job[owner.job_id] = per_job.get(owner.job_id, 0) + 1
+                    if per_job[owner.job_id] > MAX_CGROUPS_PER_JOB:
+                        if per_job[owner.job_id] == MAX_CGROUPS_PER_JOB + 1:
+                            problems.append("cgroup_walk_job_truncated")
+                        continue
                 visited += 1
                 if visited > MAX_CGROUPS:
                     problems.append("cgroup_walk_truncated")
@@ -348,6 +360,5 @@ class JobSource:
                     continue
                 hits = wanted & procs
                 if hits:
-                    owner = parse_cgroup_path("/" + os.path.relpath(path, hierarchy))
                     found.update((pid, owner) for pid in hits)
         return found
