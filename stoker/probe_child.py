@@ -31,6 +31,7 @@ import mmap
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 
@@ -70,9 +71,20 @@ def fresh_block(size: int) -> bytearray:
 
 
 def write_fsync(path: str, size: int) -> None:
-    """A fresh file (created, or truncated if a crash left one), written and flushed to the server."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A fresh file (created, or truncated if a crash left one), written and flushed to the server.
+
+    The name is known and the directory often one where users write: a symbolic link planted there was
+    followed and its target overwritten (any file the agent's user may write), so is a hard link to such
+    a file. Neither is opened for writing: a link fails the open (O_NOFOLLOW), a file with other names
+    fails before it is truncated. (A FIFO still blocks the open, as a hung mount does: that is how the
+    simulated node and the tests hang a probe.)"""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(errno.EEXIST, "something other than the probe's own file holds its name", path)
+        if st.st_size:  # left by a probe killed mid-write (a fresh file costs no extra round trip)
+            os.ftruncate(fd, 0)
         block = memoryview(fresh_block(min(size, BLOCK)))
         left = size
         while left > 0:
@@ -87,11 +99,11 @@ def read_uncached(path: str, size: int) -> None:
     else after dropping its pages from the client cache."""
     buf = mmap.mmap(-1, max(size, mmap.PAGESIZE))  # page-aligned, as O_DIRECT needs
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0))
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     try:
         while os.readv(fd, [buf]) > 0:

@@ -135,3 +135,28 @@ def test_one_jobs_own_cgroups_cannot_hide_the_other_jobs_processes(tmp_path):
     snap = JobSource(str(tmp_path / "proc"), str(sysfs)).resolve([4242])
     owner = snap.owners[4242]
     assert owner is not None and (owner.job_id, owner.source) == ("1234", "cgroup"), snap
+
+
+def test_a_probe_writes_through_no_link_planted_at_its_file_name(tmp_path):
+    """The probe's file name is known (`.stoker-probe-<hostname>`, docs/OPERATIONS.md) and its directory
+    is on the NAS, often the mountpoint itself, where users write. The write opened it with O_CREAT|O_TRUNC
+    and followed a symbolic link planted there: the link's target (resolved by the node, so any file the
+    agent's user may write: its own state file, or anything when the agent runs as root) was truncated
+    and overwritten with random bytes, and the link then unlinked, which hid it. A hard link to a file of
+    the agent's user did the same. The probe now fails (an error, counted) and writes nothing."""
+    import os
+    import socket
+
+    from stoker.probe_child import probe
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    name = nas / f".stoker-probe-{socket.gethostname()}"
+    for plant in ("symlink", "hardlink"):
+        victim = tmp_path / f"state-{plant}.json"
+        victim.write_text('{"inventory": {"gpu": 8}}')
+        (name.symlink_to if plant == "symlink" else name.hardlink_to)(victim)
+        result = probe(str(nas), 4096)
+        assert victim.read_text() == '{"inventory": {"gpu": 8}}', plant
+        assert isinstance(result["write"], dict) and isinstance(result["read"], dict), (plant, result)
+        assert isinstance(result["metadata"], float), "the metadata probe has a name of its own"
+        name.unlink(missing_ok=True)
