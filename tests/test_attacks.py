@@ -160,3 +160,36 @@ def test_a_probe_writes_through_no_link_planted_at_its_file_name(tmp_path):
         assert isinstance(result["write"], dict) and isinstance(result["read"], dict), (plant, result)
         assert isinstance(result["metadata"], float), "the metadata probe has a name of its own"
         name.unlink(missing_ok=True)
+
+
+def test_a_statistic_name_the_driver_lists_twice_does_not_count_up_by_itself():
+    """The kernel hands out a driver's ethtool statistic names as the driver writes them (linux
+    net/ethtool/ioctl.c, `ethtool_get_strings` -> `ops->get_strings`); nothing makes them unique, and the
+    agent strips them (some carry a trailing space). Two counters under one name (`rx_prio3_pause` and
+    `rx_prio3_pause `) fed one monotonic counter two values each cycle: every fall read as a reset, and
+    with both counters standing still the exported pause frames grew by 50,000 a cycle (pause storms
+    and a congested fabric that were not there). The first of the names counts; the others are left out."""
+    import ctypes
+
+    from pyroute2.ethtool.ioctl import generate_EthtoolGStats
+
+    from stoker.sources.netdev import EthtoolReader
+    from tests.test_netdev import KernelEthtool
+
+    listed = [("rx_prio3_pause", 100), ("rx_prio3_pause ", 50_000), ("rx_discards_phy", 7), ("rx_discards_phy", 900)]
+
+    class Driver(KernelEthtool):
+        def get_stringset(self, set_id=0, drvinfo_offset=0, null_terminate=1):
+            return [name for name, _ in listed]
+
+        def ioctl(self):
+            buf = ctypes.cast(self.ifreq.gstats, ctypes.POINTER(generate_EthtoolGStats(len(listed)))).contents
+            for i, (_, value) in enumerate(listed):
+                buf.data[i] = value
+
+    reader = EthtoolReader(Driver)
+    seen = []
+    for _ in range(5):
+        stats, problems = reader.read(["ens18f0np0"])
+        seen.append((stats["ens18f0np0"].pause_frames[("3", "rx")], stats["ens18f0np0"].discards["rx_discards_phy"]))
+    assert seen == [(100, 7)] * 5

@@ -52,10 +52,16 @@ class NetSnapshot:
 
 
 def _plan(names: list[str]) -> list[tuple[int, str, str, Any, float]]:
-    """(index, counter name, `NetInterface` field, key in it, unit) of each statistic the agent keeps."""
+    """(index, counter name, `NetInterface` field, key in it, unit) of each statistic the agent keeps. A
+    name listed again (the kernel does not make a driver's names unique) is left out: two counters fed to
+    one monotonic counter read as a reset each cycle, and it grew by the larger every cycle."""
     plan: list[tuple[int, str, str, Any, float]] = []
+    seen: set[str] = set()
     for i, raw_name in enumerate(names):
         name = raw_name.strip()
+        if name in seen:
+            continue
+        seen.add(name)
         if (m := PAUSE.match(name)) is not None:
             direction, priority, duration = m.groups()
             if duration:
