@@ -193,3 +193,32 @@ def test_a_statistic_name_the_driver_lists_twice_does_not_count_up_by_itself():
         stats, problems = reader.read(["ens18f0np0"])
         seen.append((stats["ens18f0np0"].pause_frames[("3", "rx")], stats["ens18f0np0"].discards["rx_discards_phy"]))
     assert seen == [(100, 7)] * 5
+
+
+async def test_a_family_of_the_agents_own_that_cannot_render_costs_itself_not_the_scrape():
+    """The collectors' chunks are rendered each on its own (a failure keeps that chunk's last text), but
+    the agent's own metrics and what is registered with them (the inventory, the process metrics) were
+    rendered as one: a value no float holds in one family (the state file's 10**400 GPUs, item above)
+    made every scrape a 500, the collectors' series with it. Now that family is left out, one line."""
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.parser import text_string_to_metric_families
+    from structlog.testing import capture_logs
+
+    from stoker.agent.supervisor import Supervisor
+    from stoker.exporters.exposition import Exposition
+
+    class Broken:
+        def collect(self):
+            yield GaugeMetricFamily("stoker_test_broken", "A value no float holds.", value=10**400)
+            yield GaugeMetricFamily("stoker_test_fine", "Registered after it.", value=3)
+
+    exposition = Exposition()
+    sup = Supervisor([], exposition, lambda: {"version": "t", "nvml_version": "", "driver_version": ""})
+    sup.registry.register(Broken())
+    sup._render_self()
+    with capture_logs() as lines:
+        body = exposition.body().decode()
+        exposition.body()
+    names = {f.name for f in text_string_to_metric_families(body)}
+    assert {"stoker_build_info", "stoker_test_fine"} <= names and "stoker_test_broken" not in names
+    assert [line["family"] for line in lines if line["event"] == "metric family left out"] == ["stoker_test_broken"]

@@ -198,7 +198,23 @@ class Supervisor:
     def _self_chunk(self) -> bytes:
         self._build.clear()
         self._build.labels(**self._build_labels()).set(1)
-        return render(self.registry.collect())  # byte-identical to generate_latest (tested), 3x faster
+        families = list(self.registry.collect())
+        try:
+            return render(families)  # byte-identical to generate_latest (tested), 3x faster
+        except Exception:  # one family that cannot render (10**400 read from a file) costs itself only
+            return b"".join(self._render_each(families))
+
+    def _render_each(self, families: list) -> list[bytes]:
+        out = []
+        for family in families:
+            try:
+                out.append(render([family]))
+            except Exception as exc:
+                suppressed = self._gate.admit(("render", family.name), f"{type(exc).__name__}: {exc}")
+                if suppressed is not None:
+                    log.error("metric family left out", family=family.name, error=f"{type(exc).__name__}: {exc}",
+                              repeated=suppressed)
+        return out
 
     def stale(self) -> list[str]:
         """Collectors that have not completed a cycle within 3 of their intervals."""
