@@ -222,3 +222,36 @@ async def test_a_family_of_the_agents_own_that_cannot_render_costs_itself_not_th
     names = {f.name for f in text_string_to_metric_families(body)}
     assert {"stoker_build_info", "stoker_test_fine"} <= names and "stoker_test_broken" not in names
     assert [line["family"] for line in lines if line["event"] == "metric family left out"] == ["stoker_test_broken"]
+
+
+async def test_an_authorization_header_that_is_not_ascii_is_a_401_not_a_500(tmp_path):
+    """HTTP field values are bytes (RFC 9110, section 5.5); aiohttp hands them on as text with each byte
+    that is not UTF-8 as a lone surrogate. Basic credentials that were not ASCII made base64 raise a
+    ValueError that was not caught, and the hint API encoded the header strictly: either way a 500 and a
+    logged traceback for a client without credentials, where a wrong password is a 401."""
+    from stoker.config import CheckpointConfig
+    from stoker.detect.checkpoint import CheckpointTracker
+    from stoker.exporters.hints import make_hint_app
+    from stoker.exporters.http import serve
+    from tests.test_hardening_http import TOKEN, auth_server
+
+    hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=4)).decode()
+    metrics = await auth_server(web_config(tmp_path, f"basic_auth_users:\n  prometheus: {hashed}\n"))
+    hints = await serve(make_hint_app(CheckpointTracker(CheckpointConfig()), TOKEN), "127.0.0.1", 0)
+
+    async def status(port: int, path: str, value: bytes) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        method = b"POST" if path.startswith("/api") else b"GET"
+        writer.write(method + b" " + path.encode() + b" HTTP/1.1\r\nHost: stoker\r\nConnection: close\r\n"
+                     b"Content-Length: 2\r\nAuthorization: " + value + b"\r\n\r\n{}")
+        head = await reader.readuntil(b"\r\n")
+        writer.close()
+        return int(head.split()[1])
+
+    try:
+        for value in (b"Basic \xc3\xa9", b"Basic \xff\xfe", b"Bearer \xff\xfe", b"\x80"):
+            assert await status(metrics.port, "/metrics", value) == 401, value
+            assert await status(hints.port, "/api/v1/checkpoints/start", value) == 401, value
+    finally:
+        await metrics.close()
+        await hints.close()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import ipaddress
 import time
@@ -189,5 +188,5 @@ def credentials(header: str) -> tuple[str, bytes] | None:
         if not sep:
             return None
         return user.decode(), password[:BCRYPT_MAX_BYTES]
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII at all (a field's raw bytes), a user not UTF-8
         return None

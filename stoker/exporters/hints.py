@@ -54,7 +54,8 @@ def make_hint_app(tracker: CheckpointTracker, token: str, ledger: GoodputLedger 
 
     @web.middleware
     async def require_token(request: web.Request, handler):
-        given = request.headers.get("Authorization", "").encode()
+        # a field's bytes that are not UTF-8 reach here as lone surrogates: back to those bytes, never a 500
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": 'Bearer realm="stoker"'})
         return await handler(request)
