@@ -35,9 +35,11 @@ for $STOKER_JOB_ID, else $SLURM_JOB_ID, else the job of the sending process
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -97,24 +99,78 @@ def send(action: str, body: dict, url: str | None = None, token: str | None = No
     return _post(f"/api/v1/checkpoints/{action}", body, url, token, token_file, timeout)
 
 
+MAX_ANSWER = 64 * 1024
+"""The agent answers a hint in under a hundred bytes."""
+
+
 def _post(path: str, body: dict, url: str | None = None, token: str | None = None,
           token_file: str | None = None, timeout: float = 2.0) -> dict:
+    """POST `body` and read the answer, at most MAX_ANSWER bytes, within `timeout` seconds in all.
+
+    Whoever listens on the hint port answers (any local user, while the agent does not hold it), and a
+    socket timeout bounds each read, not the answer: an endless body took a training process to 1.8 GB
+    in 6 s, a trickled one held a checkpoint's `with` for as long as it liked, and a body that was not
+    JSON raised out of the training code. So the connection is shut down at the deadline, the answer is
+    capped, and everything that goes wrong is HintFailed."""
     base = (url or os.environ.get("STOKER_HINT_URL") or DEFAULT_URL).rstrip("/")
     request = urllib.request.Request(
         f"{base}{path}", data=json.dumps(body).encode(), method="POST",
         headers={"Content-Type": "application/json",
                  "Authorization": f"Bearer {_token(token, token_file, timeout)}"})
+    sockets: list[socket.socket] = []
+    deadline = threading.Timer(timeout, _shut, (sockets,))
+    deadline.daemon = True
+    deadline.start()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"{}")
+        with _opener(sockets).open(request, timeout=timeout) as resp:
+            answer = resp.read(MAX_ANSWER + 1)
+        if len(answer) > MAX_ANSWER:
+            raise HintFailed(f"the answer from {base} is larger than {MAX_ANSWER} bytes: not the agent's")
+        found = json.loads(answer or b"{}")
+        if not isinstance(found, dict):
+            raise ValueError("not a JSON object")
+        return found
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read()).get("error", exc.reason)
-        except ValueError:
+            message = json.loads(exc.read(MAX_ANSWER)).get("error", exc.reason)
+        except (ValueError, AttributeError, OSError, http.client.HTTPException):
             message = exc.reason
         raise HintFailed(f"the agent refused the hint: {message}", exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise HintFailed(f"cannot reach the agent at {base}: {exc}") from None
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise HintFailed(f"the answer from {base} is not the agent's: {exc}") from None
+    finally:
+        deadline.cancel()
+
+
+def _opener(sockets: list[socket.socket]) -> urllib.request.OpenerDirector:
+    """urllib, with each connection's socket put in `sockets` as it connects (for `_shut`)."""
+    def recorded(base: type) -> type:
+        class Connection(base):
+            def connect(self) -> None:
+                super().connect()
+                sockets.append(self.sock)
+        return Connection
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(recorded(http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(recorded(http.client.HTTPSConnection), req, context=self._context)
+
+    return urllib.request.build_opener(Http, Https)
+
+
+def _shut(sockets: list[socket.socket]) -> None:
+    """The deadline: a read blocked in the socket returns at once (close() would not wake it)."""
+    for sock in list(sockets):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _target(path: str | None, mountpoint: str | None) -> dict:

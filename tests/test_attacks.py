@@ -255,3 +255,60 @@ async def test_an_authorization_header_that_is_not_ascii_is_a_401_not_a_500(tmp_
     finally:
         await metrics.close()
         await hints.close()
+
+
+def squatter(answer) -> tuple[int, threading.Event]:
+    """A local user's server on a port the agent does not hold (the agent restarting, or away): it takes
+    one request and answers with `answer(connection)`; returns its port and an event set once it is done."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        try:
+            answer(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            server.close()
+            done.set()
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1], done
+
+
+def test_a_hint_reads_a_bounded_answer_within_its_timeout_whoever_answers():
+    """The training process sends its hints to 127.0.0.1:9478, which any local user can listen on while
+    the agent does not. The client read the whole answer, with its timeout applied to each read only: a
+    server sending an endless body took a training process to 1.8 GB in 6 s (the step thread does the
+    same in the background), and one sending a byte every 1.5 s held `with checkpoint(...)` around a save
+    for as long as it liked. An answer is now read within the hint's timeout in all, at most 64 KiB."""
+    import time
+
+    from stoker import hints
+
+    def endless(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n[")
+        for _ in range(500):  # 64 MB, then the server gives up
+            conn.sendall(b"1," * 65536)
+
+    def trickle(conn):
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b" " * 100:
+            conn.send(bytes([byte]))
+            time.sleep(0.3)
+
+    for answer in (endless, trickle):
+        port, done = squatter(answer)
+        started = time.monotonic()
+        try:
+            hints.start(mountpoint="/mnt/ckpt", url=f"http://127.0.0.1:{port}", token="t0k", timeout=1.0)
+        except hints.HintFailed:
+            pass
+        took = time.monotonic() - started
+        done.wait(30)
+        assert took < 2.0, f"{answer.__name__}: the hint took {took:.1f} s with a timeout of 1 s"
