@@ -122,10 +122,11 @@ def config_path(args: argparse.Namespace) -> str | None:
     return config_mod.path_for(args.config, simulated=getattr(args, "simulate", None) is not None)
 
 
-def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False):
+def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False,
+              keep_listen: bool = False):
     """The simulated node's platform, its kernel trees written under a fresh directory of its own
     (sim/rundir.py); returns the platform and the configuration pointed at them. `at_fault`: start
-    where the scenario's fault begins."""
+    where the scenario's fault begins. `keep_listen`: the hint API's address was given by flag."""
     from stoker.sim.rundir import run_directory
     from stoker.sim.scenarios import get as get_scenario
     from stoker.sim.simulation import Simulation
@@ -133,7 +134,7 @@ def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at
     scenario = get_scenario(name)  # a bad name or file is a configuration error, before anything is written
     root = stack.enter_context(run_directory("sim"))  # removed at the end, on SIGTERM, or by the next run
     sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0, held=True)
-    return sim, sim.configure(cfg)
+    return sim, sim.configure(cfg, keep_listen)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -213,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             cfg = config_mod.load(path, overrides_from(args))
             if args.simulate is not None:
-                sim, cfg = simulated(cfg, args.simulate, stack)
+                sim, cfg = simulated(cfg, args.simulate, stack, keep_listen=args.hint_listen is not None)
                 platform = sim.platform()
             else:
                 platform = platforms.real()
@@ -224,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         def reload() -> config_mod.Config:
             """SIGHUP: the file again, under the same flags; raises ConfigError when it is bad."""
             fresh = config_mod.load(path, overrides_from(args))
-            return sim.configure(fresh) if sim is not None else fresh
+            return sim.configure(fresh, args.hint_listen is not None) if sim is not None else fresh
 
         return serve(cfg, platform, reload, path)
 
