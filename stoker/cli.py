@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="one-shot health check: exit 0 healthy, 1 unhealthy, 2 could not check")
     check.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     check.add_argument("--seconds", type=seconds, default=5.0, help="how long to sample (default 5)")
-    check.add_argument("--sysfs-root", metavar="DIR")
-    check.add_argument("--procfs-root", metavar="DIR")
+    check.add_argument("--sysfs-root", metavar="DIR", help="where sysfs is mounted (default /sys)")
+    check.add_argument("--procfs-root", metavar="DIR", help="where procfs is mounted (default /proc)")
     check.add_argument("--simulate", nargs="?", const="healthy", metavar="SCENARIO",
                        help="check the simulated node, the scenario's fault already under way (default: healthy)")
 
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML configuration file: its thresholds (default: none, the node is simulated)")
 
     hint = sub.add_parser("checkpoint", help="tell the local agent a checkpoint starts or ends")
-    hint.add_argument("action", choices=["start", "end"])
+    hint.add_argument("action", choices=["start", "end"], help="the checkpoint starts, or it ended")
     where = hint.add_mutually_exclusive_group(required=True)
     where.add_argument("--mountpoint", help="the NFS mountpoint written to")
     where.add_argument("--path", help="a path on it (the checkpoint directory)")
