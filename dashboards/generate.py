@@ -506,6 +506,13 @@ def node() -> dict:
         state("Starved, by cause", "The agent's verdict each second it was scraped: at most one cause at a time. "
               "The share panel below counts every second, scraped or not.",
               q(f"stoker_starved{{{n}}}", "{{cause}}"), states={"0": ("no", "transparent"), "1": ("STARVED", "red")}),
+        state("Why the verdict holds: the GPU and cause machines", "The verdict engine's machines "
+              "(docs/VERDICTS.md): the GPUs low or recovering (back at the level, the verdict not yet cleared), "
+              "and each cause not inactive: pending (challenging the verdict's cause), active (its evidence "
+              "present), resolving (only remembered: the verdict holds on it a while), resolved.",
+              q(f'stoker_starvation_state{{state!="ok", {n}}}', "GPUs {{state}}"),
+              q(f'stoker_cause_state{{state!="inactive", {n}}}', "{{cause}} {{state}}"),
+              states={"0": ("", "transparent"), "1": ("yes", "orange")}),
         ts("Starved share of time, by cause, and the job's", "percentunit", "Share of each interval the GPUs were "
            "starved, stacked by cause, against the share a job held them (dashed). Above 50% over 10 minutes by "
            "storage or network StokerGpusStarvedIntermittently pages; by the host, StokerGpusOftenStarvedByHost.",

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="one-shot health check: exit 0 healthy, 1 unhealthy, 2 could not check")
     check.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     check.add_argument("--seconds", type=seconds, default=5.0, help="how long to sample (default 5)")
-    check.add_argument("--sysfs-root", metavar="DIR")
-    check.add_argument("--procfs-root", metavar="DIR")
+    check.add_argument("--sysfs-root", metavar="DIR", help="where sysfs is mounted (default /sys)")
+    check.add_argument("--procfs-root", metavar="DIR", help="where procfs is mounted (default /proc)")
     check.add_argument("--simulate", nargs="?", const="healthy", metavar="SCENARIO",
                        help="check the simulated node, the scenario's fault already under way (default: healthy)")
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML configuration file: its thresholds (default: none, the node is simulated)")
 
     hint = sub.add_parser("checkpoint", help="tell the local agent a checkpoint starts or ends")
-    hint.add_argument("action", choices=["start", "end"])
+    hint.add_argument("action", choices=["start", "end"], help="the checkpoint starts, or it ended")
     where = hint.add_mutually_exclusive_group(required=True)
     where.add_argument("--mountpoint", help="the NFS mountpoint written to")
     where.add_argument("--path", help="a path on it (the checkpoint directory)")
@@ -124,10 +124,11 @@ def config_path(args: argparse.Namespace) -> str | None:
     return config_mod.path_for(args.config, simulated=getattr(args, "simulate", None) is not None)
 
 
-def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False):
+def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False,
+              keep_listen: bool = False):
     """The simulated node's platform, its kernel trees written under a fresh directory of its own
     (sim/rundir.py); returns the platform and the configuration pointed at them. `at_fault`: start
-    where the scenario's fault begins."""
+    where the scenario's fault begins. `keep_listen`: the hint API's address was given by flag."""
     from stoker.sim.rundir import run_directory
     from stoker.sim.scenarios import get as get_scenario
     from stoker.sim.simulation import Simulation
@@ -135,7 +136,7 @@ def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at
     scenario = get_scenario(name)  # a bad name or file is a configuration error, before anything is written
     root = stack.enter_context(run_directory("sim"))  # removed at the end, on SIGTERM, or by the next run
     sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0, held=True)
-    return sim, sim.configure(cfg)
+    return sim, sim.configure(cfg, keep_listen)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -213,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             cfg = config_mod.load(path, overrides_from(args))
             if args.simulate is not None:
-                sim, cfg = simulated(cfg, args.simulate, stack)
+                sim, cfg = simulated(cfg, args.simulate, stack, keep_listen=args.hint_listen is not None)
                 platform = sim.platform()
             else:
                 platform = platforms.real()
@@ -227,7 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         def reload() -> config_mod.Config:
             """SIGHUP: the file again, under the same flags; raises ConfigError when it is bad."""
             fresh = config_mod.load(path, overrides_from(args))
-            return sim.configure(fresh) if sim is not None else fresh
+            return sim.configure(fresh, args.hint_listen is not None) if sim is not None else fresh
 
         return serve(cfg, platform, reload, path)
 

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stoker.sources.files import NotRegularFile, Unanswered, read_regular_within
+from stoker.sources.files import Refused, Unanswered, read_operator_file, shown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -515,20 +515,10 @@ def read_text(path: str | Path, key: str = "") -> str:
     READ_DEADLINE (FileUnanswered): a regular file on a hung NFS mount blocks its read in the kernel.
     Capped at MAX_FILE_BYTES and decoded as UTF-8. Every error names `key` (when the file is a
     setting's value) and the file."""
-    where = f"{key}: {path}" if key else str(path)
+    where = f"{key}: {shown(str(path))}" if key else shown(str(path))
     try:
-        data = read_regular_within(str(path), MAX_FILE_BYTES + 1, READ_DEADLINE)
+        return read_operator_file(str(path), MAX_FILE_BYTES, READ_DEADLINE)
     except Unanswered as exc:
         raise FileUnanswered(f"{where}: {exc.strerror}") from None
-    except NotRegularFile:
-        raise ConfigError(f"{where}: not a regular file") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
-    except ValueError:  # a NUL in the path (TOML strings may hold one)
-        raise ConfigError(f"{where!r}: cannot read: the path holds a NUL byte") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES >> 20} MiB, not a configuration file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    except Refused as exc:
+        raise ConfigError(f"{where}: {exc}") from None

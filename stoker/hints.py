@@ -49,7 +49,7 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
-from stoker.sources.files import NotRegularFile, read_regular_within  # standard library only, too
+from stoker.sources.files import Refused, Unanswered, read_operator_file, shown  # standard library only, too
 
 DEFAULT_URL = "http://127.0.0.1:9478"
 DEFAULT_TOKEN_FILE = "/etc/stoker/hint-token"
@@ -76,16 +76,11 @@ def _token(token: str | None, token_file: str | None, timeout: float = 2.0) -> s
     if not value:
         where = token_file or os.environ.get("STOKER_HINT_TOKEN_FILE", DEFAULT_TOKEN_FILE)
         try:
-            data = read_regular_within(where, TOKEN_FILE_LIMIT + 1, timeout)
-        except NotRegularFile:
-            raise HintFailed(f"cannot read the hint token from {where}: not a regular file") from None
-        except OSError as exc:
-            raise HintFailed(f"cannot read the hint token from {where}: {exc.strerror}") from None
-        except ValueError:  # a NUL in the path
-            raise HintFailed(f"cannot read the hint token from {where!r}: the path holds a NUL byte") from None
-        if len(data) > TOKEN_FILE_LIMIT:
-            raise HintFailed(f"the hint token file {where} is larger than {TOKEN_FILE_LIMIT >> 20} MiB")
-        value = data.decode("utf-8", "replace")  # as the agent: no \r\n -> \n; not UTF-8 is refused below
+            value = read_operator_file(where, TOKEN_FILE_LIMIT, timeout)
+        except Unanswered as exc:
+            raise HintFailed(f"cannot read the hint token from {shown(where)}: {exc.strerror}") from None
+        except Refused as exc:
+            raise HintFailed(f"cannot read the hint token from {shown(where)}: {exc}") from None
     value = value.removesuffix("\n")
     if not (value.isascii() and value.isprintable()) or " " in value:
         raise HintFailed(f"the hint token from {where} must be printable ASCII without spaces, "

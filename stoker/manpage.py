@@ -29,7 +29,10 @@ which starts
 .B stoker run
 with the configuration in
 .IR /etc/stoker/stoker.toml .
-Every command reads the file given with
+.B stoker run
+and
+.B stoker check
+read the file given with
 .BR \-\-config ,
 else
 .I /etc/stoker/stoker.toml
@@ -37,7 +40,15 @@ when it exists (with
 .BR \-\-simulate ,
 only
 .BR \-\-config ),
-and its options override the file.
+and their options override the file;
+.B stoker replay
+reads only
+.BR \-\-config
+(its node is simulated);
+.B stoker checkpoint
+and
+.B stoker rules
+read no configuration.
 """
 
 EXIT_STATUS = r"""
@@ -65,6 +76,13 @@ a listen address already in use, a bad scenario, a node that could not be checke
 The unit's
 .B RestartPreventExitStatus=2
 keeps systemd from restarting it in a loop.
+.TP
+.B 75
+.RB ( run )
+The NVIDIA driver was replaced under the running agent, whose process holds the old
+NVML library: the unit's
+.B Restart=on\-failure
+starts it again on the new driver.
 """
 
 FILES = r"""

@@ -33,16 +33,23 @@ def test_stoker_check_exits_1_for_every_faulty_scenario_and_0_for_the_healthy_on
     assert not wrong, "\n\n".join(f"== {name}: {text}" for name, text in wrong.items())
 
 
+def check_beside_the_service(tmp_path, state_text: str, scenario: str, seconds: int, extra: str = ""):
+    """`stoker check --simulate SCENARIO` with a configuration naming a service's state file holding
+    `state_text`: (the state file, the finished check)."""
+    state = tmp_path / "state.json"
+    state.write_text(state_text)
+    config = tmp_path / "stoker.toml"
+    config.write_text(f'[agent]\nstate_file = "{state}"\n{extra}')
+    return state, subprocess.run([sys.executable, "-m", "stoker", "check", "--simulate", scenario, "--seconds",
+                                  str(seconds), "--config", str(config)], capture_output=True, text=True, timeout=100)
+
+
 @pytest.mark.timeout(120)
 def test_stoker_check_reads_the_services_state_file_and_leaves_it_as_it_was(tmp_path):
     """The check runs beside the service with the service's configuration: what it learns in a few
     seconds (here a checkpoint opening, which is saved at once) must not replace the service's state."""
-    state = tmp_path / "state.json"
-    state.write_text('{"pids": [1, 2], "level": 0.9, "saved": 1.0, "checkpoints": []}')
-    config = tmp_path / "stoker.toml"
-    config.write_text(f'[agent]\nstate_file = "{state}"\n')
-    run = subprocess.run([sys.executable, "-m", "stoker", "check", "--simulate", "checkpoint", "--seconds", "5",
-                          "--config", str(config)], capture_output=True, text=True, timeout=100)
+    state, run = check_beside_the_service(tmp_path, '{"pids": [1, 2], "level": 0.9, "saved": 1.0, "checkpoints": []}',
+                                          "checkpoint", 5)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "checkpoint" in run.stdout
     assert state.read_text() == '{"pids": [1, 2], "level": 0.9, "saved": 1.0, "checkpoints": []}'
@@ -71,13 +78,8 @@ def test_a_node_short_of_ports_since_boot_is_unhealthy(tmp_path):
     """The service's state file says this node has shown 8 GPUs and 8 RDMA ports; it came up with 4
     ports (the simulated node's `[sim] rdma_ports = 4`): unhealthy, though every port present is up.
     The check reads the file and leaves it as it was."""
-    state = tmp_path / "state.json"
     kept = '{"inventory": {"gpu": 8, "rdma_port": 8}}'
-    state.write_text(kept)
-    config = tmp_path / "stoker.toml"
-    config.write_text(f'[agent]\nstate_file = "{state}"\n[sim]\nrdma_ports = 4\n')
-    run = subprocess.run([sys.executable, "-m", "stoker", "check", "--simulate", "healthy", "--seconds", "4",
-                          "--config", str(config)], capture_output=True, text=True, timeout=100)
+    state, run = check_beside_the_service(tmp_path, kept, "healthy", 4, "[sim]\nrdma_ports = 4\n")
     assert run.returncode == 1, run.stdout + run.stderr
     assert "checked: 8 GPUs, 4 RDMA ports, 2 NFS mounts, 2 NAS probes" in run.stdout
     assert f"  - 4 of 8 RDMA ports present (the most this node has shown, kept in {state})" in run.stdout

@@ -137,3 +137,26 @@ def test_the_hint_api_address_has_a_flag():
     args = build_parser().parse_args(["run", "--hint-listen", "127.0.0.1:9999", "--interval", "2"])
     cfg = config.load(None, overrides_from(args))
     assert cfg.checkpoint.listen == "127.0.0.1:9999" and cfg.agent.interval == 2.0
+
+
+@pytest.mark.parametrize("argv, listen", [
+    (["--hint-listen", "127.0.0.1:9478"], "127.0.0.1:9478"),  # the default address, asked for by name
+    (["--hint-listen", "127.0.0.1:9590"], "127.0.0.1:9590"),
+    ([], "127.0.0.1:0"),  # nothing asked: a free port, so that simulated nodes run side by side
+])
+def test_a_simulated_node_serves_hints_where_the_flag_says(monkeypatch, argv, listen):
+    """`stoker run --simulate --hint-listen 127.0.0.1:9478` served the hint API on a random port: the
+    simulator took an address equal to the default for no choice at all, so a user who asked for the
+    address that `stoker checkpoint` and `stoker.hints` reach by default (docs/JOBS.md) did not get it.
+    The configuration the command would serve, and the one a reload (SIGHUP) gives, are checked
+    without binding a port."""
+    from stoker import cli
+    seen: dict = {}
+
+    def serve(cfg, platform, reload, path=None):
+        seen["started"], seen["reloaded"] = cfg.checkpoint.listen, reload().checkpoint.listen
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    assert cli.main(["run", "--simulate", "healthy", *argv]) == 0
+    assert seen == {"started": listen, "reloaded": listen}

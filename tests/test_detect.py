@@ -222,6 +222,24 @@ def tick(t: CheckpointTracker, clock: ManualClock, snap: NfsSnapshot | None, wai
     t.update(snap, waiting)
 
 
+def test_a_hint_before_the_first_nfs_cycle_is_asked_again_not_told_the_mount_is_not_nfs():
+    """`stoker checkpoint start --mountpoint /mnt/checkpoints` sent as the simulated node's /metrics first
+    answered was refused with "/mnt/checkpoints is not an NFS mount of this node" (exit 1), and the
+    same command half a second later was accepted: the tracker had not yet had the NFS collector's
+    first snapshot. Before one, no mount is known or unknown: 503, send it again."""
+    t, clock, mount = tracker()
+    t.update(None, False)  # the verdicts' tick before the NFS collector's first cycle
+    for where in ({"mountpoint": "/mnt/ckpt", "path": None}, {"mountpoint": None, "path": "/mnt/ckpt/step1"}):
+        with pytest.raises(HintError) as err:
+            t.resolve(**where)
+        assert err.value.status == 503 and "again" in str(err.value) and "not an NFS mount" not in str(err.value)
+    tick(t, clock, mount.write(0), False)
+    assert t.resolve("/mnt/ckpt", None) == "/mnt/ckpt" and t.resolve(None, "/mnt/ckpt/step1") == "/mnt/ckpt"
+    with pytest.raises(HintError) as err:
+        t.resolve("/mnt/other", None)
+    assert err.value.status == 404 and "not an NFS mount of this node" in str(err.value)
+
+
 def test_a_slow_checkpoint_is_seen_while_the_gpus_wait_and_ends_with_its_writes():
     t, clock, mount = tracker()
     for _ in range(5):

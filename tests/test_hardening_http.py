@@ -800,7 +800,7 @@ async def test_a_bad_hint_request_is_a_400_with_a_message(hint_api, body, conten
                                           "application/json; charset=UTF8"])
 async def test_a_good_hint_request_reaches_the_tracker(hint_api, content_type):
     status, answer = await post(hint_api, b'{"mountpoint": "/mnt/c", "expected_bytes": 1024}', content_type)
-    assert status == 404 and "/mnt/c" in answer["error"]  # no NFS mount seen yet: the tracker answered
+    assert status == 503 and "again" in answer["error"]  # no NFS mount read yet: the tracker answered
 
 
 async def test_memory_is_handed_back_once_a_flood_has_ended(monkeypatch):

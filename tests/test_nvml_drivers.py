@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from stoker.sim.fake_nvml import JOB_INSTANCE, MIG_INSTANCES, MPS_SERVER_PID, Fa
 from stoker.sim.node import SimNode, job_pid
 from stoker.sources.gpu import GpuSource, LibraryDown
 from tests.contract import contract
+from tests.test_gpu_source import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -251,15 +251,6 @@ async def test_stoker_check_says_a_reboot_is_pending():
 
 
 # -- XIDs ---------------------------------------------------------------------------------------------------------
-
-def wait_for(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
 
 def test_an_xid_of_one_mig_instance_is_counted_on_its_gpu(clock):
     """nvmlEventData_t names "the specific device where the event occurred" and, under MIG, the GPU instance

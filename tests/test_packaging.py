@@ -188,6 +188,22 @@ def test_man_page_names_every_subcommand_and_option():
                 assert action.help[1:25] in section, (name, action.help)
 
 
+def test_every_argument_says_what_it_is():
+    """`stoker check --sysfs-root DIR` and `--procfs-root DIR`, and `stoker checkpoint`'s `{start|end}`,
+    stood in the manual page (and in --help) with nothing under them: every argument of every command
+    has a help text, which the page prints."""
+    from stoker.cli import build_parser
+    from stoker.manpage import render
+
+    parser = build_parser()
+    page = render(parser)
+    for name, sub in _subcommands(parser).items():
+        section = _section(page, f"stoker {name}")
+        for action in sub._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+            assert action.help[1:25] in section, (name, action.help)
+
+
 def test_man_page_follows_the_parser():
     from stoker.cli import build_parser
     from stoker.manpage import render

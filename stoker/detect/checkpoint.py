@@ -75,7 +75,7 @@ RECORD_FIELDS = ("started", "source", "start_server", "start_client", "last_serv
 
 
 class HintError(ValueError):
-    """A hint that cannot be applied; the message is for the caller (HTTP 404/409)."""
+    """A hint that cannot be applied; the message is for the caller (HTTP 404/409; 503: not yet)."""
 
     def __init__(self, message: str, status: int = 404):
         super().__init__(message)
@@ -151,6 +151,11 @@ class CheckpointTracker:
     # -- hints ---------------------------------------------------------------------------
 
     def resolve(self, mountpoint: str | None, path: str | None) -> str:
+        if (mountpoint or path) and self._snapshot is None:
+            # no snapshot yet (the agent started less than a cycle ago): no mount is known, and none
+            # is unknown either; "not an NFS mount" would send the job looking for a wrong path
+            raise HintError("the agent has not read this node's NFS mounts yet (it has just started, or "
+                            "[nfs] is off): send the hint again", status=503)
         if mountpoint:
             if mountpoint not in self._known:
                 raise HintError(f"{mountpoint} is not an NFS mount of this node")

@@ -180,7 +180,7 @@ def _codec(charset: str) -> str | None:
 
 def _http(status: int, message: str) -> web.HTTPException:
     cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict,
-           429: web.HTTPTooManyRequests}.get(status, web.HTTPBadRequest)
+           429: web.HTTPTooManyRequests, 503: web.HTTPServiceUnavailable}.get(status, web.HTTPBadRequest)
     return cls(text=json.dumps({"error": message}), content_type="application/json")
 
 

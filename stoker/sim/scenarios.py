@@ -32,7 +32,7 @@ from pathlib import Path
 
 from stoker.config import parse_toml
 from stoker.sim import drivers
-from stoker.sources.files import NotRegularFile, read_regular
+from stoker.sources.files import Refused, read_operator_file, shown
 
 WARMUP = 10.0
 """Seconds of healthy training the built-in fault scenarios start with, so the job's level is known."""
@@ -287,19 +287,9 @@ def get(name: str) -> Scenario:
 def read(path: str) -> str:
     """The text of a scenario file: a regular file (opened without blocking), at most `MAX_FILE_BYTES`, UTF-8."""
     try:
-        data = read_regular(path, MAX_FILE_BYTES + 1)
-    except NotRegularFile:
-        raise ScenarioError(f"{path}: not a regular file") from None
-    except OSError as exc:
-        raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
-    except ValueError:  # a NUL in the path
-        raise ScenarioError(f"{path!r}: cannot read: the path holds a NUL byte") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ScenarioError(f"{path}: larger than {MAX_FILE_BYTES >> 10} KiB, not a scenario file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        return read_operator_file(path, MAX_FILE_BYTES)
+    except Refused as exc:
+        raise ScenarioError(f"{shown(path)}: {exc}") from None
 
 
 def fault_start(name: str) -> float:

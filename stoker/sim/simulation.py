@@ -66,10 +66,12 @@ class Simulation:
         self._hinting = False
         self._hints: list[str] = []  # start | end, for the job's hinted checkpoints, not yet delivered
 
-    def configure(self, cfg: Config) -> Config:
+    def configure(self, cfg: Config, keep_listen: bool = False) -> Config:
         """The configuration pointed at the simulated kernel, its mounts and their roles; the hint
-        API on a free loopback port unless one was chosen (several simulated nodes fit on a machine);
-        the state file in the simulated tree unless one was chosen, as the package keeps one."""
+        API on a free loopback port unless one was chosen (several simulated nodes fit on a machine):
+        an address other than the default, or any with `keep_listen` (`--hint-listen`: a user who
+        names the default address wants that one); the state file in the simulated tree unless one
+        was chosen, as the package keeps one."""
         targets = tuple(ProbeTarget(m.mountpoint, m.probe_dir) for m in self.storage.mounts)
         token_file = cfg.checkpoint.token_file
         if not token_file:
@@ -77,7 +79,7 @@ class Simulation:
             with open(token_file, "w") as fh:
                 fh.write(SIM_TOKEN + "\n")
         listen = cfg.checkpoint.listen
-        if listen == CheckpointConfig().listen:
+        if listen == CheckpointConfig().listen and not keep_listen:
             listen = "127.0.0.1:0"
         shortened = {section: dataclasses.replace(getattr(cfg, section), **{
             key: short for key, short in keys.items()

@@ -138,6 +138,38 @@ def read_regular_within(path: str, limit: int, deadline: float) -> bytes:
     raise value
 
 
+class Refused(ValueError):
+    """A file the operator points at cannot be used; the message says why, without the path."""
+
+
+def shown(path: str) -> str:
+    """A path as an error message shows it: quoted when it holds what a terminal would not show (a NUL)."""
+    return path if path.isprintable() else repr(path)
+
+
+def read_operator_file(path: str, limit: int, deadline: float | None = None) -> str:
+    """The UTF-8 text of a file the operator points at (configuration, scenario, rules, hint token):
+    `read_regular` at most `limit` bytes, within `deadline` seconds when given (`read_regular_within`:
+    Unanswered past it). Every other failure is `Refused`, one reason, for the caller to prefix with
+    what the file is and where."""
+    try:
+        data = read_regular(path, limit + 1) if deadline is None else read_regular_within(path, limit + 1, deadline)
+    except Unanswered:
+        raise
+    except NotRegularFile:
+        raise Refused("not a regular file") from None
+    except OSError as exc:
+        raise Refused(f"cannot read: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise Refused("cannot read: the path holds a NUL byte") from None
+    if len(data) > limit:
+        raise Refused(f"larger than {limit >> 20} MiB" if limit >= 1 << 20 else f"larger than {limit >> 10} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refused(f"not UTF-8 text (byte {exc.start})") from None
+
+
 CHUNK = 1 << 16
 PAGE = 4096  # a sysfs attribute's show() fills at most one page
 KEPT_MAX = 4096
