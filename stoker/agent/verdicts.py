@@ -21,10 +21,12 @@ from stoker.detect.checkpoint import CheckpointTracker
 from stoker.detect.evidence import KINDS, EvidenceTracker
 from stoker.detect.goodput import GoodputLedger
 from stoker.detect.job import JobTracker
+from stoker.detect.peer import PeerJudge
 from stoker.detect.starvation import StarvationDetector, Verdict
 from stoker.detect.state import Saved, StateStore
 from stoker.detect.view import NodeView, gpu_busy
 from stoker.exporters import jobs as job_families
+from stoker.exporters import peer as peer_families
 from stoker.exporters import verdicts as verdict_families
 from stoker.sources.jobs import JobSnapshot
 
@@ -53,6 +55,7 @@ class VerdictCollector(Collector):
         self.starvation = StarvationDetector(detect)
         self.checkpoints = CheckpointTracker(checkpoint)
         self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
+        self.peer = PeerJudge()  # `host` that is a wait for the job's other nodes (detect/peer.py)
         self.jobs = jobs
         self.store = StateStore(state_file, detect.baseline_window, read_only=not keep_state) if state_file else None
         self._saved: tuple = ()  # `_state_key` as last saved
@@ -154,7 +157,8 @@ class VerdictCollector(Collector):
         signals = [s for s in self.evidence.signals(view)  # a gone job's checkpoint draining explains no wait
                    if not (KINDS[s.kind] == "checkpoint" and self.checkpoints.last_jobs(s.source))]
         signals += self.checkpoints.signals()
-        self.attribution.observe(t, signals, job and self.starvation.at_level(busy, baseline))
+        at_level = job and self.starvation.at_level(busy, baseline)
+        self.attribution.observe(t, signals, at_level)
         self.scores = self.attribution.scores()
         before = self.starvation.cause
         cause = self.starvation.update(t, busy, job, baseline, self.scores,
@@ -163,12 +167,17 @@ class VerdictCollector(Collector):
             self.job.remember(t, busy)
         self._carried = self._carried and cause == before and not self.attribution.current()
         reasons = (self.attribution.reasons(cause) or [CARRIED if self._carried else NO_EVIDENCE]) if cause else []
+        # -- the one place the engine's verdict is finalised (detect/peer.py): a `host` verdict without host
+        #    evidence becomes `peer` when the job spans other nodes and nothing says the wait is local --
+        was = self.peer.shown(before)
+        cause, reasons = self.peer.judge(t, cause, reasons, view, self.scores, self.goodput, self.job.pids,
+                                         at_level, busy)
         self.verdict = Verdict(cause, busy, baseline, reasons)
-        if cause != before and cause:
-            log.warning("GPUs starved", cause=cause, was=before, busy=_round(busy), baseline=_round(baseline),
+        if cause != was and cause:
+            log.warning("GPUs starved", cause=cause, was=was, busy=_round(busy), baseline=_round(baseline),
                         evidence=reasons, scores={k: round(v, 2) for k, v in self.scores.items() if v})
-        elif cause != before:
-            log.info("GPUs no longer starved", was=before, busy=_round(busy))
+        elif cause != was:
+            log.info("GPUs no longer starved", was=was, busy=_round(busy))
         self.goodput.tick(t, view.gpu, jobs, cause, self.busy, self.checkpoints)
         return self.verdict
 
@@ -223,7 +232,8 @@ class VerdictCollector(Collector):
         return self.starvation.low(busy, baseline)
 
     def families(self):
-        return [*verdict_families.families(self), *job_families.families(self.goodput)]
+        return [*verdict_families.families(self), *job_families.families(self.goodput),
+                *peer_families.families(self.peer, self.goodput)]
 
     async def close(self) -> None:
         if self.jobs is not None:

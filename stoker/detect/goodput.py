@@ -5,8 +5,8 @@ of it in exactly one state, for the node and for every job on its GPUs:
 
 - `productive`: a job holds the GPUs, they are not starved, and they work
   (busy ratio at or above `idle_floor`);
-- `storage`, `network`, `host`, `checkpoint`: starved, by the verdict's cause
-  (docs/VERDICTS.md);
+- `storage`, `network`, `host`, `checkpoint`, `peer`: starved, by the verdict's cause
+  (docs/VERDICTS.md; `peer`: waiting for the job's other nodes);
 - `idle`: the job holds the GPUs and does not run kernels, and no verdict
   explains it (before the job's level is known, or a job whose level is idle);
 - for the node only: `no_job` (no job holds a GPU) and `unknown` (NVML did not
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logs.get("goodput")
 
-STATES = ("productive", "idle", "storage", "network", "host", "checkpoint")
+STATES = ("productive", "idle", "storage", "network", "host", "checkpoint", "peer")
 NODE_STATES = STATES + ("no_job", "unknown")
 UNKNOWN = "unknown"
 SCHEDULERS = ("slurm", "kubernetes", "none")
@@ -85,6 +85,7 @@ class StepRecord:
     seconds: float | None = None  # since the previous step of the same process
     tokens: int | None = None  # of the whole step (the global batch), as the job counts them
     samples: int | None = None
+    data_wait: float | None = None  # of `seconds`, waiting for the next batch (the input pipeline)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class JobAccount:
     run: str | None = None
     runs: deque = field(default_factory=lambda: deque(maxlen=RUNS_REMEMBERED))  # replaced runs
     declared: Declaration | None = None
+    data_wait_seconds: float | None = None  # waiting for the next batch, over the steps that said (hints)
+    nodes: int | None = None  # the nodes the job says it spans (hints)
 
     @property
     def unsaved(self) -> float:
@@ -302,9 +305,10 @@ class GoodputLedger:
     # -- step hints (the hint API, on the event loop) -------------------------------------------
 
     def record_steps(self, steps: Iterable[StepRecord], job: str | None = None, run: str | None = None,
-                     pid: int | None = None, gpus: Iterable[str] = (), scheduler: str | None = None
-                     ) -> tuple[str, int, int]:
-        """Steps a job reported: (the job they were counted for, accepted, duplicates or stale).
+                     pid: int | None = None, gpus: Iterable[str] = (), scheduler: str | None = None,
+                     nodes: int | None = None) -> tuple[str, int, int]:
+        """Steps a job reported: (the job they were counted for, accepted, duplicates or stale);
+        `nodes`: how many nodes the job says it spans.
         Raises HintError (400: no job to count them for; 429: too many jobs)."""
         steps = sorted(steps, key=lambda s: s.step)
         t = self._clock()
@@ -312,6 +316,8 @@ class GoodputLedger:
         acct = self._account(job_id, scheduler or "none", t, hinted=job_id not in self.jobs)
         acct.declared = Declaration(t, pid, frozenset(gpus))
         acct.last_seen = max(acct.last_seen, t)
+        if nodes is not None:
+            acct.nodes = nodes
         run = run or f"pid:{pid}"
         if run != acct.run:
             if run in acct.runs:
@@ -334,6 +340,8 @@ class GoodputLedger:
             acct.samples += s.samples or 0
             if s.seconds is not None:
                 acct.step_seconds.observe(s.seconds)
+                if s.data_wait is not None:
+                    acct.data_wait_seconds = (acct.data_wait_seconds or 0.0) + min(s.data_wait, s.seconds)
         return job_id, accepted, len(steps) - accepted
 
     def _hinted_job(self, job: str | None, pid: int | None) -> str:

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from stoker.detect.attribution import CAUSES
 from stoker.detect.checkpoint import OUTCOMES
+from stoker.detect.peer import GAP, PEER, VERDICT_CAUSES
 
 if TYPE_CHECKING:
     from stoker.agent.verdicts import VerdictCollector
@@ -37,15 +38,20 @@ def families(v: VerdictCollector):
     score = GaugeMetricFamily("stoker_cause_evidence_score", "Weight of the evidence for each cause: 0 none, "
                               "1 at a threshold, more when stronger, less when stale or older than the drop.",
                               labels=["cause"])
-    for cause in CAUSES:
+    for cause in VERDICT_CAUSES:
         starved.add_metric([cause], 1 if v.verdict.cause == cause else 0)
-        seconds.add_metric([cause], v.starvation.seconds[cause])
+    # the engine counts a `peer` verdict's time as `host` (detect/peer.py finalises the verdict after it)
+    for cause in CAUSES:
+        seconds.add_metric([cause], v.starvation.seconds[cause] - (v.peer.seconds if cause == "host" else 0.0))
         score.add_metric([cause], round(v.scores.get(cause, 0.0), 3))
+    seconds.add_metric([PEER], v.peer.seconds)
     strength = GaugeMetricFamily("stoker_evidence_strength", "Each signal seen in the last window, as its "
                                  "measured value over its threshold.", labels=["cause", "signal", "source"])
     for s in sorted(v.attribution.current(), key=lambda s: s.key):
         if s.kind != "checkpoint":
             strength.add_metric([s.cause, s.kind, s.source], round(s.strength, 3))
+    if v.peer.waiting is not None:  # the GPUs wait in a collective: utilization above the busy ratio, over GAP
+        strength.add_metric([PEER, "collective_wait", "node"], round(v.peer.waiting / GAP, 3))
     return [busy, busy_seconds, baseline, job, starved, seconds, score, strength, *checkpoint_families(v),
             *recent_checkpoint_families(v)]
 

@@ -127,11 +127,14 @@ class SimJobs:
                 job.saved, job.checkpoint_step = job.checkpoint_step, None
             rate = step.step_rate * self._speed(step, t)
             start = t - dt
+            wait = self.node.coupling.data_wait(self.node.index, t) if self.node.coupling is not None else 0.0
             while rate > 0 and job.progress + rate * (t - start) >= 1.0:
                 done = start + (1.0 - job.progress) / rate
                 job.step += 1
-                job.batch.append(StepRecord(job.step, None if job.last_done is None else done - job.last_done,
-                                            step.tokens_per_step or None))
+                seconds = None if job.last_done is None else done - job.last_done
+                job.batch.append(StepRecord(job.step, seconds, step.tokens_per_step or None,
+                                            data_wait=None if seconds is None or self.node.coupling is None
+                                            else wait * seconds))
                 job.last_done, job.progress, start = done, 0.0, done
             job.progress += rate * (t - start)
             if job.batch:
@@ -139,9 +142,13 @@ class SimJobs:
                 job.batch = []
 
     def _speed(self, step, t: float) -> float:
-        """How fast the job trains against its full speed: the SM activity of a GPU still on the bus."""
+        """How fast the job trains against its full speed: the SM activity of a GPU still on the bus; in a
+        cluster, the job's speed where it spans nodes (the slowest node's: every step ends in a barrier)."""
         if step.gpu_phase in ("checkpoint", "idle") or step.level <= 0:
             return 0.0
+        coupled = self.node.coupling.speed(self.node.index, t) if self.node.coupling is not None else None
+        if coupled is not None:
+            return coupled
         gpu = next((i for i in range(self.node.gpu_count) if i not in step.lost_gpus), None)
         if gpu is None:
             return 0.0
@@ -150,9 +157,10 @@ class SimJobs:
     def _hint(self, step, job: _Training) -> dict:
         """What `stoker.hints.Steps` would send from local rank 0: Slurm's job id where the job runs
         under Slurm, else its own name where it has no scheduler, else nothing (the agent finds it)."""
+        nodes = self.node.coupling.nodes(self.node.index, self.node.elapsed()) if self.node.coupling else None
         return {"steps": list(job.batch), "job": {"slurm": slurm_job_id(step.job), "none": step.job}.get(
                     step.scheduler), "run": f"{step.job}#{step.launch}", "pid": job_pid(step.job, 0, step.launch),
-                "scheduler": "slurm" if step.scheduler == "slurm" else None}
+                "scheduler": "slurm" if step.scheduler == "slurm" else None, "nodes": nodes}
 
     def deliver(self, ledger: GoodputLedger) -> None:
         with self._lock:

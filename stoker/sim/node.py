@@ -29,6 +29,12 @@ class SimNode:
         self.gpu_count = gpu_count
         self.clock = clock
         self.started = clock() - skip
+        self.coupling = None  # a cluster's (sim/cluster.py): this node's job spans others
+        self.index = 0  # its node in the cluster
+
+    def couple(self, coupling, index: int) -> None:
+        """Make this node one of a simulated cluster's: its GPUs wait for the slowest node of its job."""
+        self.coupling, self.index = coupling, index
 
     def elapsed(self) -> float:
         return self.clock() - self.started
@@ -56,17 +62,26 @@ class SimNode:
     def gpu_row(self, gpu: int, t: float) -> dict[str, float]:
         step, into = self.scenario.at(t)
         row = trace.row_at(trace.phases()[step.gpu_phase], into, gpu * ROW_STAGGER)
+        waiting = self.coupling.waiting(self.index, t) if self.coupling is not None else 0.0
         factor = step.level
         if step.noise:
             factor *= max(0.0, 1.0 + step.noise * NOISE[int(t) % len(NOISE)])
-        if factor == 1.0:
-            return row
-        out = dict(row)
-        for column in ACTIVITY:
-            value = row[column] * factor
-            out[column] = min(100.0, value) if column in PERCENT else value
-        out["power_w"] = IDLE_POWER_W + max(0.0, row["power_w"] - IDLE_POWER_W) * min(factor, 1.0)
-        return out
+        if factor != 1.0:
+            out = dict(row)
+            for column in ACTIVITY:
+                value = row[column] * factor
+                out[column] = min(100.0, value) if column in PERCENT else value
+            out["power_w"] = IDLE_POWER_W + max(0.0, row["power_w"] - IDLE_POWER_W) * min(factor, 1.0)
+            row = out
+        if waiting:
+            from stoker.sim.cluster import blend, waiting_row
+            row = blend(row, waiting_row(row), waiting)
+        return row
+
+    def fabric(self, t: float) -> bool:
+        """The job's collectives cross the RDMA fabric: as a node of a job that spans nodes, as every
+        single scenario's node is; in a cluster, only where its job spans nodes."""
+        return self.coupling is None or self.coupling.fabric(self.index, t)
 
 
 def job_pid(job: str, gpu: int, launch: int = 0) -> int:

@@ -32,7 +32,7 @@ GPU_PHASES = ("idle", "saturated", "input_starved", "pcie_bound", "checkpoint", 
 NETWORK = ("normal", "congested", "lossy", "port-down")
 STORAGE = ("normal", "slow-read", "slow-write", "write-stall", "hung")
 HOST = ("normal", "cpu-bound", "memory-pressure")
-VERDICTS = ("none", "storage", "network", "checkpoint", "host")
+VERDICTS = ("none", "storage", "network", "checkpoint", "host", "peer")
 CHECKPOINT_STATES = ("none", "in_progress", "stalled")
 DEFAULT_JOB = "train"
 
