@@ -94,12 +94,12 @@ def remove_agent_logs():
             os.unlink(path)
 
 
-def start_agent_process(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """The agent as its own process; its log goes to a file (`proc.log()` reads it),
-    never to an unread pipe that would fill up and block it."""
+def start_agent_process(*args: str, env: dict | None = None, command: str = "run") -> subprocess.Popen:
+    """The agent as its own process (`stoker run`, or `command`: `cluster` runs a simulated cluster's agents);
+    its log goes to a file (`proc.log()` reads it), never to an unread pipe that would fill up and block it."""
     log = tempfile.NamedTemporaryFile(prefix="stoker-agent-", suffix=".log", delete=False)
     AGENT_LOGS.append(log.name)
-    proc = subprocess.Popen([sys.executable, "-m", "stoker", "run", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "stoker", command, *args],
                             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
     log.close()
     proc.log = lambda: open(log.name).read()  # type: ignore[attr-defined]

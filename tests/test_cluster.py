@@ -22,6 +22,7 @@ from stoker.detect.peer import PEER, PeerJudge
 from stoker.detect.view import NodeView
 from stoker.sim import cluster as sim_cluster
 from stoker.sim import jobs as sim_jobs
+from stoker.sim import node as sim_node
 from stoker.sim.cluster import Cluster, ClusterDrive, parse
 from stoker.sim.judge import run_length
 from stoker.sim.scenarios import ScenarioError
@@ -59,12 +60,13 @@ def test_cluster_verdicts_are_right(name):
 def test_the_job_goes_at_its_slowest_node_and_the_others_wait_in_collectives():
     c = Cluster(parse('nodes = 3\n[[jobs]]\nname = "j"\nnodes = "0-1"\n[[jobs]]\nname = "solo"\nnodes = 2\n'
                       '[[faults]]\nnodes = [1, 2]\nfrom = 10\nto = 20\nstorage = "slow-read"\n', "c"))
-    k, slow = c.coupling, sim_cluster.phase_speed()["input_starved"]
+    k, slow = c.coupling, sim_node.phase_speed()["input_starved"]
     assert 0.1 < slow < 0.3  # the recorded input-starved phase: 17% SM activity against 95%
     assert [k.waiting(n, 5.0) for n in range(3)] == [0.0, 0.0, 0.0]
     assert k.waiting(0, 15.0) == pytest.approx(1 - slow) and k.waiting(1, 15.0) == 0.0 and k.waiting(2, 15.0) == 0.0
     assert k.speed(0, 15.0) == k.speed(1, 15.0) == pytest.approx(slow) and k.speed(2, 15.0) is None
-    assert k.data_wait(1, 15.0) == pytest.approx(1 - slow) and k.data_wait(0, 15.0) == 0.0
+    assert sim_node.data_wait(c.scenarios[1].at(15.0)[0]) == pytest.approx(1 - slow)  # its loader is late
+    assert sim_node.data_wait(c.scenarios[0].at(15.0)[0]) == 0.0  # its loader keeps up; it waits in collectives
     assert k.fabric(0, 5.0) and not k.fabric(2, 5.0)  # a single-node job's collectives stay on NVLink
     assert k.nodes(0, 5.0) == 2 and k.nodes(2, 5.0) == 1
     sims = sim_cluster.simulations(c, tempfile.mkdtemp(dir=sim_cluster.scratch()))
@@ -194,3 +196,20 @@ def test_the_peer_verdict_and_the_job_span_are_exported():
         assert victim[("stoker_job_data_wait_seconds_total", (("job_id", job_id),))] == 0
     finally:
         drive.close()
+
+
+def test_the_documented_cluster_format_parses():
+    text = (Path(__file__).parent.parent / "docs" / "SCENARIOS.md").read_text().split("## Clusters", 1)[1]
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    c = Cluster(parse(example, "doc"))
+    assert c.spec.nodes == 18 and c.coupling.job(7, 100.0).name == "llama-16" and c.coupling.job(16, 100.0) is None
+    assert c.scenarios[7].at(100.0)[0].storage == "slow-read" and c.scenarios[3].at(130.0)[0].gpu_phase == "checkpoint"
+
+
+def test_stoker_cluster_refuses_a_bad_scenario_with_the_key(tmp_path, capsys):
+    from stoker.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("nodes = 2\n[[jobs]]\nname = 'a'\nnodes = 5\n")
+    assert main(["cluster", str(bad)]) == 2
+    assert "jobs[0].nodes" in capsys.readouterr().err

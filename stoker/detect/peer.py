@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from stoker.detect.attribution import CAUSES, MIN_SCORE
+from stoker.detect.goodput import UNKNOWN
 
 if TYPE_CHECKING:
     from stoker.detect.goodput import GoodputLedger
@@ -64,7 +65,6 @@ DATA_WAIT_STEPS = 3
 says nothing of the wait now)..."""
 DATA_WAIT_WINDOW = 120.0
 """... reported within this long."""
-UNKNOWN_JOB = "unknown"
 
 
 @dataclass
@@ -137,7 +137,7 @@ class PeerJudge:
         """The jobs holding the GPUs (at the ledger's last tick); the unknown job's span is forgotten when
         its processes are replaced (nothing tells that job from the next)."""
         if self._pids and pids and not (pids & self._pids):
-            self.spans.pop(UNKNOWN_JOB, None)
+            self.spans.pop(UNKNOWN, None)
         self._pids = pids or self._pids
         jobs = sorted({b.job_id for bindings in ledger.gpus.values() for b in bindings})
         for job_id in jobs:

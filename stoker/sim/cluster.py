@@ -29,14 +29,14 @@ import asyncio
 import bisect
 import os
 import signal
-import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-from stoker.sim import scenarios, trace
+from stoker.sim import scenarios
+from stoker.sim.node import phase_speed
 from stoker.sim.scenarios import SCHEDULERS, Expectation, Scenario, ScenarioError, Step
 
 if sys.version_info >= (3, 11):
@@ -46,44 +46,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 MAX_NODES = 512
 NODE_NAME = "node-{:02d}"
-NCCL_SMS = 16
-"""SMs a waiting rank's NCCL kernel keeps on an 8-NIC node (one CTA per channel, each on an SM of its own:
-NVIDIA/nccl#689)."""
-H100_SMS = 132
-WAIT_POWER_ABOVE_IDLE_W = 20.0
-"""An H100 spinning in a hung all-gather drew 152 W at 100% utilization beside ones at 0% drawing 129-137 W
-(NVIDIA/nccl#1550)."""
-STILL = ("mem_used_mib", "sm_mhz", "clk_reasons", "t", "sample_us")
-"""Columns a wait does not change: the job's memory, the clocks."""
-
-
-@lru_cache(maxsize=1)
-def phase_speed() -> dict[str, float]:
-    """Each recorded phase's speed: its SM activity against the saturated phase's."""
-    saturated = statistics.median(r["gpm_sm_util"] for r in trace.phases()["saturated"].rows)
-    out = {name: min(1.0, statistics.median(r["gpm_sm_util"] for r in p.rows) / saturated)
-           for name, p in trace.phases().items()}
-    out["saturated"] = 1.0
-    return out
-
-
-def waiting_row(base: dict[str, float]) -> dict[str, float]:
-    """What a GPU spinning in an NCCL collective reads: the kernel is always resident, a few SMs hold it."""
-    row = {k: (v if k in STILL else 0.0) for k, v in base.items()}
-    row.update(util_gpu=100.0, gpm_sm_util=100.0 * NCCL_SMS / H100_SMS, gpm_graphics_util=100.0 * NCCL_SMS / H100_SMS,
-               gpm_sm_occupancy=100.0 * NCCL_SMS / H100_SMS * 640 / 2048, gpm_dram_bw_util=0.5)
-    row["power_w"] = trace_idle_power() + WAIT_POWER_ABOVE_IDLE_W
-    return row
-
-
-@lru_cache(maxsize=1)
-def trace_idle_power() -> float:
-    return statistics.median(r["power_w"] for r in trace.phases()["idle"].rows)
-
-
-def blend(row: dict[str, float], wait: dict[str, float], share: float) -> dict[str, float]:
-    """A sampling window `share` of which the GPU waited in a collective and the rest computed."""
-    return {k: (v if k in STILL else (1.0 - share) * v + share * wait[k]) for k, v in row.items()}
 
 
 # -- the scenario -------------------------------------------------------------------------------
@@ -227,9 +189,8 @@ def parse(text: str, name: str) -> ClusterScenario:
         one = scenarios._expectation({k: v for k, v in e.items() if k != "nodes"}, where)
         for n in nodes:
             expect.setdefault(n, []).append(one)
-    return ClusterScenario(name, str(table.get("description", "")), count, jobs,
-                           tuple(_fault(f, count, f"{name}.faults[{i}]") for i, f in enumerate(table.get("faults", []))),
-                           tuple(checkpoints), expect)
+    faults = tuple(_fault(f, count, f"{name}.faults[{i}]") for i, f in enumerate(table.get("faults", [])))
+    return ClusterScenario(name, str(table.get("description", "")), count, jobs, faults, tuple(checkpoints), expect)
 
 
 def load(path: str) -> ClusterScenario:
@@ -326,13 +287,6 @@ class Coupling:
         job = self.job(node, t)
         return None if job is None else self.job_speed(job, t)
 
-    def data_wait(self, node: int, t: float) -> float:
-        """Of each step, the share the node's loader made it wait: its own input-bound slowness."""
-        step, _ = self.cluster.scenarios[node].at(t)
-        if not step.has_job or step.network != "normal" or step.gpu_phase != "input_starved":
-            return 0.0
-        return 1.0 - self.own(node, t)
-
     def nodes(self, node: int, t: float) -> int | None:
         job = self.cluster.spec.job_of(node, t)
         return None if job is None else len(job.nodes)
@@ -350,29 +304,35 @@ def scratch() -> str | None:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
-def simulations(cluster: Cluster, root: str, clock=None, interval: float | None = None) -> list:
-    """One simulated node per cluster node, each in its own tree under `root`, coupled."""
+def simulations(cluster: Cluster, root: str) -> list:
+    """One simulated node per cluster node, each in its own tree under `root`, coupled; the scenario's time
+    starts for all of them at once, when the first is laid out."""
     from stoker.sim.simulation import Simulation
 
     out = []
     for i, sc in enumerate(cluster.scenarios):
-        kwargs = {} if clock is None else {"clock": clock}
-        sim = Simulation(sc, os.path.join(root, NODE_NAME.format(i)), **kwargs)
+        sim = Simulation(sc, os.path.join(root, NODE_NAME.format(i)))
         sim.node.couple(cluster.coupling, i)
         out.append(sim)
+    for sim in out:
+        sim.node.started = out[0].node.started
     return out
 
 
 async def serve(cluster: Cluster, ports: list[int], root: str, overrides: dict | None = None,
-                stop: asyncio.Event | None = None, host: str = "127.0.0.1") -> None:
-    """Every node of the cluster a complete agent on its own port, in this event loop, until `stop`.
-    The scenario's time starts when the nodes are laid out (each agent's `stoker_build_info` is up soon after)."""
+                stop: asyncio.Event | None = None, host: str = "127.0.0.1", started_file: str | None = None) -> None:
+    """Every node of the cluster a complete agent on its own port, in this event loop, until `stop`. The
+    scenario's time starts when the nodes are laid out: `started_file` gets that instant (Unix time)."""
     from stoker import config
     from stoker.agent.runtime import Agent
 
     agents = []
     stop = stop or asyncio.Event()
-    for sim, port in zip(simulations(cluster, root), ports):
+    sims = simulations(cluster, root)
+    cluster.started = time.time() - sims[0].node.elapsed()
+    if started_file:
+        Path(started_file).write_text(f"{cluster.started}\n")
+    for sim, port in zip(sims, ports):
         cfg = config.load(overrides={**(overrides or {}), "agent": {
             **(overrides or {}).get("agent", {}), "listen": f"{host}:{port}"},
             "checkpoint": {"listen": "127.0.0.1:0"}})
@@ -401,6 +361,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="each agent's sampling interval (default 1)")
     parser.add_argument("--probe-interval", type=float, metavar="SECONDS",
                         help="NAS probe interval (each probe is a child process; default: the simulated node's)")
+    parser.add_argument("--started", metavar="FILE", help="write the Unix time the scenario's time 0 was here")
 
 
 def run(args) -> int:
@@ -432,7 +393,7 @@ def run(args) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         with tempfile.TemporaryDirectory(prefix="stoker-cluster-", dir=scratch()) as root:
-            await serve(cluster, ports, root, overrides, stop, host or "127.0.0.1")
+            await serve(cluster, ports, root, overrides, stop, host or "127.0.0.1", args.started)
 
     asyncio.run(main())
     return 0

@@ -10,7 +10,8 @@ A job with a `step_rate` trains: it completes steps at that rate while its
 GPUs work at the job's level, slower when they are starved (at the speed the
 recording's SM activity gives, relative to its saturated phase), none while
 they wait for a checkpoint or idle. It reports them as `stoker.hints.step`
-would (batches of step, duration, tokens). A checkpoint phase saves the step
+would (batches of step, duration, tokens, and the time each waited for its
+batch: the input-bound slowness of an input-starved phase). A checkpoint phase saves the step
 it starts at once the phase ends; a new `launch` of the job resumes from the
 last saved step, so a restart redoes the steps since that checkpoint.
 """
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 from stoker.detect.checkpoint import HintError
 from stoker.detect.goodput import StepRecord
 from stoker.sim import trace
-from stoker.sim.node import SimNode, Ticker, job_pid
+from stoker.sim.node import SimNode, Ticker, data_wait, job_pid
 
 if TYPE_CHECKING:
     from stoker.detect.goodput import GoodputLedger
@@ -127,14 +128,13 @@ class SimJobs:
                 job.saved, job.checkpoint_step = job.checkpoint_step, None
             rate = step.step_rate * self._speed(step, t)
             start = t - dt
-            wait = self.node.coupling.data_wait(self.node.index, t) if self.node.coupling is not None else 0.0
+            wait = data_wait(step)
             while rate > 0 and job.progress + rate * (t - start) >= 1.0:
                 done = start + (1.0 - job.progress) / rate
                 job.step += 1
                 seconds = None if job.last_done is None else done - job.last_done
                 job.batch.append(StepRecord(job.step, seconds, step.tokens_per_step or None,
-                                            data_wait=None if seconds is None or self.node.coupling is None
-                                            else wait * seconds))
+                                            data_wait=None if seconds is None else wait * seconds))
                 job.last_done, job.progress, start = done, 0.0, done
             job.progress += rate * (t - start)
             if job.batch:

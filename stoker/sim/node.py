@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import statistics
 import time
 import zlib
+from functools import lru_cache
 from typing import Callable
 
 from stoker.sim import scenarios, trace
@@ -19,6 +21,49 @@ IDLE_POWER_W = 121.0  # the recorded H200 with nothing running
 _RNG = random.Random(11)
 NOISE = tuple(_RNG.gauss(0.0, 1.0) for _ in range(4093))
 """One draw per second, the same on every GPU: a job's step time jitters for all its ranks at once."""
+
+
+NCCL_SMS = 16
+"""SMs a waiting rank's NCCL kernel keeps on an 8-NIC node (one CTA per channel, each on an SM of its own:
+NVIDIA/nccl#689)."""
+H100_SMS = 132
+WAIT_POWER_ABOVE_IDLE_W = 20.0
+"""An H100 spinning in a hung all-gather drew 152 W at 100% utilization beside ones at 0% drawing 129-137 W
+(NVIDIA/nccl#1550)."""
+STILL = ("mem_used_mib", "sm_mhz", "clk_reasons", "t", "sample_us")
+"""Columns a wait does not change: the job's memory, the clocks."""
+
+
+@lru_cache(maxsize=1)
+def phase_speed() -> dict[str, float]:
+    """Each recorded phase's speed: its SM activity against the saturated phase's."""
+    saturated = statistics.median(r["gpm_sm_util"] for r in trace.phases()["saturated"].rows)
+    out = {name: min(1.0, statistics.median(r["gpm_sm_util"] for r in p.rows) / saturated)
+           for name, p in trace.phases().items()}
+    out["saturated"] = 1.0
+    return out
+
+
+def waiting_row(base: dict[str, float]) -> dict[str, float]:
+    """What a GPU spinning in an NCCL collective reads: the kernel is always resident, a few SMs hold it."""
+    row = {k: (v if k in STILL else 0.0) for k, v in base.items()}
+    row.update(util_gpu=100.0, gpm_sm_util=100.0 * NCCL_SMS / H100_SMS, gpm_graphics_util=100.0 * NCCL_SMS / H100_SMS,
+               gpm_sm_occupancy=100.0 * NCCL_SMS / H100_SMS * 640 / 2048, gpm_dram_bw_util=0.5)
+    row["power_w"] = IDLE_POWER_W + WAIT_POWER_ABOVE_IDLE_W
+    return row
+
+
+def blend(row: dict[str, float], wait: dict[str, float], share: float) -> dict[str, float]:
+    """A sampling window `share` of which the GPU waited in a collective and the rest computed."""
+    return {k: (v if k in STILL else (1.0 - share) * v + share * wait[k]) for k, v in row.items()}
+
+
+def data_wait(step: scenarios.Step) -> float:
+    """Of each step of the job, the share its input pipeline makes it wait for its batch: the input-bound
+    slowness of an input-starved phase (a fault of the network slows the collectives, not the loader)."""
+    if not step.has_job or step.gpu_phase != "input_starved" or step.network != "normal":
+        return 0.0
+    return 1.0 - phase_speed()["input_starved"]
 
 
 class SimNode:
@@ -74,7 +119,6 @@ class SimNode:
             out["power_w"] = IDLE_POWER_W + max(0.0, row["power_w"] - IDLE_POWER_W) * min(factor, 1.0)
             row = out
         if waiting:
-            from stoker.sim.cluster import blend, waiting_row
             row = blend(row, waiting_row(row), waiting)
         return row
 
