@@ -213,3 +213,33 @@ def test_stoker_cluster_refuses_a_bad_scenario_with_the_key(tmp_path, capsys):
     bad.write_text("nodes = 2\n[[jobs]]\nname = 'a'\nnodes = 5\n")
     assert main(["cluster", str(bad)]) == 2
     assert "jobs[0].nodes" in capsys.readouterr().err
+
+
+def rails(t: float, gbytes: float, ports: int = 8):
+    from stoker.sources.rdma import RdmaPort, RdmaSnapshot
+    return RdmaSnapshot([RdmaPort(f"mlx5_{i}", "1", traffic={"transmit_bytes": t * gbytes * 5e8,
+                                                               "receive_bytes": t * gbytes * 5e8})
+                         for i in range(ports)])
+
+
+def test_the_fabric_tells_a_multi_node_job_even_while_some_of_its_processes_are_not_placed_yet():
+    """A job lookup that timed out under load leaves some GPUs `unknown` for a while (agent/jobs.py tries again
+    after 1, 2, 4 ... 60 s); the collectives the node's one known job moves on every rail are still its."""
+    ledger = GoodputLedger(DetectConfig(), clock=lambda: 0.0)
+    owners = JobSnapshot({100 + i: Owner("4242", "slurm", "cgroup") if i < 4 else None for i in range(8)})
+    ledger.tick(0.0, view(0.0, 0.9, 0.9).gpu, owners, None, {})
+    assert {b.job_id for bs in ledger.gpus.values() for b in bs} == {"4242", "unknown"}
+    peer = PeerJudge()
+    for t, gbytes in ((1.0, 0.0), (2.0, 3.0), (3.0, 3.0)):  # 3 GB/s a rail at the job's level
+        v = view(t, 0.99, 0.95)
+        v.rdma = rails(t, gbytes)
+        peer.judge(t, None, [], v, NO_SCORES, ledger, frozenset({100}), True, 0.95)
+    assert peer.multinode(ledger)["4242"] == (True, "fabric")
+    quiet = PeerJudge()
+    for t in (1.0, 2.0):  # rails nearly still at the job's level (0.1 GB/s): a job on this node alone
+        v = view(t, 0.99, 0.95)
+        v.rdma = rails(t, 0.1)
+        quiet.judge(t, None, [], v, NO_SCORES, ledger, frozenset({100}), True, 0.95)
+    assert quiet.multinode(ledger)["4242"] == (False, "fabric")
+    assert quiet.judge(3.0, "host", [], view(3.0, 1.0, 0.3), NO_SCORES, ledger, frozenset({100}), False, 0.3)[0] == \
+        "host"

@@ -12,7 +12,6 @@ nothing; a job that ends stops paging; single-node jobs page as before; healthy 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -32,8 +31,8 @@ from tests.servers import VICTORIAMETRICS, Webhook, alertmanager, shipped_args, 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "alerts" / "stoker.rules.yml"
 SCENARIO = ROOT / "tests" / "scenarios" / "cluster" / "fleet.toml"
-FAULT = 60.0  # the scenario's faults begin (seconds after the cluster starts)
-JOB_END = 120.0  # ends-3 ends
+FAULT = 45.0  # the scenario's faults begin (seconds after the cluster starts)
+JOB_END = 105.0  # ends-3 ends
 EVALUATION = 15  # seconds: vmalert's evaluation interval (shipped)
 FOR_DIVISOR = 4  # every `for:` cut to a quarter, a multiple of the evaluation interval: 1m -> 15s, 2m -> 30s
 SCRAPE = "2s"

@@ -148,13 +148,16 @@ class PeerJudge:
 
     def _observe_fabric(self, t: float, view: NodeView, jobs: list[str], at_level: bool) -> None:
         """Traffic on the rails while the node's only job runs at its level: its collectives cross the
-        fabric (or they do not). Several jobs on the node: whose traffic it is cannot be told."""
+        fabric (or they do not). Several jobs on the node: whose traffic it is cannot be told. GPUs whose
+        processes are not placed yet (`unknown`: a lookup that timed out is tried again later) beside one
+        job are taken as that job's."""
         rdma = view.rdma
         if rdma is None or (self._fabric is not None and self._fabric[0] is rdma):
             return
         taken = view.sampled.get("rdma", view.t)
         before, self._fabric = self._fabric, (rdma, taken)
-        if before is None or len(jobs) != 1 or not at_level or taken <= before[1]:
+        known = [j for j in jobs if j != UNKNOWN] or jobs
+        if before is None or len(known) != 1 or not at_level or taken <= before[1]:
             return
         old = {(p.device, p.port): p.traffic for p in before[0].ports}
         rates = [sum(max(0.0, p.traffic.get(k, 0.0) - old[(p.device, p.port)].get(k, 0.0))
@@ -162,7 +165,7 @@ class PeerJudge:
                  for p in rdma.ports if (p.device, p.port) in old]
         if not rates:
             return
-        span = self.spans[jobs[0]]
+        span = self.spans[known[0]]
         if 2 * sum(1 for r in rates if r >= FABRIC_BYTES_PER_SECOND) >= len(rates):
             span.fabric_at = t
         else:

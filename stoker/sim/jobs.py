@@ -19,18 +19,15 @@ last saved step, so a restart redoes the steps since that checkpoint.
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from stoker.detect.checkpoint import HintError
 from stoker.detect.goodput import StepRecord
-from stoker.sim import trace
-from stoker.sim.node import SimNode, Ticker, data_wait, job_pid
+from stoker.sim.node import SimNode, Ticker, data_wait, job_pid, saturated_sm
 
 if TYPE_CHECKING:
     from stoker.detect.goodput import GoodputLedger
@@ -61,12 +58,6 @@ def cgroup_line(job: str, scheduler: str, gpu: int) -> str:
         return (f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
                 f"{pod_uid(job).replace('-', '_')}.slice/cri-containerd-{container}.scope\n")
     return "0::/user.slice/user-1000.slice/session-3.scope\n"
-
-
-@lru_cache(maxsize=1)
-def saturated_sm() -> float:
-    """SM activity of the recording's saturated phase: a job's full speed."""
-    return statistics.median(r["gpm_sm_util"] for r in trace.phases()["saturated"].rows)
 
 
 @dataclass

@@ -35,10 +35,15 @@ STILL = ("mem_used_mib", "sm_mhz", "clk_reasons", "t", "sample_us")
 
 
 @lru_cache(maxsize=1)
+def saturated_sm() -> float:
+    """SM activity of the recording's saturated phase: a job's full speed."""
+    return statistics.median(r["gpm_sm_util"] for r in trace.phases()["saturated"].rows)
+
+
+@lru_cache(maxsize=1)
 def phase_speed() -> dict[str, float]:
     """Each recorded phase's speed: its SM activity against the saturated phase's."""
-    saturated = statistics.median(r["gpm_sm_util"] for r in trace.phases()["saturated"].rows)
-    out = {name: min(1.0, statistics.median(r["gpm_sm_util"] for r in p.rows) / saturated)
+    out = {name: min(1.0, statistics.median(r["gpm_sm_util"] for r in p.rows) / saturated_sm())
            for name, p in trace.phases().items()}
     out["saturated"] = 1.0
     return out
