@@ -125,3 +125,25 @@ def test_nvml_check_reads_nvidia_smi_and_compares_with_tolerances():
     comparison.compare("GPU-aaaa", {"utilization_ratio": 0.2}, smi)
     report = comparison.report()
     assert not report["agree"]["utilization_ratio"] and report["fields"]["utilization_ratio"]["GPU-aaaa"]["n"] == 2
+
+
+def test_multinode_vm_harness_evaluates_the_shipped_rules_on_its_synthetic_fleet(tmp_path):
+    """bench/multinode_vm.py: the groups it gives vmalert are the shipped rules (vmalert -dryRun takes them), and
+    its synthetic fleet holds what they read: 8 GPUs, 5 causes and 7 states per node, step hints for half the jobs."""
+    import json
+    import subprocess
+
+    from bench import multinode_vm
+    from tests.conftest import need_binary
+
+    rules = tmp_path / "rules.yml"
+    rules.write_text(multinode_vm.rule_file())
+    run = subprocess.run([need_binary("vmalert"), "-dryRun", f"-rule={rules}", "-loggerLevel=ERROR"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    series = multinode_vm.synthetic(nodes=40, jobs=4, sites=2)
+    names = [json.loads(labels)["__name__"] for labels, _, _ in series]
+    assert names.count("stoker_gpu_job_info") == 320 and names.count("stoker_starved") == 200
+    assert names.count("stoker_job_data_wait_seconds_total") == 20  # jobs 0 and 2 hint their steps
+    peers = [json.loads(labels)["node"] for labels, value, _ in series if '"cause": "peer"' in labels and value]
+    assert len(peers) == 9 + 9  # job 0: held back by its node 0's NAS; job 1: by its node 0's compute
