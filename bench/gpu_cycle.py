@@ -4,6 +4,9 @@ Reference run in the same process: the same fake-NVML calls made bare, without
 the collector, so `collector_over_fake` is the collector's own overhead as a
 ratio. The real-hardware estimate adds the driver cost of those calls as
 measured on an H200 (../shared/fixtures/h200/call_costs.json medians).
+`mig_over_plain`: the same node with two GPUs in MIG mode (two GPU instances
+each, read per instance), against the plain node in the same run; with the
+NVML calls each makes a cycle.
 
     python -m bench.gpu_cycle [--cycles N] [--out FILE]
 """
@@ -11,6 +14,7 @@ measured on an H200 (../shared/fixtures/h200/call_costs.json medians).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import pynvml as N
@@ -19,6 +23,7 @@ from bench.common import emit, summary_ms
 from stoker.exporters import gpu as gpu_families
 from stoker.exporters.exposition import render
 from stoker.sim.fake_nvml import FakeNVML
+from stoker.sim import scenarios
 from stoker.sim.node import SimNode
 from stoker.sources.gpu import GPM_METRICS, GpuSource
 
@@ -47,12 +52,13 @@ def bare_calls(fake: FakeNVML, handles: list, samples: list) -> None:
         fake.nvmlGpmMetricsGet(req)
 
 
-def run(cycles: int) -> dict:
-    fake = FakeNVML(SimNode("cycle"))
+def collector_cycles(fake: FakeNVML, cycles: int) -> tuple[list[float], list[float], float, GpuSource]:
+    """CPU of each collector cycle and of rendering it; the NVML calls a cycle makes, on average; the source
+    (to close once the fake is no longer needed)."""
     source = GpuSource(fake, slow_interval=10.0)
     source.sample()
     time.sleep(0.01)
-
+    fake.calls.clear()
     collector_cpu, render_cpu = [], []
     for _ in range(cycles):
         t0 = time.thread_time()
@@ -62,6 +68,15 @@ def run(cycles: int) -> dict:
         t2 = time.thread_time()
         collector_cpu.append(t1 - t0)
         render_cpu.append(t2 - t1)
+    return collector_cpu, render_cpu, sum(fake.calls.values()) / cycles, source
+
+
+def run(cycles: int) -> dict:
+    fake = FakeNVML(SimNode("cycle"))
+    collector_cpu, render_cpu, calls, source = collector_cycles(fake, cycles)
+    mig_fake = FakeNVML(SimNode(dataclasses.replace(scenarios.get("cycle"), mig=(0, 1))))
+    mig_cpu, _, mig_calls, mig_source = collector_cycles(mig_fake, cycles)
+    mig_source.close()
 
     handles = [g.handle for g in fake.gpus]
     samples = []
@@ -90,6 +105,9 @@ def run(cycles: int) -> dict:
         "estimated_real_cycle_ms": round(real_estimate_ms, 3),
         "estimated_core_share_at_1s": round(real_estimate_ms / 1000, 5),
         "simulated_core_share_at_1s": round((cycle["mean_ms"] + summary_ms(render_cpu)["mean_ms"]) / 1000, 5),
+        "nvml_calls_per_cycle": round(calls, 2),
+        "mig_two_gpus": {"cycle_cpu": summary_ms(mig_cpu), "nvml_calls_per_cycle": round(mig_calls, 2),
+                         "mig_over_plain": round(summary_ms(mig_cpu)["mean_ms"] / cycle["mean_ms"], 3)},
     }
 
 

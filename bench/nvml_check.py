@@ -22,11 +22,19 @@ GPU, the share of readings within it, the largest difference, and `agree` when e
 every GPU is within it. The cost: CPU (thread time) and wall time of each cycle, p50/p99, and the
 share of one core at `interval`. Needs an NVIDIA driver, pynvml and nvidia-smi; run as the agent's
 user to see what it sees (GPM needs the profiling permission, docs/OPERATIONS.md).
+
+    python -m bench.nvml_check --fake [--profile NAME] [--seconds 30] [--out FILE]
+
+Without a GPU: the same comparisons against the fake NVML's driver profiles (`FAKE_PROFILES`: each driver
+branch of stoker/sim/drivers.py, MIG on two GPUs, MPS, GPM refused), the simulated node's own values in
+place of nvidia-smi's (`FakeNVML.truth`), on a manual clock. Per profile: agreement, which readings the
+collector has and leaves out, where the busy ratio comes from, the problems it counted, the cycle's CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -34,6 +42,7 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 
 from bench.common import emit, summary_ms
@@ -364,15 +373,72 @@ def run(seconds: float, interval: float) -> dict:
     }
 
 
+# profile -> (scenario keys, fake NVML switches)
+FAKE_PROFILES = {
+    "535": ({"driver": "535"}, {}),
+    "550": ({"driver": "550"}, {}),
+    "570": ({"driver": "570"}, {}),
+    "580": ({}, {}),
+    "535-gpm-refused": ({"driver": "535"}, {"gpm_permission": False}),
+    "580-gpm-refused": ({}, {"gpm_permission": False}),
+    "mig": ({"mig": (0, 1)}, {}),
+    "mig-gpm-refused": ({"mig": (0, 1)}, {"gpm_permission": False}),
+    "mps": ({"mps": True}, {}),
+}
+READINGS = ("utilization", "gpm", "pcie_tx_bytes", "nvlink_tx_bytes", "memory_used_bytes", "energy_joules",
+            "ecc_errors", "throttle_seconds", "instances")
+
+
+def run_fake(profile: str, seconds: float, interval: float = 1.0) -> dict:
+    """The collector on one fake driver profile, against the simulated node's own values."""
+    from stoker.sim import scenarios
+    from stoker.sim.drive import ManualClock
+    from stoker.sim.fake_nvml import FakeNVML
+    from stoker.sim.node import SimNode
+    from stoker.sources.gpu import GpuSource
+
+    keys, switches = FAKE_PROFILES[profile]
+    clock = ManualClock()
+    fake = FakeNVML(SimNode(dataclasses.replace(scenarios.get("healthy"), **keys), clock=clock))
+    for name, value in switches.items():
+        setattr(fake, name, value)
+    source = GpuSource(fake, slow_interval=10.0, clock=clock, wall=clock)
+    comparison, cpu, problems, sources = Comparison(), [], Counter(), Counter()
+    snap = source.sample()
+    for _ in range(max(1, round(seconds / interval))):
+        clock.advance(interval)
+        started = time.thread_time()
+        snap = source.sample()
+        cpu.append(time.thread_time() - started)
+        problems.update(snap.problems)
+        for g in snap.gpus:
+            comparison.compare(g.uuid, collector_values(g, gauges_read=g.slow_at == clock()), fake.truth(g.index))
+            sources[g.activity_source] += 1
+    source.close()
+    readings = {f"gpu {g.index}": sorted(r for r in READINGS if getattr(g, r) not in (None, {}, ()))
+                for g in snap.gpus[:3]}
+    return {"profile": profile, "driver_version": snap.driver_version, "readings": readings,
+            "activity_sources": dict(sources), "problems": dict(problems), "cycle_cpu": summary_ms(cpu),
+            **comparison.report()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--fake", action="store_true", help="no GPU: every fake driver profile (FAKE_PROFILES)")
+    parser.add_argument("--profile", choices=sorted(FAKE_PROFILES), help="with --fake: this profile only")
     parser.add_argument("--out")
     args = parser.parse_args()
-    if not shutil.which("nvidia-smi"):
-        parser.error("nvidia-smi is not installed: run this on a node with an NVIDIA driver")
-    result = run(args.seconds, args.interval)
+    if args.fake:
+        profiles = [args.profile] if args.profile else list(FAKE_PROFILES)
+        results = [run_fake(p, args.seconds, args.interval) for p in profiles]
+        result = {"device": "fake NVML, no GPU", "profiles": results,
+                  "all_agree": all(r["all_agree"] and not r["problems"] for r in results)}
+    else:
+        if not shutil.which("nvidia-smi"):
+            parser.error("nvidia-smi is not installed: run this on a node with an NVIDIA driver (or --fake)")
+        result = run(args.seconds, args.interval)
     emit("nvml_check", result, args.out)
     sys.exit(0 if result["all_agree"] else 1)
 

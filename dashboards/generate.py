@@ -32,6 +32,11 @@ JOB = 'job_id=~"$job_id"'
 GOODPUT_LOW = 0.8  # StokerJobGoodputLow
 PRODUCTIVE, NOT_PRODUCTIVE = ', state="productive"', ', state!="productive"'
 GPU = 'node="$node", gpu=~"$gpu"'
+# What the Site and Node pickers list. Fleet: the recording rule, all a federating store holds. Node and GPU
+# health: a series every agent exports from its first scrape, so their pickers fill where the rules are not
+# loaded (their panels read raw series anyway).
+FLEET_NODES = "node_rack:stoker_agent_up:max"
+AGENT_NODES = "stoker_build_info"
 ROCE_RETRANSMITS = "out_of_sequence|packet_seq_err|local_ack_timeout_err|roce_adp_retrans"
 HW_THROTTLE = "hw_slowdown|hw_thermal|sw_thermal|hw_power_brake"
 CRITICAL_XIDS = "48|63|64|74|79|92|94|95|119|120"
@@ -216,7 +221,8 @@ def variable(name: str, label: str, query: str, multi: bool = False, sort: int =
 
 
 def dashboard(uid: str, title: str, description: str, panels: list[dict], variables: list[dict],
-              alerts: str) -> dict:
+              alerts: str, nodes: str) -> dict:
+    """`nodes`: the series whose `site` labels the Site picker lists (FLEET_NODES or AGENT_NODES)."""
     return {
         "uid": uid, "title": title, "description": description, "tags": ["stoker"], "editable": True,
         "schemaVersion": 39, "version": 1, "refresh": "1m", "time": {"from": "now-6h", "to": "now"},
@@ -226,7 +232,7 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict], variab
         "templating": {"list": [
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
              "current": {}, "hide": 0},
-            variable("site", "Site / cluster", "label_values(node_rack:stoker_agent_up:max, site)", multi=True),
+            variable("site", "Site / cluster", f"label_values({nodes}, site)", multi=True),
             *variables,
         ]},
         "annotations": {"list": [{
@@ -450,7 +456,7 @@ def fleet() -> dict:
         bars("Agent versions", "short", "Agents per version: a rollout in progress, or nodes left behind (their "
              "metrics or verdicts may differ: see the changelog).",
              q(f"sum by (version) (version:stoker_build_info:count{{{s}}})", "{{version}}"), w=6),
-    ], [], f'severity="critical", {SITE}')  # at 10,000 nodes, warnings would bury the time axis
+    ], [], f'severity="critical", {SITE}', FLEET_NODES)  # at 10,000 nodes, warnings would bury the time axis
 
 
 # -- Node --------------------------------------------------------------------------------------------
@@ -475,26 +481,34 @@ def node() -> dict:
                 f" / sum by (mountpoint) ({rate('stoker_nfs_operations_total', where)})")
 
     role = f'on (mountpoint) group_left () stoker_nfs_mount_info{{{n}, role="checkpoint"}}'
+    expected, present = (f"max by (kind) (stoker_inventory_{m}{{{n}}})" for m in ("expected", "present"))
+    missing = f"{expected} - {present}"  # StokerInventoryMissing's
 
     return dashboard("stoker-node", "Stoker / Node", "One node: the verdict and its evidence, GPUs, rails, NAS, "
                      "checkpoints, host and the agent itself.", [
         row("Now"),
         stat("Agent", "none", "Whether Prometheus scrapes the agent. DOWN: every panel below is stale and the node is "
              "blind to every alert (StokerTargetDown): systemctl status stoker on the node.",
-             q(f'up{{job="stoker", {n}}}'), states={"0": DOWN, "1": UP}, no_value="not scraped"),
+             q(f'up{{job="stoker", {n}}}'), states={"0": DOWN, "1": UP}, no_value="not scraped", w=2),
         stat("Starved", "none", "The agent's verdict now: the cause the node's GPUs are starved by, or not starved. "
              "\"not starved\" is only true when Agent is up and no collector fails (next stats).",
-             q(f"stoker_starved{{{n}}} == 1", "{{cause}}"), th(base="red"), no_value="not starved", text="name"),
+             q(f"stoker_starved{{{n}}} == 1", "{{cause}}"), th(base="red"), no_value="not starved", text="name", w=4),
         stat("Busy", "percentunit", "Mean busy ratio of the node's GPUs (GPM SM activity, from its counter) over the "
              "rate interval. Compare with the job's level next to it.",
-             q(f"avg({rate('stoker_gpu_busy_seconds_total')})"), th((0.5, "orange"), (0.8, "green"), base="red")),
+             q(f"avg({rate('stoker_gpu_busy_seconds_total')})"), th((0.5, "orange"), (0.8, "green"), base="red"),
+             w=2),
         stat("Job level", "percentunit", "The level the job sustains (median busy ratio while not starved): starved "
              "below half of it. Empty: no job, or not yet learned.", q(f"stoker_busy_baseline_ratio{{{n}}}"),
-             no_value="no job"),
+             no_value="no job", w=2),
         stat("GPUs lost", "short", "GPUs NVML does not answer for. Red: StokerGpuLost; the GPU health dashboard has "
-             "the XIDs.", q(f"count(stoker_gpu_up{{{n}}} == 0) or vector(0)"), th((1, "red"))),
+             "the XIDs.", q(f"count(stoker_gpu_up{{{n}}} == 0) or vector(0)"), th((1, "red")), w=2),
         stat("Rail ports down", "short", "RDMA ports not ACTIVE. Red: StokerRdmaPortDown; the Rails row shows which.",
              q(f"count(stoker_rdma_port_up{{{n}}} == 0) or vector(0)"), th((1, "red"))),
+        stat("Devices missing", "short", "GPUs and RDMA ports the node should have ([inventory] in its "
+             "configuration, else the most it has shown) that the agent does not find: a GPU that did not come back "
+             "after a reboot or a reset, a port gone from class/infiniband: missing since boot, no other alert "
+             "sees it. Red for 5 minutes: StokerInventoryMissing. The Inventory table (GPUs row) says which kind.",
+             q(f"sum(clamp_min({missing}, 0)) or vector(0)"), th((1, "red"))),
         stat("Checkpoint", "none", "A checkpoint being written (writing), stalled (no byte reaching the NAS), or "
              "none. Stalled: StokerCheckpointStalled; see the Checkpoints row.",
              q(f"max(stoker_checkpoint_in_progress{{{n}}} + 2 * stoker_checkpoint_stalled{{{n}}})"),
@@ -514,6 +528,13 @@ def node() -> dict:
         state("Starved, by cause", "The agent's verdict each second it was scraped: at most one cause at a time. "
               "The share panel below counts every second, scraped or not.",
               q(f"stoker_starved{{{n}}}", "{{cause}}"), states={"0": ("no", "transparent"), "1": ("STARVED", "red")}),
+        state("Why the verdict holds: the GPU and cause machines", "The verdict engine's machines "
+              "(docs/VERDICTS.md): the GPUs low or recovering (back at the level, the verdict not yet cleared), "
+              "and each cause not inactive: pending (challenging the verdict's cause), active (its evidence "
+              "present), resolving (only remembered: the verdict holds on it a while), resolved.",
+              q(f'stoker_starvation_state{{state!="ok", {n}}}', "GPUs {{state}}"),
+              q(f'stoker_cause_state{{state!="inactive", {n}}}', "{{cause}} {{state}}"),
+              states={"0": ("", "transparent"), "1": ("yes", "orange")}),
         ts("Starved share of time, by cause, and the job's", "percentunit", "Share of each interval the GPUs were "
            "starved, stacked by cause, against the share a job held them (dashed). Above 50% over 10 minutes by "
            "storage or network StokerGpusStarvedIntermittently pages; by the host, StokerGpusOftenStarvedByHost.",
@@ -578,10 +599,16 @@ def node() -> dict:
         row("GPUs (details: GPU health)"),
         state("GPU up", "Whether NVML answers for each GPU. LOST: StokerGpuLost; click for its GPU health.",
               q(f"stoker_gpu_up{{{n}}}", "GPU {{gpu}}"), states={"0": ("LOST", "red"), "1": ("up", "green")},
-              links=[TO_GPU]),
+              links=[TO_GPU], w=9),
         ts("Compute processes per GPU", "short", "Processes of the job on each GPU (a job in another PID namespace "
            "shows none; its memory still counts as a job).",
-           q(f"stoker_gpu_compute_processes{{{n}}}", "GPU {{gpu}}"), min=0, links=[TO_GPU]),
+           q(f"stoker_gpu_compute_processes{{{n}}}", "GPU {{gpu}}"), min=0, links=[TO_GPU], w=9),
+        table("Inventory: GPUs and RDMA ports", "How many GPUs and RDMA ports the node should have ([inventory], "
+              "else the most it has shown, kept in the state file) and how many the agent finds (a lost GPU still "
+              "counts: GPU up says which). Missing for 5 minutes: StokerInventoryMissing.",
+              q(expected), q(present), q(missing),
+              columns={"A": ("expected", "short", None), "B": ("present", "short", None),
+                       "C": ("missing", "short", th((1, "red")))}, w=6),
 
         row("Rails (RoCE)"),
         state("Rail state", "Each RDMA port (ACTIVE or not) and its netdev's link. DOWN: StokerRdmaPortDown after a "
@@ -776,9 +803,29 @@ def node() -> dict:
               *(q(f'{m}{{job="stoker", {n}}} * on (node) group_left (version, nvml_version, driver_version) '
                   f"stoker_build_info{{{n}}}") for m in ("scrape_duration_seconds", "scrape_samples_scraped")),
               columns={"A": ("scrape took", "s", None), "B": ("samples", "short", None)}, hide=("node",)),
-    ], [variable("node", "Node", f"label_values(node_rack:stoker_agent_up:max{{{SITE}}}, node)"),
+
+        row("The agent itself (its process)"),
+        ts("Agent CPU", "percentunit", "CPU the agent's process uses, as a share of one core (user and system). "
+           "About 0.5% on an XE9680 at a 1 s interval, three times that at 0.25 s (docs/PERFORMANCE.md); more at the "
+           "same interval, with its collectors' cycles longer too: the Agent row above.",
+           q(rate("process_cpu_seconds_total"), "CPU, share of one core"), min=0, w=6, calcs=("mean", "max")),
+        ts("Agent resident memory", "bytes", "The agent's resident memory: about 50 MB on an XE9680 "
+           "(docs/PERFORMANCE.md). Growing day after day while nothing changes on the node is a leak.",
+           q(f"process_resident_memory_bytes{{{n}}}", "resident"), min=0, w=6),
+        ts("Agent file descriptors, against the limit", "short", "Descriptors the agent holds open (sysfs and "
+           "procfs files, scrape connections, probe children), and their share of its limit (right axis; the agent "
+           "raises its soft limit to the hard one at start, the unit sets LimitNOFILE). Near the limit, a scrape "
+           "or a collector fails to open its files.",
+           q(f"process_open_fds{{{n}}}", "open"),
+           q(f"process_open_fds{{{n}}} / process_max_fds{{{n}}}", "share of the limit"),
+           overrides=[override("B", "byFrameRefID", unit="percentunit")], min=0, w=6),
+        ts("Agent uptime", "s", "Time since the agent's process started: it falls to zero at each restart (a "
+           "reload keeps the process; a driver replaced under it restarts it, exit status 75). A sawtooth is a crash "
+           "loop that systemd restarts: journalctl -u stoker.",
+           q(f"time() - process_start_time_seconds{{{n}}}", "since start"), min=0, w=6, calcs=("lastNotNull", "min")),
+    ], [variable("node", "Node", f"label_values({AGENT_NODES}{{{SITE}}}, node)"),
         variable("job_id", "Job", f"label_values(stoker_gpu_job_info{{{n}, job_id!=\"unknown\"}}, job_id)",
-                 multi=True)], NODE)
+                 multi=True)], NODE, AGENT_NODES)
 
 
 # -- GPU health --------------------------------------------------------------------------------------
@@ -790,13 +837,22 @@ def gpu_health() -> dict:
         return f"rate({metric}{{{g}{extra}}}[{RI}])"
 
     hardware = f', reason=~"{HW_THROTTLE}"'
+    instance = "GPU {{gpu}} instance {{gpu_instance}}"  # a MIG GPU instance's legend
 
     def per_gpu(title: str, metric: str, description: str) -> dict:
         return ts(title, "percentunit", description, q(f"{metric}{{{g}}}", "GPU {{gpu}}"), min=0, max=1, w=8,
                   calcs=("mean", "min", "max"))
 
+    def per_instance(title: str, metric: str, description: str) -> dict:
+        return ts(title, "percentunit", description, q(f"{metric}{{{g}}}", instance), min=0, max=1, w=6,
+                  calcs=("mean", "min", "max"))
+
+    def with_mig_uuid(metric: str) -> str:
+        """A GPU instance's series with the MIG device UUID its jobs are given (CUDA_VISIBLE_DEVICES)."""
+        return f"{metric}{{{g}}} * on (gpu, uuid, gpu_instance) group_left (mig_uuid) stoker_gpu_instance_info{{{g}}}"
+
     return dashboard("stoker-gpu-health", "Stoker / GPU health", "One node's GPUs: identity, activity, "
-                     "temperatures, power, throttling, XIDs, ECC, row remaps and interconnects.", [
+                     "temperatures, power, throttling, XIDs, ECC, row remaps, interconnects and MIG instances.", [
         row("Now"),
         stat("GPUs lost", "short", "GPUs NVML does not answer for (StokerGpuLost). Red: drain the node; XID 79 "
              "below says it fell off the bus.", q(f"count(stoker_gpu_up{{{g}}} == 0) or vector(0)"), th((1, "red"))),
@@ -907,8 +963,41 @@ def gpu_health() -> dict:
         ts("PCIe traffic", "Bps", "PCIe bytes per second per GPU, each way: host input, checkpoints, GPUDirect RDMA.",
            q(f"sum by (gpu) ({rate('stoker_gpu_pcie_transmit_bytes_total')})", "GPU {{gpu}} tx"),
            q(f"sum by (gpu) ({rate('stoker_gpu_pcie_receive_bytes_total')})", "GPU {{gpu}} rx"), min=0, w=8),
-    ], [variable("node", "Node", f"label_values(node_rack:stoker_agent_up:max{{{SITE}}}, node)"),
-        variable("gpu", "GPU", 'label_values(stoker_gpu_info{node="$node"}, gpu)', multi=True, sort=3)], NODE)
+
+        row("MIG instances (GPUs in MIG mode)"),
+        state("MIG mode", "Whether each GPU is in MIG mode (read every slow_interval: a change shows without a "
+              "restart). A GPU in MIG mode has no utilization.gpu and no volatile ECC counts; its SM, tensor and "
+              "DRAM activity above are those of its instances that hold processes, weighted by their SMs.",
+              q(f"stoker_gpu_mig_enabled{{{g}}}", "GPU {{gpu}}"),
+              states={"0": ("off", "transparent"), "1": ("MIG", "blue")}, w=8),
+        table("GPU instances", "Each GPU instance of the GPUs in MIG mode: NVML's GPU instance id, the MIG device "
+              "UUID a job is given (CUDA_VISIBLE_DEVICES, nvidia-smi -L), its framebuffer and the compute processes "
+              "in it now (MPS clients for their server).",
+              q(with_mig_uuid("stoker_gpu_instance_memory_total_bytes")),
+              q(with_mig_uuid("stoker_gpu_instance_memory_used_bytes")),
+              q(with_mig_uuid("stoker_gpu_instance_compute_processes")),
+              columns={"A": ("memory", "bytes", None), "B": ("memory used", "bytes", None),
+                       "C": ("processes", "short", None)}, w=16, hide=("node", "uuid")),
+        per_instance("SM active per instance", "stoker_gpu_instance_sm_active_ratio", "GPM SM activity of each GPU "
+                     "instance (absent without GPM). An instance holding a job's rank and reading low: that rank "
+                     "waits."),
+        per_instance("Tensor active per instance", "stoker_gpu_instance_tensor_active_ratio", "GPM tensor core "
+                     "activity of each GPU instance: the matrix work of the job in it."),
+        per_instance("DRAM bandwidth per instance", "stoker_gpu_instance_dram_active_ratio", "GPM DRAM bandwidth "
+                     "utilisation of each GPU instance: memory-bound kernels sit high here, the tensor cores low."),
+        per_instance("SM occupancy per instance", "stoker_gpu_instance_sm_occupancy_ratio", "GPM SM occupancy of "
+                     "each GPU instance: resident warps over the maximum, a property of its job's kernels."),
+        ts("Framebuffer used per instance", "percentunit", "Framebuffer used over the instance's own size: a job "
+           "holds most of it. The GPU's framebuffer (Memory and interconnects row) is the sum of its "
+           "instances'.",
+           q(f"stoker_gpu_instance_memory_used_bytes{{{g}}} / stoker_gpu_instance_memory_total_bytes{{{g}}}",
+             instance), min=0, max=1),
+        ts("Compute processes per instance", "short", "Processes in each GPU instance (MPS clients for their "
+           "server). An instance that loses its processes mid-job has lost its rank.",
+           q(f"stoker_gpu_instance_compute_processes{{{g}}}", instance), min=0),
+    ], [variable("node", "Node", f"label_values({AGENT_NODES}{{{SITE}}}, node)"),
+        variable("gpu", "GPU", 'label_values(stoker_gpu_info{node="$node"}, gpu)', multi=True, sort=3)],
+        NODE, AGENT_NODES)
 
 
 DASHBOARDS = {"fleet.json": fleet, "node.json": node, "gpu-health.json": gpu_health}

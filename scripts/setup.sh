@@ -3,8 +3,9 @@
 # Debian packages (prometheus with promtool, prometheus-alertmanager with amtool,
 # prometheus-node-exporter, victoria-metrics with vmagent and vmalert, wrk, openssl,
 # python3-venv; for the .deb: dpkg-dev, binutils, lintian), then .venv with the package and
-# its test dependencies. Safe to run again: it installs only what is missing, and stops only
-# the daemons of the packages it installed.
+# its test dependencies, and .venv-lowest, the same with the lowest nvidia-ml-py that
+# pyproject.toml allows (scripts/test.sh runs the GPU tests on it). Safe to run again: it
+# installs only what is missing, and stops only the daemons of the packages it installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,3 +48,9 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# The lowest nvidia-ml-py the pin allows, beside the package: the GPU tests run on it too.
+lowest=$(sed -n 's/.*"nvidia-ml-py>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+[ -x .venv-lowest/bin/python ] || python3 -m venv .venv-lowest
+.venv-lowest/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv-lowest/bin/python -m pip install -q -e '.[test]' "nvidia-ml-py==$lowest"

@@ -5,6 +5,12 @@ per GPU, port and mount with the verdict and its evidence, and exits 0 when
 healthy, 1 when something is wrong, 2 when it could not check (no NVML on a
 node configured for GPUs, a collector that never completed a cycle).
 
+It says what it checked (GPUs, RDMA ports, NFS mounts, NAS probes) and exits
+2, "nothing to check", when that is nothing: a HEALTHY that looked at nothing
+(the GPU collector off, no RDMA device, no NFS mount, no probe target) would
+pass a node whose hardware is missing. Fewer GPUs or RDMA ports than the node
+should have ([inventory], or the most it has shown) are a problem.
+
 A few seconds are not enough to learn what the running job sustains, so the
 check judges the node's plumbing from the evidence itself: any network or
 storage signal over its threshold (a port down, congestion, retransmissions,
@@ -24,6 +30,7 @@ from typing import TextIO
 from stoker.agent.runtime import Agent
 
 HEALTHY, UNHEALTHY, UNCHECKED = 0, 1, 2
+INVENTORY_NAMES = {"gpu": "GPUs", "rdma_port": "RDMA ports"}
 
 
 @dataclass
@@ -31,6 +38,7 @@ class Report:
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)  # what was looked at, e.g. "8 GPUs"
 
     def exit_code(self) -> int:
         if self.unchecked:
@@ -56,7 +64,36 @@ def report(agent: Agent) -> Report:
     _mounts(agent, r)
     _evidence(agent, r)
     _verdict(agent, r)
+    _inventory(agent, r)
+    _checked(agent, r)
     return r
+
+
+def _checked(agent: Agent, r: Report) -> None:
+    """What the check looked at; nothing at all is no health to report."""
+    cfg = agent.config
+    gpus = agent.gpu.snapshot.gpus if agent.gpu and agent.gpu.snapshot else []
+    ports = agent.rdma.snapshot.ports if agent.rdma and agent.rdma.snapshot else []
+    mounts = agent.nfs.snapshot.mounts if agent.nfs and agent.nfs.snapshot else []
+    probes = agent.probes.states() if agent.probes else []
+    seen = [(len(gpus), "GPU"), (len(ports), "RDMA port"), (len(mounts), "NFS mount"), (len(probes), "NAS probe")]
+    r.checked = [f"{n} {what}{'s' if n != 1 else ''}" for n, what in seen if n]
+    if r.checked:
+        return
+    absent = [("the GPU collector is off" if agent.gpu is None else "no GPU answered"),
+              ("the RDMA collector is off" if agent.rdma is None
+               else f"no RDMA port in {cfg.agent.sysfs_root}/class/infiniband"),
+              ("the NFS collector is off" if agent.nfs is None
+               else f"no NFS mount in {cfg.agent.procfs_root}/self/mountstats"),
+              "no NAS probe target ([[probes.targets]])"]
+    r.unchecked.append("nothing to check: " + "; ".join(absent))
+
+
+def _inventory(agent: Agent, r: Report) -> None:
+    """Fewer GPUs or RDMA ports than the node should have (stoker_inventory_*)."""
+    for kind, expected, present in agent.inventory.counts():
+        if present is not None and expected is not None and present < expected:
+            r.problems.append(f"{present} of {expected} {INVENTORY_NAMES[kind]} present ({agent.inventory.why(kind)})")
 
 
 def _gpus(agent: Agent, r: Report) -> None:
@@ -65,20 +102,28 @@ def _gpus(agent: Agent, r: Report) -> None:
     snap = agent.gpu.snapshot
     r.lines.append("GPUs")
     if snap is None:
-        r.unchecked.append("NVML did not answer (no driver?)")
-        r.lines.append("  NVML did not answer")
+        why = agent.gpu.source.down or "NVML did not answer within the collector's deadline (a hung driver call?)"
+        r.unchecked.append(f"NVML cannot be used: {why}")
+        r.lines.append(f"  NVML cannot be used: {why}")
         return
     busy = agent.verdicts.busy if agent.verdicts else {}
     if any("gpm" in g.refused for g in snap.gpus):
         r.lines.append("  note: GPU profiling (GPM) is restricted to administrators; busy is utilization.gpu bounded "
                        "by power draw, weaker than GPM (docs/OPERATIONS.md: GPU profiling)")
+    if any(g.activity_source == "none" for g in snap.gpus if g.up):
+        r.lines.append("  note: NVML gives no activity for a MIG-enabled GPU without GPU profiling: its busy is "
+                       "unknown (docs/OPERATIONS.md: supported drivers)")
     for g in snap.gpus:
         state = "up" if g.up else "LOST"
         b = busy.get((str(g.index), g.uuid))
         temp = g.temperature.get("gpu")
-        source = {"gpm": "", "utilization": " (util)"}.get(g.activity_source, "")
+        source = {"gpm": "", "utilization": " (util)", "none": " (MIG, no activity)"}.get(g.activity_source, "")
         line = (f"  gpu {g.index}  {g.uuid}  {state:<4}  busy {_pct(b)}{source}  "
                 f"{_num(temp, '°C')}  {_num(g.power_watts, ' W')}")
+        if g.mig:
+            line += "  MIG instances " + (", ".join(
+                str(i.gpu_instance) + (f" ({len(i.pids)} process{'es' * (len(i.pids) > 1)})" if i.pids else "")
+                for i in g.instances) or "none")
         if g.xid_counts:
             line += "  XID " + ",".join(f"{x}x{n}" for x, n in sorted(g.xid_counts.items()))
             r.problems.append(f"gpu {g.index}: XID {sorted(g.xid_counts)}")
@@ -180,6 +225,7 @@ def _verdict(agent: Agent, r: Report) -> None:
 def print_report(r: Report, out: TextIO) -> None:
     for line in r.lines:
         print(line, file=out)
+    print(f"\nchecked: {', '.join(r.checked) or 'nothing'}", file=out)
     status = {HEALTHY: "HEALTHY", UNHEALTHY: "UNHEALTHY", UNCHECKED: "COULD NOT CHECK"}[r.exit_code()]
     print(f"\n{status}", file=out)
     for problem in r.unchecked + r.problems:

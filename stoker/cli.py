@@ -3,6 +3,9 @@ errors, exit codes.
 
 Exit status 2 means the agent could not start as asked (a configuration
 error); systemd's RestartPreventExitStatus=2 keeps such a unit from looping.
+Exit status 75 means the NVIDIA driver was replaced under the running agent,
+which only a new process can use, or that a file the agent reads at start did
+not answer in time (a hung NFS mount): Restart=on-failure restarts it.
 """
 
 from __future__ import annotations
@@ -11,26 +14,41 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
-import tempfile
 
 from stoker import __version__, config as config_mod, logs
 from stoker.sim.scenarios import builtin_names
 
 EXIT_CONFIG = 2
-SERVICE_CONFIG = "/etc/stoker/stoker.toml"
+EXIT_RETRY = 75  # EX_TEMPFAIL, as agent/gpu.py's EXIT_DRIVER_REPLACED
+CONFIG_HELP = (f"TOML configuration file (default: {config_mod.DEFAULT_FILE}, the service's, when it exists; "
+               "none with --simulate)")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an argument it does not know is its own error, shown with its own
+    usage. argparse leaves such arguments to the top-level parser, whose usage lists none of the
+    subcommand's options (`stoker run --bogus` printed `stoker [-h] [--version] {run,...} ...`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed, extra
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stoker", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"stoker {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     run = sub.add_parser("run", help="run the agent")
-    run.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    run.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     run.add_argument("--listen", metavar="HOST:PORT",
                      help=f"address to serve /metrics on (default 0.0.0.0:{config_mod.DEFAULT_PORT})")
+    run.add_argument("--hint-listen", metavar="HOST:PORT",
+                     help=f"address of the checkpoint and step hint API, served when checkpoint.token_file is "
+                          f"set (default {config_mod.CheckpointConfig().listen}; loopback unless you mean it)")
     run.add_argument("--interval", type=float, metavar="SECONDS", help="sampling interval (default 1)")
     run.add_argument("--sysfs-root", metavar="DIR", help="where sysfs is mounted (default /sys)")
     run.add_argument("--procfs-root", metavar="DIR", help="where procfs is mounted (default /proc)")
@@ -40,11 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
 
     check = sub.add_parser("check", help="one-shot health check: exit 0 healthy, 1 unhealthy, 2 could not check")
-    check.add_argument("--config", metavar="FILE",
-                       help=f"TOML configuration file (default: {SERVICE_CONFIG}, the service's, when it exists)")
+    check.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     check.add_argument("--seconds", type=seconds, default=5.0, help="how long to sample (default 5)")
-    check.add_argument("--sysfs-root", metavar="DIR")
-    check.add_argument("--procfs-root", metavar="DIR")
+    check.add_argument("--sysfs-root", metavar="DIR", help="where sysfs is mounted (default /sys)")
+    check.add_argument("--procfs-root", metavar="DIR", help="where procfs is mounted (default /proc)")
     check.add_argument("--simulate", nargs="?", const="healthy", metavar="SCENARIO",
                        help="check the simulated node, the scenario's fault already under way (default: healthy)")
 
@@ -53,14 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("scenario", metavar="SCENARIO", help="a scenario file (.toml) or a built-in name")
     replay.add_argument("--interval", type=seconds, default=1.0, help="sampling interval (default 1)")
     replay.add_argument("--seconds", type=seconds, help="how long to play (default: to the last expectation)")
-    replay.add_argument("--config", metavar="FILE", help="TOML configuration file (thresholds)")
+    replay.add_argument("--config", metavar="FILE",
+                        help="TOML configuration file: its thresholds (default: none, the node is simulated)")
 
     from stoker.sim import cluster
     cluster.add_arguments(sub.add_parser("cluster", help="run a simulated cluster: an agent per node of a cluster "
                                                          "scenario, on consecutive ports, in one process"))
 
     hint = sub.add_parser("checkpoint", help="tell the local agent a checkpoint starts or ends")
-    hint.add_argument("action", choices=["start", "end"])
+    hint.add_argument("action", choices=["start", "end"], help="the checkpoint starts, or it ended")
     where = hint.add_mutually_exclusive_group(required=True)
     where.add_argument("--mountpoint", help="the NFS mountpoint written to")
     where.add_argument("--path", help="a path on it (the checkpoint directory)")
@@ -91,23 +109,38 @@ def seconds(text: str) -> float:
     return value
 
 
+FLAGS = {"listen": ("agent", "listen"), "interval": ("agent", "interval"), "sysfs_root": ("agent", "sysfs_root"),
+         "procfs_root": ("agent", "procfs_root"), "log_format": ("agent", "log_format"),
+         "hint_listen": ("checkpoint", "listen")}
+"""Each flag that sets a configuration key: its section and key."""
+
+
 def overrides_from(args: argparse.Namespace) -> dict:
-    agent = {key: getattr(args, key) for key in ("listen", "interval", "sysfs_root", "procfs_root", "log_format")
-             if getattr(args, key, None) is not None}
-    return {"agent": agent} if agent else {}
+    out: dict = {}
+    for flag, (section, key) in FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            out.setdefault(section, {})[key] = getattr(args, flag)
+    return out
 
 
-def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False):
-    """The simulated node's platform, its kernel trees written under a fresh temporary
-    directory; returns the platform and the configuration pointed at them. `at_fault`: start
-    where the scenario's fault begins."""
+def config_path(args: argparse.Namespace) -> str | None:
+    """The file this command reads (config.path_for: the same rule for every command)."""
+    return config_mod.path_for(args.config, simulated=getattr(args, "simulate", None) is not None)
+
+
+def simulated(cfg: config_mod.Config, name: str, stack: contextlib.ExitStack, at_fault: bool = False,
+              keep_listen: bool = False):
+    """The simulated node's platform, its kernel trees written under a fresh directory of its own
+    (sim/rundir.py); returns the platform and the configuration pointed at them. `at_fault`: start
+    where the scenario's fault begins. `keep_listen`: the hint API's address was given by flag."""
+    from stoker.sim.rundir import run_directory
     from stoker.sim.scenarios import get as get_scenario
     from stoker.sim.simulation import Simulation
 
     scenario = get_scenario(name)  # a bad name or file is a configuration error, before anything is written
-    root = stack.enter_context(tempfile.TemporaryDirectory(prefix="stoker-sim-"))
-    sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0)
-    return sim, sim.configure(cfg)
+    root = stack.enter_context(run_directory("sim"))  # removed at the end, on SIGTERM, or by the next run
+    sim = Simulation(scenario, root, cfg.sim.rdma_ports, skip=scenario.fault_at if at_fault else 0.0, held=True)
+    return sim, sim.configure(cfg, keep_listen)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -115,9 +148,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from stoker.agent import platform as platforms
     from stoker.agent.runtime import Agent
 
-    path = args.config
-    if path is None and args.simulate is None and os.path.isfile(SERVICE_CONFIG):
-        path = SERVICE_CONFIG  # judge the node with the thresholds, mounts and probes the service uses
+    path = config_path(args)  # the service's file: the thresholds, mounts and probes the service uses
     with contextlib.ExitStack() as stack:
         try:
             cfg = config_mod.load(path, overrides_from(args))
@@ -156,8 +187,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from stoker.sim.scenarios import ScenarioError, get
 
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(config_mod.path_for(args.config, simulated=True))
         scenario = get(args.scenario)
+        replay.limits(scenario, args.interval, args.seconds)
     except (config_mod.ConfigError, ScenarioError) as exc:
         print(f"stoker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -174,12 +206,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from stoker import rules
     try:
-        path = args.file or rules.shipped_rules()
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = config_mod.read_text(args.file or rules.shipped_rules())  # never blocks on a FIFO
         base = rules.DEFAULT_BASE if args.runbook_base is None else args.runbook_base
         sys.stdout.write(rules.with_runbook_base(text, base))
-    except (OSError, rules.RulesError) as exc:
+    except (config_mod.ConfigError, rules.RulesError) as exc:
         print(f"stoker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 0
@@ -187,43 +217,50 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from stoker.agent import platform as platforms
+    path = config_path(args)
     with contextlib.ExitStack() as stack:
         sim = None
         try:
-            cfg = config_mod.load(args.config, overrides_from(args))
+            cfg = config_mod.load(path, overrides_from(args))
             if args.simulate is not None:
-                sim, cfg = simulated(cfg, args.simulate, stack)
+                sim, cfg = simulated(cfg, args.simulate, stack, keep_listen=args.hint_listen is not None)
                 platform = sim.platform()
             else:
                 platform = platforms.real()
+        except config_mod.FileUnanswered as exc:
+            print(f"stoker: {exc}; exiting for a restart", file=sys.stderr)
+            return EXIT_RETRY
         except (config_mod.ConfigError, ValueError) as exc:
             print(f"stoker: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
 
         def reload() -> config_mod.Config:
             """SIGHUP: the file again, under the same flags; raises ConfigError when it is bad."""
-            fresh = config_mod.load(args.config, overrides_from(args))
-            return sim.configure(fresh) if sim is not None else fresh
+            fresh = config_mod.load(path, overrides_from(args))
+            return sim.configure(fresh, args.hint_listen is not None) if sim is not None else fresh
 
-        return serve(cfg, platform, reload)
+        return serve(cfg, platform, reload, path)
 
 
-def serve(cfg: config_mod.Config, platform, reload) -> int:
+def serve(cfg: config_mod.Config, platform, reload, path: str | None = None) -> int:
     logs.configure(cfg.agent.log_format)
     from stoker.agent.runtime import Agent
 
-    async def run_agent() -> None:
-        await Agent(cfg, platform).run(reload)
+    async def run_agent() -> int:
+        return await Agent(cfg, platform, config_file=path).run(reload)
 
     try:
-        asyncio.run(run_agent())
+        status = asyncio.run(run_agent())
+    except config_mod.FileUnanswered as exc:
+        print(f"stoker: {exc}; exiting for a restart", file=sys.stderr)
+        return EXIT_RETRY
     except config_mod.ConfigError as exc:
         print(f"stoker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:  # the listen address is taken or not ours
         logs.get("cli").error("cannot start", error=str(exc))
         return EXIT_CONFIG
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,15 @@ infinite interval would freeze a collector while /healthz still said ok, one of
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stoker.sources.files import NotRegularFile, read_regular
+from stoker.sources.files import Refused, Unanswered, read_operator_file, shown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +29,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_PORT = 9477
 """Not used by node_exporter (9100), dcgm-exporter (9400) or nvidia_gpu_exporter (9835)."""
+
+DEFAULT_FILE = "/etc/stoker/stoker.toml"
+"""The service's configuration, which every command reads when it exists and no --config is given."""
 
 # The ranges a number must fall in. Wide enough for any real node, narrow enough that no value
 # breaks the agent: an interval under 50 ms takes a whole core, one over an hour is not monitoring.
@@ -40,10 +45,18 @@ CHECKPOINT_TIME = (0.001, 7 * 86400.0)
 
 MAX_FILE_BYTES = 1 << 20
 """Configuration, web configuration and token files are small; anything larger is the wrong file."""
+READ_DEADLINE = 5.0
+"""Seconds one of those files may take to read: milliseconds on a local disk or a healthy NFS mount;
+past it the mount is taken as hung (files.read_regular_within)."""
 
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the operator: ``key: what is wrong``."""
+
+
+class FileUnanswered(ConfigError):
+    """A file that did not answer within READ_DEADLINE: nothing wrong with what it holds, and a later
+    try may read it (the agent exits for a restart rather than with the status of a bad file)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,8 @@ class AgentConfig:
     """TLS and basic auth for /metrics, in Prometheus' exporter-toolkit format; empty: plain HTTP."""
     state_file: str = ""
     """Where the level learned for the running job is kept across restarts; empty: not kept."""
+    process_metrics: bool = True
+    """process_* (CPU, memory, descriptors, start time of the agent itself), as every Prometheus client serves them."""
 
     def validate(self) -> None:
         parse_listen(self.listen, "agent.listen")
@@ -268,6 +283,22 @@ class CheckpointConfig:
         parse_listen(self.listen, "checkpoint.listen")
 
 
+MAX_INVENTORY = 1024
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    """How many GPUs and RDMA ports this node should have: fewer present is StokerInventoryMissing.
+    0 (the default): the most this node has shown since its first start, kept in agent.state_file."""
+
+    gpus: int = 0
+    rdma_ports: int = 0
+
+    def validate(self) -> None:
+        for name in ("gpus", "rdma_ports"):
+            _within(getattr(self, name), f"inventory.{name}", 0, MAX_INVENTORY)
+
+
 @dataclass(frozen=True)
 class SimConfig:
     rdma_ports: int = 8
@@ -292,6 +323,7 @@ class Config:
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
     sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> None:
@@ -299,11 +331,23 @@ class Config:
             getattr(self, f.name).validate()
 
 
+LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOSTNAME = re.compile(rf"(?=.{{1,253}}$){LABEL}(\.{LABEL})*\.?")
+"""A host name as RFC 1123 allows it (and "_", which /etc/hosts may hold); anything else (a NUL, a label
+over 63 characters, non-ASCII) failed in the resolver with a traceback and exit status 1."""
+
+
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT with a port in 0-65535 (0: any free port), got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    host = host.strip("[]") or "0.0.0.0"
+    if not HOSTNAME.fullmatch(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{key}: {host!r} is neither an IP address nor a host name") from None
+    return host, int(port)
 
 
 def _within(value: float, key: str, low: float, high: float, unit: str = "") -> None:
@@ -318,6 +362,8 @@ def _seconds(value: float, key: str, low: float, high: float) -> None:
 
 def _coerce(value, annotation, key: str):
     """Check one TOML value against its field's type; ints are accepted for floats."""
+    if isinstance(value, str) and "\0" in value:  # TOML's \u0000: no path, address or name holds one
+        raise ConfigError(f"{key}: holds a NUL character")
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for arm in typing.get_args(annotation):
@@ -382,20 +428,82 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def path_for(given: str | None, simulated: bool = False) -> str | None:
+    """The one rule for which file a command reads: the one given with --config; else the
+    service's (DEFAULT_FILE) when it exists, so that `stoker run`, `check` and the service judge
+    the node alike; none for a simulated node, which is not this node: the service's file names
+    this node's mounts, probe targets and ports. Flags override whatever the file says."""
+    if given is not None:
+        return given
+    return DEFAULT_FILE if not simulated and Path(DEFAULT_FILE).is_file() else None
+
+
 def load(path: str | Path | None = None, overrides: dict | None = None) -> Config:
     """Read ``path`` (or the defaults), apply flag ``overrides``, validate."""
     table: dict = {}
     if path is not None:
         text = read_text(path)
         try:
-            table = tomllib.loads(text)
-        except RecursionError:
-            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
-        except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
+            table = parse_toml(text)
+        except ValueError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     config = _build(Config, merge(table, overrides or {}))
     config.validate()
     return config
+
+
+MAX_KEY_PARTS = 16
+"""Parts of one dotted key (`a.b.c`) or table name. tomllib takes time quadratic in them: a key of 8,000
+parts took 2 s, a 1 MiB file of one hours."""
+
+
+def parse_toml(text: str) -> dict:
+    """tomllib.loads within bounds of time and depth; ValueError (TOMLDecodeError, an integer of more
+    than 4300 digits, or one of these bounds) says what is wrong."""
+    line = _long_dotted_key(text)
+    if line is not None:
+        raise ValueError(f"line {line}: a key of more than {MAX_KEY_PARTS} dotted parts")
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _long_dotted_key(text: str) -> int | None:
+    """The number of the first line that starts with a key or table name of more than `MAX_KEY_PARTS`
+    parts (dots outside quotes, up to `=`); None when none does. A line with anything else before its
+    `=` is no key (prose in a multi-line string), nor is one with two dots in a row (tomllib refuses
+    an empty part at once)."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.count(".") >= MAX_KEY_PARTS and _key_parts(line) > MAX_KEY_PARTS:
+            return number
+    return None
+
+
+def _key_parts(line: str) -> int:
+    parts, quote, escaped, last = 1, "", False, ""
+    for c in line:
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\" and quote == '"':
+                escaped = True
+            elif c == quote:
+                quote = ""
+            continue
+        if c in "=#":
+            break
+        if c in "\"'":
+            quote = c
+        elif c == ".":
+            if last == ".":
+                return 0
+            parts += 1
+        elif not (c.isascii() and (c.isalnum() or c in "_-[] \t")):
+            return 0
+        if c not in " \t":
+            last = c
+    return parts
 
 
 def read_text(path: str | Path, key: str = "") -> str:
@@ -403,20 +511,14 @@ def read_text(path: str | Path, key: str = "") -> str:
 
     Opened without blocking and refused unless it is a regular file: a FIFO blocks open() and
     read() until someone writes to it, on the event loop when a reload or the hint token reads
-    it, and then not even SIGTERM gets through. Capped at MAX_FILE_BYTES and decoded as UTF-8.
-    Every error names `key` (when the file is a setting's value) and the file."""
-    where = f"{key}: {path}" if key else str(path)
+    it, and then not even SIGTERM gets through. Read in a thread of its own and given up after
+    READ_DEADLINE (FileUnanswered): a regular file on a hung NFS mount blocks its read in the kernel.
+    Capped at MAX_FILE_BYTES and decoded as UTF-8. Every error names `key` (when the file is a
+    setting's value) and the file."""
+    where = f"{key}: {shown(str(path))}" if key else shown(str(path))
     try:
-        data = read_regular(str(path), MAX_FILE_BYTES + 1)
-    except NotRegularFile:
-        raise ConfigError(f"{where}: not a regular file") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
-    except ValueError:  # a NUL in the path (TOML strings may hold one)
-        raise ConfigError(f"{where!r}: cannot read: the path holds a NUL byte") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES >> 20} MiB, not a configuration file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+        return read_operator_file(str(path), MAX_FILE_BYTES, READ_DEADLINE)
+    except Unanswered as exc:
+        raise FileUnanswered(f"{where}: {exc.strerror}") from None
+    except Refused as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -23,8 +23,13 @@ the node's local rank 0 reports by default (`LOCAL_RANK`, `SLURM_LOCALID`,
 callbacks: `stoker.hints_adapters` (docs/JOBS.md).
 
 The token comes from `token=`, else $STOKER_HINT_TOKEN, else the file named by
-`token_file=` or $STOKER_HINT_TOKEN_FILE (default /etc/stoker/hint-token); the
-agent from `url=`, else $STOKER_HINT_URL (default http://127.0.0.1:9478).
+`token_file=` or $STOKER_HINT_TOKEN_FILE (default /etc/stoker/hint-token), less
+one trailing newline, as the agent reads its file; it must be printable ASCII
+without spaces (HTTP drops the spaces around a header's value, so a token with
+them could not be told from one without). The agent is at `url=`, else
+$STOKER_HINT_URL (default http://127.0.0.1:9478). The job's steps are counted
+for $STOKER_JOB_ID, else $SLURM_JOB_ID, else the job of the sending process
+(docs/JOBS.md: which job wins).
 """
 
 from __future__ import annotations
@@ -42,8 +47,11 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
+from stoker.sources.files import Refused, Unanswered, read_operator_file, shown  # standard library only, too
+
 DEFAULT_URL = "http://127.0.0.1:9478"
 DEFAULT_TOKEN_FILE = "/etc/stoker/hint-token"
+TOKEN_FILE_LIMIT = 1 << 20  # bytes: the agent's cap on the same file (config.MAX_FILE_BYTES)
 
 log = logging.getLogger("stoker.hints")
 
@@ -54,17 +62,28 @@ class HintFailed(RuntimeError):
         self.status = status
 
 
-def _token(token: str | None, token_file: str | None) -> str:
-    if token:
-        return token
-    if os.environ.get("STOKER_HINT_TOKEN"):
-        return os.environ["STOKER_HINT_TOKEN"]
-    path = token_file or os.environ.get("STOKER_HINT_TOKEN_FILE", DEFAULT_TOKEN_FILE)
-    try:
-        with open(path) as fh:
-            return fh.read().strip()
-    except OSError as exc:
-        raise HintFailed(f"cannot read the hint token from {path}: {exc.strerror}") from None
+def _token(token: str | None, token_file: str | None, timeout: float = 2.0) -> str:
+    """The token by the agent's rule: the text less one trailing newline, then exactly that.
+
+    A token file is read as the agent reads it (files.read_regular_within): only a regular file,
+    opened without blocking (a FIFO blocked the training step that sent a checkpoint hint, and
+    `stoker checkpoint`, for good), at most TOKEN_FILE_LIMIT bytes, given up after `timeout` (a
+    file on a hung NFS mount)."""
+    where = "token=" if token else "$STOKER_HINT_TOKEN"
+    value = token or os.environ.get("STOKER_HINT_TOKEN")
+    if not value:
+        where = token_file or os.environ.get("STOKER_HINT_TOKEN_FILE", DEFAULT_TOKEN_FILE)
+        try:
+            value = read_operator_file(where, TOKEN_FILE_LIMIT, timeout)
+        except Unanswered as exc:
+            raise HintFailed(f"cannot read the hint token from {shown(where)}: {exc.strerror}") from None
+        except Refused as exc:
+            raise HintFailed(f"cannot read the hint token from {shown(where)}: {exc}") from None
+    value = value.removesuffix("\n")
+    if not (value.isascii() and value.isprintable()) or " " in value:
+        raise HintFailed(f"the hint token from {where} must be printable ASCII without spaces, "
+                         "one trailing newline at most")
+    return value
 
 
 def send(action: str, body: dict, url: str | None = None, token: str | None = None,
@@ -78,7 +97,8 @@ def _post(path: str, body: dict, url: str | None = None, token: str | None = Non
     base = (url or os.environ.get("STOKER_HINT_URL") or DEFAULT_URL).rstrip("/")
     request = urllib.request.Request(
         f"{base}{path}", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {_token(token, token_file)}"})
+        headers={"Content-Type": "application/json",
+                 "Authorization": f"Bearer {_token(token, token_file, timeout)}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return json.loads(resp.read() or b"{}")
@@ -207,7 +227,8 @@ class Steps:
     blocks or raises: it appends to a bounded queue that a background thread sends every second.
 
     `job`: the job's id as the agent should know it (default $STOKER_JOB_ID, else $SLURM_JOB_ID,
-    else the agent finds the job from this process or the node's only job); `run`: this launch of
+    else the agent finds the job from this process or the node's only job; the agent refuses a job
+    other than the scheduler's for a process it sees, docs/JOBS.md); `run`: this launch of
     it (default from torchrun or Slurm, else this process); `gpus`: the GPU UUIDs it uses (default
     from NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES when they are UUIDs); `all_ranks`: report
     from every local rank (only with a `run` the ranks share), not only local rank 0; `nodes`: the
@@ -304,7 +325,7 @@ class Steps:
         if not self._pending or (not final and time.monotonic() < self._retry_at):
             return
         try:
-            token = _token(self._token, self._token_file)
+            token = _token(self._token, self._token_file, self._timeout)
         except HintFailed as exc:
             self._disable(str(exc))
             return

@@ -11,6 +11,7 @@ files, environment) is written here. The Debian package ships it gzipped as
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from stoker import __version__
@@ -28,7 +29,26 @@ which starts
 .B stoker run
 with the configuration in
 .IR /etc/stoker/stoker.toml .
-Command-line options override the configuration file.
+.B stoker run
+and
+.B stoker check
+read the file given with
+.BR \-\-config ,
+else
+.I /etc/stoker/stoker.toml
+when it exists (with
+.BR \-\-simulate ,
+only
+.BR \-\-config ),
+and their options override the file;
+.B stoker replay
+reads only
+.BR \-\-config
+(its node is simulated);
+.B stoker checkpoint
+and
+.B stoker rules
+read no configuration.
 """
 
 EXIT_STATUS = r"""
@@ -51,11 +71,18 @@ or the agent refused the hint
 .TP
 .B 2
 Stoker could not do what was asked: a configuration error (the message names the key),
-a listen address already in use, a bad scenario, a node that could not be checked,
-or an agent that could not be reached.
+a listen address already in use, a bad scenario, a node that could not be checked
+(or that had nothing to check), or an agent that could not be reached.
 The unit's
 .B RestartPreventExitStatus=2
 keeps systemd from restarting it in a loop.
+.TP
+.B 75
+.RB ( run )
+The NVIDIA driver was replaced under the running agent, whose process holds the old
+NVML library: the unit's
+.B Restart=on\-failure
+starts it again on the new driver.
 """
 
 FILES = r"""
@@ -71,7 +98,9 @@ readable by root, the service and the members of the group
 .BR stoker\-hints .
 .TP
 .I /var/lib/stoker/state.json
-The running job's learned level, kept across restarts.
+The running job's learned level, kept across restarts, and how many GPUs and
+RDMA ports the node has shown (unless set in
+.BR [inventory] ).
 .TP
 .I /opt/stoker/share/doc/stoker/
 Operations guide, metrics, verdicts, alert rules, runbook and dashboards.
@@ -127,17 +156,12 @@ def _value(action: argparse.Action) -> str:
     return f"\\fI{escape(str(metavar), True)}\\fR"
 
 
-def _usage(action: argparse.Action, short: bool) -> str:
-    """An action as it appears in a synopsis (short: one option string) or an option list."""
+def _usage(action: argparse.Action) -> str:
+    """An action as its entry in the option list: every option string, with its argument."""
     if not action.option_strings:
         return _value(action)
-    names = action.option_strings[-1:] if short else action.option_strings
-    flags = ", ".join(f"\\fB{escape(name, True)}\\fR" for name in names)
     if action.nargs == 0:
-        return flags
-    if short:
-        value = _value(action)
-        return f"{flags}\\~[{value}]" if action.nargs == "?" else f"{flags}\\~{value}"
+        return ", ".join(f"\\fB{escape(name, True)}\\fR" for name in action.option_strings)
     value = _value(action)
     return ", ".join(f"\\fB{escape(n, True)}\\fR " + (f"[{value}]" if action.nargs == "?" else value)
                      for n in action.option_strings)
@@ -148,29 +172,56 @@ def _arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
             and a.help != argparse.SUPPRESS]
 
 
-def _synopsis(name: str, parser: argparse.ArgumentParser) -> list[str]:
-    grouped = {id(a): g for g in parser._mutually_exclusive_groups for a in g._group_actions}
-    words, done = [], set()
-    for action in _arguments(parser):
-        if id(action) in done:
-            continue
-        group = grouped.get(id(action))
-        if group is not None:
-            members = [a for a in group._group_actions if a.help != argparse.SUPPRESS]
-            done.update(id(a) for a in members)
-            alternatives = " | ".join(_usage(a, short=True) for a in members)
-            words.append(f"({alternatives})" if group.required else f"[{alternatives}]")
-        elif action.option_strings and not action.required:
-            words.append(f"[{_usage(action, short=True)}]")
+def usage_line(parser: argparse.ArgumentParser) -> str:
+    """argparse's own usage of `parser`, on one line, without "usage: ": which arguments are
+    optional, their order and their grouping are argparse's own, not a copy of its rules."""
+    formatter = argparse.HelpFormatter(parser.prog, width=1 << 16)
+    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups, prefix="")
+    return formatter.format_help().strip()
+
+
+def _words(usage: str) -> list[str]:
+    """The usage split at the spaces between arguments, never inside brackets."""
+    words, depth, start = [], 0, 0
+    for i, c in enumerate(usage + " "):
+        depth += (c in "[({") - (c in "])}")
+        if c == " " and depth == 0:
+            if i > start:
+                words.append(usage[start:i])
+            start = i + 1
+    return words
+
+
+def _styled(word: str, options: set[str]) -> str:
+    """A word of the usage in roff: option names and choices bold, metavars italic, an option and
+    its value joined by a non-breaking space (a line never breaks between them)."""
+    tokens = re.findall(r"\{[^}]*\}|\.\.\.|[^\s\[\]()|{}]+|\s+|.", word)
+    out = []
+    for i, token in enumerate(tokens):
+        if token.startswith("{"):
+            out.append("{" + ",".join(f"\\fB{escape(c, True)}\\fR" for c in token[1:-1].split(",")) + "}")
+        elif token in options:
+            out.append(f"\\fB{escape(token, True)}\\fR")
+        elif token.isspace():
+            out.append("\\~" if i and tokens[i - 1] in options and tokens[i + 1] != "|" else token)
+        elif token in ("[", "]", "(", ")", "|", "..."):
+            out.append(token)
         else:
-            words.append(_usage(action, short=True))
-    return [f'.SY "{escape(name, True)}"', *words, ".YS"]
+            out.append(f"\\fI{escape(token, True)}\\fR")
+    styled = "".join(out)
+    return "\\&" + styled if styled.startswith((".", "'")) else styled  # not a request: `...` starts a line
+
+
+def _synopsis(parser: argparse.ArgumentParser) -> list[str]:
+    options = {o for a in parser._actions for o in a.option_strings}
+    words = _words(usage_line(parser)[len(parser.prog):].strip())
+    return [f'.SY "{escape(parser.prog, True)}"', *(_styled(w, options) for w in words), ".YS"]
 
 
 def _options(parser: argparse.ArgumentParser, prog: str) -> list[str]:
     lines = []
     for action in _arguments(parser):
-        lines += [".TP", _usage(action, short=False), escape(_help(action, prog)) or "\\&"]
+        lines += [".TP", _usage(action), escape(_help(action, prog)) or "\\&"]
     return lines
 
 
@@ -193,11 +244,9 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
     out = [f'.TH {prog.upper()} 1 "" "{prog} {__version__}" "User Commands"',
            ".SH NAME", f"{prog} \\- {escape(SUMMARY)}",
            ".SH SYNOPSIS"]
-    top = _synopsis(prog, parser)
-    names = "|".join(f"\\fB{escape(name, True)}\\fR" for name, _, _ in commands)
-    out += top[:-1] + ["{" + names + "} [\\fIoptions\\fR]", ".YS"]
-    for name, _, sub in commands:
-        out += _synopsis(f"{prog} {name}", sub)
+    out += _synopsis(parser)
+    for _, _, sub in commands:
+        out += _synopsis(sub)
     out += [".SH DESCRIPTION", *DESCRIPTION.strip().splitlines()]
     out += [".SH OPTIONS", *_options(parser, prog)]
     out += [".SH COMMANDS"]

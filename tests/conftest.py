@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,32 @@ import structlog
 from stoker.sim.drive import ManualClock
 from stoker.sim.fake_nvml import FakeNVML
 from stoker.sim.node import SimNode
+
+
+FUZZ_SEED = "hypothesis_seed"  # the dest of hypothesis' own --hypothesis-seed option
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Fuzzing (hypothesis: tests/test_fuzz.py and every @given) draws a new seed each run, unless
+    --hypothesis-seed gives one; the seed is printed in the header and with every failure, so
+    `--hypothesis-seed=N` replays it. Set before hypothesis' own plugin reads the option."""
+    if config.getoption(FUZZ_SEED, None) is None:
+        config.option.hypothesis_seed = str(random.SystemRandom().randrange(1 << 32))
+
+
+def pytest_report_header(config):
+    seed = config.getoption(FUZZ_SEED, None)
+    return [f"fuzz seed {seed}: replay with --hypothesis-seed={seed}"] if seed is not None else []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        seed = item.config.getoption(FUZZ_SEED, None)
+        report.sections.append(("fuzz seed", f"replay with --hypothesis-seed={seed}"))
 
 
 @pytest.fixture
@@ -94,12 +121,15 @@ def remove_agent_logs():
             os.unlink(path)
 
 
-def start_agent_process(*args: str, env: dict | None = None, command: str = "run") -> subprocess.Popen:
-    """The agent as its own process (`stoker run`, or `command`: `cluster` runs a simulated cluster's agents);
-    its log goes to a file (`proc.log()` reads it), never to an unread pipe that would fill up and block it."""
+def start_agent_process(*args: str, env: dict | None = None, module: str = "stoker",
+                        command: str = "run") -> subprocess.Popen:
+    """The agent as its own process; its log goes to a file (`proc.log()` reads it),
+    never to an unread pipe that would fill up and block it. `module`: what `python -m` runs
+    (tests/hung_mount.py runs the agent with files on a hung mount); `command`: `stoker run`'s, or
+    `cluster` (a simulated cluster's agents)."""
     log = tempfile.NamedTemporaryFile(prefix="stoker-agent-", suffix=".log", delete=False)
     AGENT_LOGS.append(log.name)
-    proc = subprocess.Popen([sys.executable, "-m", "stoker", command, *args],
+    proc = subprocess.Popen([sys.executable, "-m", module, command, *args],
                             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
     log.close()
     proc.log = lambda: open(log.name).read()  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ def contract() -> dict[str, tuple[str, frozenset[str]]]:
     out: dict[str, tuple[str, frozenset[str]]] = {}
     for line in DOC.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 4 or not cells[0].startswith("stoker_"):
+        if len(cells) < 4 or not cells[0].startswith(("stoker_", "process_")):
             continue
         kind = cells[1].split()[0]
         labels = frozenset(re.sub(r"\(.*?\)", "", cells[2]).replace(" ", "").split(",")) - {""}

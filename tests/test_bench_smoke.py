@@ -15,9 +15,11 @@ def test_gpu_cycle_harness():
 
 @pytest.mark.slow
 def test_scrape_harness_with_the_python_client():
-    result = scrape.run(concurrency=2, requests=20, client="python")
+    result = scrape.run(concurrency=2, requests=20, client="python", rounds=1)
     assert result["metrics"]["n"] == 20 and result["series"] > 200
     assert result["agent_rss_bytes"] > 0
+    process = result["process_metrics"]
+    assert process["series"] == 6 and process["p99_ms_on_over_off"] > 0 and process["collect_and_render"]["ours_us"] > 0
 
 
 @pytest.mark.slow
@@ -125,6 +127,31 @@ def test_nvml_check_reads_nvidia_smi_and_compares_with_tolerances():
     comparison.compare("GPU-aaaa", {"utilization_ratio": 0.2}, smi)
     report = comparison.report()
     assert not report["agree"]["utilization_ratio"] and report["fields"]["utilization_ratio"]["GPU-aaaa"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_floods_harness_against_node_exporter():
+    from bench import floods
+    result = floods.run(seconds=2, scale=0.05, only=["logins/auth"])
+    row = result["runs"][0]
+    assert (row["flood"], row["web"], row["clients"]) == ("logins", "auth", 13)
+    for name in ("stoker", "node_exporter"):
+        assert row[name]["tried"] > 0 and row[name]["peak"]["fds"] > 0 and row[name]["sigterm_s"] >= 0
+
+
+def test_mutation_harness_makes_one_change_at_a_time_and_patches_in_place():
+    import types
+
+    from bench import mutation
+    source = '"""Doc 1."""\nLIMIT = 2\n\n\ndef over(x: int) -> bool:\n    """Past 3?"""\n    return x > LIMIT and not x < 0\n'
+    found = mutation.mutants(source) + mutation._not_mutants(source)
+    assert sorted(d for _, d, _ in found) == ["0 -> 1", "2 -> 3", "And -> Or", "Gt -> GtE", "Lt -> LtE", "not x -> x"]
+    module = types.ModuleType("m")
+    module.__file__ = "m.py"
+    exec(compile(source, "m.py", "exec"), module.__dict__)
+    over = module.over
+    mutation.apply(module, dict((d, m) for _, d, m in found)["Gt -> GtE"])
+    assert module.over is over and over(2), "the same function, the mutant's code"
 
 
 def test_multinode_vm_harness_evaluates_the_shipped_rules_on_its_synthetic_fleet(tmp_path):

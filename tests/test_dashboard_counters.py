@@ -14,7 +14,7 @@ MOUNT = "/mnt/checkpoints"
 
 
 def samples(drive: SimDrive, name: str) -> list:
-    return [s for f in families(drive.verdicts) for s in f.samples if s.name == name]
+    return [s for f in families(drive.verdicts.snapshot) for s in f.samples if s.name == name]
 
 
 def test_busy_seconds_integrate_the_busy_ratio_and_the_job_time_bounds_the_starved_time(tmp_path):

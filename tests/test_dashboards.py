@@ -21,13 +21,15 @@ import yaml
 from stoker.detect.peer import VERDICT_CAUSES
 from tests.conftest import free_port, start_agent_process, wait_http
 from tests.contract import contract
-from tests.servers import prometheus
+from tests.servers import flag_name, prometheus, shipped_args
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
 RULES = ROOT / "alerts" / "stoker.rules.yml"
 FEDERATION = ROOT / "packaging" / "prometheus" / "federation.yml"
 CLUSTER = ROOT / "tests" / "scenarios" / "cluster" / "dashboards.toml"
+PROVISIONING = ROOT / "packaging" / "grafana" / "provisioning"
+SCENARIOS = ROOT / "stoker" / "sim" / "data" / "scenarios"
 RANGE = re.compile(r"\[([^\]]+)\]")
 NAME = re.compile(r"\b((?:[a-z_]+:)?stoker_[a-z0-9_]+(?::[a-z0-9_]+)?)\b")
 SELECTOR = re.compile(r"\b((?:[a-z_]+:)?stoker_[a-z0-9_]+(?::[a-z0-9_]+)?|ALERTS|up|scrape_[a-z_]+)\b(\{[^}]*\})?")
@@ -280,6 +282,8 @@ def test_alert_thresholds_are_drawn_where_the_alert_fires():
 NOT_ON_A_DASHBOARD = {
     "stoker_gpu_busy_ratio": "drawn from its integral, stoker_gpu_busy_seconds_total, exact between scrapes",
     "stoker_job_steps_total": "the step-time histogram's count is the same number; the table shows the last step",
+    "process_virtual_memory_bytes": "the address space of a Python process with libnvidia-ml mapped says nothing "
+                                    "of its cost: the resident memory, on the Node dashboard, does",
 }
 
 
@@ -300,9 +304,43 @@ def test_fleet_reads_only_recording_rules_and_alerts():
             assert metric[0] in rec or metric[0] == "ALERTS", f"Fleet reads {metric[0]}: not federated"
     for name, dash in committed().items():
         for v in dash["templating"]["list"]:
-            if v["type"] == "query":
+            if v["type"] == "query" and dash["uid"] not in PER_NODE:
                 metric = re.search(r"label_values\(([a-z_:]+)", v["definition"]).group(1)
-                assert metric in rec or dash["uid"] in PER_NODE and metric.startswith("stoker_"), (name, metric)
+                assert metric in rec, (name, metric)
+
+
+def test_node_and_gpu_pickers_read_the_agents_own_series():
+    """The Node and GPU health dashboards read one node's raw series; their pickers must too, or they are
+    empty on a Prometheus without Stoker's rules, where every panel would answer."""
+    rec = recorded()
+    for name, dash in committed().items():
+        if dash["uid"] in PER_NODE:
+            for v in dash["templating"]["list"]:
+                if v["type"] == "query":
+                    metric = re.search(r"label_values\(([a-z_:]+)", v["definition"]).group(1)
+                    assert metric not in rec and metric in contract(), (name, v["name"], metric)
+
+
+def test_provisioned_data_sources_are_what_the_dashboards_pick_at_the_shipped_servers():
+    """packaging/grafana/provisioning/: each data source is of the one type the dashboards' ${datasource}
+    variable lists (Grafana's Prometheus data source, for VictoriaMetrics too: its Prometheus API answers every
+    dashboard query, tests/test_fleet_vm.py), at the port the shipped server listens on, its timeInterval the
+    shipped scrape interval ($__rate_interval is built on it); the dashboard provider reads one directory."""
+    kinds = {v["query"] for dash in committed().values() for v in dash["templating"]["list"]
+             if v["type"] == "datasource"}
+    scrape = {yaml.safe_load((ROOT / "packaging" / path).read_text())["global"]["scrape_interval"]
+              for path in ("prometheus/prometheus.yml", "victoriametrics/vmagent.yml")}
+    vm_port = next(int(a.rpartition(":")[2]) for a in shipped_args("victoria-metrics.default")
+                   if flag_name(a) == "httpListenAddr")
+    sources = [d for p in sorted((PROVISIONING / "datasources").glob("*.yml"))
+               for d in yaml.safe_load(p.read_text())["datasources"]]
+    assert kinds == {"prometheus"} and len(scrape) == 1
+    assert {urllib.parse.urlsplit(d["url"]).port: d["name"] for d in sources} == {9090: "Prometheus",
+                                                                                vm_port: "VictoriaMetrics"}
+    for d in sources:
+        assert d["type"] == "prometheus" and d["access"] == "proxy" and d["jsonData"]["timeInterval"] in scrape, d
+    provider, = yaml.safe_load((PROVISIONING / "dashboards" / "stoker.yml").read_text())["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
 
 
 # -- real Prometheus ---------------------------------------------------------------------------------
@@ -327,12 +365,35 @@ def federation_job(target: str, site: str, match: list[str] | None = None) -> st
             f"      - targets: [\"{target}\"]\n        labels: {{site: \"{site}\"}}\n")
 
 
+def after_every_first_cycle(url: str, timeout: float = 30) -> str:
+    """The exposition once every collector has finished a cycle (its stoker_collector_up 1): a collector's
+    families appear after its first, and a body read as soon as the agent answered (a loaded machine) missed
+    the verdicts' ones."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = urllib.request.urlopen(url).read().decode()
+        up = [line for line in body.splitlines() if line.startswith("stoker_collector_up{")]
+        if up and all(line.endswith(" 1.0") for line in up):
+            return body
+        assert time.monotonic() < deadline, f"collectors without a cycle after {timeout} s: {up}"
+        time.sleep(0.2)
+
+
+def congested_with_mig(tmp_path_factory) -> str:
+    """The built-in congested fabric with GPUs 0 and 1 in MIG mode, two instances each (docs/SCENARIOS.md,
+    `mig`): the GPU health dashboard's MIG panels have data, and the network verdict is reached all the same."""
+    path = tmp_path_factory.mktemp("scenarios") / "network-congested-mig.toml"
+    path.write_text("mig = [0, 1]\n" + (SCENARIOS / "network-congested.toml").read_text())
+    return str(path)
+
+
 @pytest.fixture(scope="module")
-def stack():
-    """Three simulated nodes (a lost GPU with its XID; a checkpoint; a congested fabric) and a simulated 2-node job
-    held back by one of its nodes (the jobs view: tests/scenarios/cluster/dashboards.toml), scraped by a pod
-    Prometheus with the rules, and a global Prometheus that federates from it with exactly the shipped match[]."""
-    scenarios = {"n-gpu": "gpu-lost", "n-ckpt": "checkpoint", "n-net": "network-congested"}
+def stack(tmp_path_factory):
+    """Three simulated nodes (a lost GPU with its XID; a checkpoint; a congested fabric, two of its GPUs in MIG
+    mode) and a simulated 2-node job held back by one of its nodes (the jobs view:
+    tests/scenarios/cluster/dashboards.toml), scraped by a pod Prometheus with the rules, and a global Prometheus
+    that federates from it with exactly the shipped match[]."""
+    scenarios = {"n-gpu": "gpu-lost", "n-ckpt": "checkpoint", "n-net": congested_with_mig(tmp_path_factory)}
     ports = {node: free_port() for node in scenarios}
     agents = [start_agent_process("--simulate", scenario, "--listen", f"127.0.0.1:{ports[node]}")
               for node, scenario in scenarios.items()]
@@ -345,7 +406,7 @@ def stack():
     try:
         for port in ports.values():
             wait_http(f"http://127.0.0.1:{port}/metrics")
-        body = urllib.request.urlopen(f"http://127.0.0.1:{ports['n-gpu']}/metrics").read().decode()
+        body = after_every_first_cycle(f"http://127.0.0.1:{ports['n-gpu']}/metrics")
         with prometheus([], rule_files=[str(RULES)], static_configs=static) as pod:
             pod_address = pod.url.removeprefix("http://")
             with prometheus([], static_configs=federation_job(pod_address, "pod-a"), job_body=True) as central:
@@ -401,6 +462,47 @@ def test_every_node_and_gpu_query_answers_on_the_prometheus_that_scrapes_the_nod
     assert not pending, f"queries that never returned data: {sorted(pending)}"
     recent = pod.query(substitute('stoker_checkpoint_recent_written_bytes{node="$node"}', "n-ckpt"))
     assert recent and recent[0]["metric"]["outcome"] == "completed" and float(recent[0]["value"][1]) > 1e9
+
+
+def label_values(prom, definition: str, values: dict[str, str]) -> list[str]:
+    """A picker's options as Grafana's Prometheus data source asks for `label_values(SELECTOR, LABEL)`:
+    /api/v1/label/LABEL/values?match[]=SELECTOR, the earlier pickers' values substituted (All: `.*`)."""
+    selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", definition).groups()
+    for name, value in values.items():
+        selector = selector.replace(f"${name}", value)
+    query = urllib.parse.urlencode({"match[]": selector})
+    with urllib.request.urlopen(f"{prom.url}/api/v1/label/{label}/values?{query}", timeout=10) as resp:
+        return json.load(resp)["data"]
+
+
+@pytest.mark.slow
+def test_node_and_gpu_pickers_fill_on_a_prometheus_without_the_rules():
+    """A Prometheus that only scrapes (no rule file): the Node and GPU health pickers list the node, its GPUs
+    and its job, so every panel of theirs can be reached. Until the Node picker read `stoker_build_info` it
+    read a recording rule here and listed nothing."""
+    port = free_port()
+    agent = start_agent_process("--simulate", "healthy", "--listen", f"127.0.0.1:{port}")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/metrics")
+        static = f'      - targets: ["127.0.0.1:{port}"]\n        labels: {{node: "n-1"}}\n'
+        with prometheus([], static_configs=static) as prom:
+            prom.wait_for('stoker_gpu_job_info{job_id!="unknown"}', lambda r: r)
+            for name, dash in committed().items():
+                if dash["uid"] not in PER_NODE:
+                    continue
+                values = {}
+                for v in dash["templating"]["list"]:
+                    if v["type"] == "query":
+                        options = label_values(prom, v["definition"], values)
+                        if v["name"] == "site":
+                            assert options == [], "a single Prometheus has no site: the picker offers All"
+                        else:
+                            assert options, f"{name}: the {v['name']} picker is empty"
+                        values[v["name"]] = options[0] if options and not v["multi"] else ".*"
+                assert values["node"] == "n-1", name
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
 
 
 @pytest.mark.slow

@@ -165,6 +165,20 @@ def test_runbook_links_resolve_on_the_node_and_stoker_rules_rebases_them(install
     assert "runbook_url: https://wiki.example.org/stoker#stokergpulost" in rebased.stdout
 
 
+def test_grafana_provisioning_and_dashboards_ship_as_the_grafana_host_needs_them(installed):
+    """docs/OPERATIONS.md ("Dashboards") copies them from a node: the provisioning files of
+    packaging/grafana/provisioning/ and the dashboards their provider loads, unchanged."""
+    root, _ = installed
+    grafana = root / "opt/stoker/share/doc/stoker/grafana"
+    expected = {f"provisioning/{p.relative_to(REPO / 'packaging/grafana/provisioning').as_posix()}": p
+                for p in (REPO / "packaging/grafana/provisioning").rglob("*.yml")}
+    expected |= {f"dashboards/{p.name}": p for p in (REPO / "dashboards").glob("*.json")}
+    shipped = {p.relative_to(grafana).as_posix(): p for p in grafana.rglob("*") if p.is_file()}
+    assert set(shipped) == set(expected)
+    assert all(shipped[k].read_bytes() == expected[k].read_bytes() for k in expected)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in shipped.values())
+
+
 def test_conffile_and_purge(installed):
     root, deb = installed
     info = subprocess.run(["dpkg-deb", "--info", str(deb)], capture_output=True, text=True).stdout

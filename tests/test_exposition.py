@@ -53,9 +53,10 @@ async def test_every_gpu_metric_of_the_contract_is_exported_with_its_type_and_la
         if sample_names:
             seen.add(full)
     only_when_refused = {"stoker_gpu_permission_denied"}  # present when NVML refuses a call (test_gpu_source)
+    only_on_mig = {n for n in expected if n.startswith("stoker_gpu_instance_")}  # MIG GPUs' (test_nvml_drivers)
     verdict_side = {"stoker_gpu_busy_ratio", "stoker_gpu_busy_seconds_total",
                     "stoker_gpu_job_info"}  # the verdict collector's
-    gpu_contract = {n for n in expected if n.startswith("stoker_gpu_")} - verdict_side - only_when_refused
+    gpu_contract = {n for n in expected if n.startswith("stoker_gpu_")} - verdict_side - only_when_refused - only_on_mig
     assert gpu_contract - seen == set(), "documented GPU metrics without samples in the exposition"
     for agent_metric in ("stoker_build_info", "stoker_collector_up", "stoker_collector_duration_seconds",
                          "stoker_collector_last_success_timestamp_seconds"):
@@ -120,10 +121,87 @@ async def test_fast_renderer_matches_prometheus_client_byte_for_byte(tmp_path):
     drive.run(15)
     from stoker.exporters import gpu, nfs, rdma, verdicts
     for families in (gpu.families(drive.view.gpu), rdma.families(drive.view.rdma), nfs.families(drive.view.nfs),
-                     verdicts.families(drive.verdicts)):
+                     verdicts.families(drive.verdicts.snapshot)):
         families = list(families)
         assert render(families) == reference_render(families)
     odd = GaugeMetricFamily("stoker_odd", 'help with \\ and \n newline', labels=["path"])
     odd.add_metric(['/mnt/a "quoted"\\dir\nx'], float("inf"))
     odd.add_metric(["plain"], float("nan"))
     assert render([odd]) == reference_render([odd])
+
+
+PROCESS = {"process_cpu_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds",
+           "process_max_fds", "process_start_time_seconds"}
+
+
+def test_process_families_are_prometheus_clients_and_render_byte_identical():
+    """The families prometheus-client's ProcessCollector serves (prometheus/client_python,
+    prometheus_client/process_collector.py): the same names, help, types and values, except the
+    open descriptors, which it counts by listing /proc/self/fd and so counts the listing's own."""
+    import os
+
+    from prometheus_client import ProcessCollector
+
+    from stoker.exporters.exposition import reference_render, render
+    from stoker.exporters.process import ProcessMetrics
+
+    metrics = ProcessMetrics()  # holds two descriptors of its own, counted while it lives
+    ours, theirs = list(metrics.collect()), list(ProcessCollector(registry=None).collect())
+    assert [(f.name, f.type, f.documentation) for f in ours] == [(f.name, f.type, f.documentation) for f in theirs]
+    assert {f.name for f in ours} == PROCESS
+    values = {f.name: (f.samples[0].value, t.samples[0].value) for f, t in zip(ours, theirs)}
+    for name in ("process_start_time_seconds", "process_max_fds"):
+        assert values[name][0] == values[name][1], name
+    assert values["process_open_fds"][0] == len(os.listdir("/proc/self/fd")) - 1
+    assert render(ours) == reference_render(ours)
+
+
+def test_open_descriptors_are_listed_at_most_every_10_s_where_the_kernel_does_not_count_them(monkeypatch):
+    """Before Linux 6.2 the size of /proc/self/fd is 0 (fs/proc/fd.c gained proc_fd_getattr in 6.2): the
+    directory is listed instead, which costs 2 us a descriptor, so not on every render."""
+    import os
+
+    from stoker.exporters import process
+
+    now = [0.0]
+    metrics = process.ProcessMetrics(clock=lambda: now[0])
+    fd_dir, metrics._fd_dir = metrics._fd_dir, None  # no size to read: the older kernel's case
+    listings = []
+    monkeypatch.setattr(process, "listed_fds", lambda: listings.append(now[0]) or 42)
+
+    def open_fds() -> float:
+        return next(f for f in metrics.collect() if f.name == "process_open_fds").samples[0].value
+
+    assert open_fds() == 42
+    now[0] = 9.9
+    assert open_fds() == 42 and listings == [0.0]
+    now[0] = 10.0
+    assert open_fds() == 42 and listings == [0.0, 10.0]
+    monkeypatch.undo()
+    listed = process.listed_fds()
+    assert listed == len(os.listdir("/proc/self/fd")) - 1
+    assert os.fstat(fd_dir).st_size in (0, listed)  # 0: a kernel before 6.2
+
+
+async def test_the_agent_serves_its_own_process_metrics_from_proc_self(tmp_path):
+    """What every exporter serves, describing the agent's process (here: this test's), read from /proc/self
+    and not from the simulated node's procfs tree that `agent.procfs_root` points at."""
+    import os
+    import time
+
+    from tests.conftest import simulated_exposition
+
+    families = _families(await simulated_exposition(tmp_path / "on", "healthy"))
+    values = {name: families[name].samples[0].value for name in PROCESS}
+    with open("/proc/self/stat", "rb") as fh:
+        fields = fh.read().rsplit(b")", 1)[1].split()
+    with open("/proc/stat") as fh:
+        boot = next(float(line.split()[1]) for line in fh if line.startswith("btime "))
+    assert values["process_start_time_seconds"] == boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    assert 0 < values["process_cpu_seconds"] <= time.process_time() + 1
+    assert 10e6 < values["process_resident_memory_bytes"] < values["process_virtual_memory_bytes"]
+    assert 3 <= values["process_open_fds"] < values["process_max_fds"]
+
+    agent = {"listen": "127.0.0.1:0", "interval": 0.2, "process_metrics": False}
+    off = _families(await simulated_exposition(tmp_path / "off", "healthy", agent=agent))
+    assert not PROCESS & set(off) and "stoker_build_info" in off

@@ -13,9 +13,11 @@ vmagent, vmalert) and the shipped configuration (packaging/victoriametrics/):
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,7 +37,8 @@ from tests.servers import (
     vmalert,
     with_flags,
 )
-from tests.test_dashboards import answered, committed, panels
+from tests.test_dashboards import answered, committed, congested_with_mig, panels
+from tests.test_prometheus_scrape import FILE_SD, file_sd_targets, target_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE_FILES = sorted((ROOT / "alerts").glob("*.rules.yml"))
@@ -45,7 +48,7 @@ CLUSTER = ROOT / "tests" / "scenarios" / "cluster" / "dashboards.toml"
 
 # Each agent's scenario. The paging nodes; two healthy ones that must never page; and, as in
 # tests/test_dashboards.py, the states the rarer dashboard panels need (an XID and a lost GPU, a finished
-# checkpoint, a congested fabric), which page too.
+# checkpoint, a congested fabric with two GPUs in MIG mode: the fixture plays congested_with_mig), which page too.
 AGENTS = {
     "n-storage": "storage-starved",
     "n-ckpt": "checkpoint-stall",
@@ -99,6 +102,26 @@ def test_vmagent_accepts_the_scrape_configuration_and_relabels_as_prometheus_doe
                       remoteWrite__tmpDataPath=str(tmp_path / "buffer"))
     run = subprocess.run([need_binary("vmagent"), "-dryRun", *args], capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_vmagent_gives_each_target_the_node_prometheus_gives_it(tmp_path):
+    """vmagent's own relabelling engine on the shipped vmagent.yml: its static targets by name, and file_sd
+    groups by address, by SD host name and with their own `node` (tests/test_prometheus_scrape.py's FILE_SD,
+    where a real Prometheus gives the same), each target a node of its own."""
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    (targets / "stoker-test.yml").write_text(yaml.safe_dump(file_sd_targets()))
+    config = yaml.safe_load((VICTORIAMETRICS / "vmagent.yml").read_text())
+    config["scrape_configs"][1]["file_sd_configs"][0]["files"] = [str(targets / "stoker-*.yml")]
+    static = config["scrape_configs"][0]["static_configs"][0]["targets"]
+    expected = {a: n for _, a, n in FILE_SD} | {a: a.rpartition(":")[0] for a in static}
+    with vmagent(yaml.safe_dump(config), "http://127.0.0.1:9/api/v1/write") as url:
+        deadline, nodes = time.monotonic() + 30, {}
+        while time.monotonic() < deadline and set(nodes) != set(expected):
+            with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=10) as resp:
+                nodes = target_nodes(json.load(resp)["data"]["activeTargets"])
+            time.sleep(0.5)
+    assert nodes == expected
 
 
 def test_shipped_flags_agree_on_the_site_and_victoria_metrics_accepts_its_own(tmp_path):
@@ -205,8 +228,9 @@ def fleet(tmp_path_factory):
     Alertmanager -> webhook; and Prometheus (remote-write.yml) -> a second victoria-metrics."""
     tmp = tmp_path_factory.mktemp("fleet")
     ports = {node: free_port() for node in AGENTS}
+    scenarios = {**AGENTS, "n-net": congested_with_mig(tmp_path_factory)}
     agents = [start_agent_process("--simulate", scenario, "--listen", f"127.0.0.1:{ports[node]}")
-              for node, scenario in AGENTS.items()]
+              for node, scenario in scenarios.items()]
     job = {"node-00": free_port(), "node-01": free_port()}  # a 2-node job held back by node-01: the jobs view
     agents.append(start_agent_process(str(CLUSTER), "--ports", *map(str, job.values()), "--probe-interval", "600",
                                       command="cluster"))

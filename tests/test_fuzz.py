@@ -1,13 +1,17 @@
 """Fuzzing every parser of outside input: no input makes an exception escape.
 
 Inputs are real files mutated (mountstats texts, a sysfs tree, the TOML and
-web configurations), plus raw counter sequences. Each test checks more than
-"no exception": the properties that make a damaged input harmless (one bad
-file drops its own series, counters never go back, no duplicate series).
+web configurations, the state file, scenario files, pressure files), plus raw
+counter sequences. Each test checks more than "no exception": the properties
+that make a damaged input harmless (one bad file drops its own series,
+counters never go back, no duplicate series, no NaN restored, one line naming
+the key).
 
-Budget: in CI each test runs a fixed, derandomized set of examples (the whole
-file takes 35-45 s on a shared 2-core machine). A developer run explores
-further with fresh random examples (3,000 per test: about 6 minutes):
+Seeds: every run draws new examples from a new seed (tests/conftest.py), shown
+in the header and with any failure; `--hypothesis-seed=N` replays that run.
+Budget: in CI each test runs a fixed number of examples (the whole file takes
+35-50 s on a shared 2-core machine). A developer run explores further (3,000
+per test: about 6 minutes):
 
     STOKER_FUZZ_EXAMPLES=3000 .venv/bin/python -m pytest tests/test_fuzz.py -s
 
@@ -32,6 +36,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from stoker import config as stoker_config
 from stoker.config import DEFAULT_NFS_OPERATIONS, ConfigError
@@ -53,11 +58,11 @@ pytestmark = pytest.mark.timeout(0 if LONG else 120)
 
 
 def budget(ci_examples: int):
-    """The CI budget (fixed examples: a failure reproduces), or the developer's longer random run."""
+    """The CI budget, or the developer's longer run; random either way, the seed printed (module doc)."""
     if LONG:
         return settings(max_examples=LONG, deadline=None, database=None,
                         suppress_health_check=list(HealthCheck))
-    return settings(max_examples=ci_examples, deadline=None, derandomize=True, database=None,
+    return settings(max_examples=ci_examples, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 
@@ -404,3 +409,121 @@ def web_documents(draw) -> str:
 @given(web_documents())
 def test_web_config_load_gives_a_web_config_or_a_config_error(text):
     loaded_or_refused("webconfig.load", text, ".yml", webconfig.load, webconfig.WebConfig)
+
+
+# -- the state file ----------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=True),
+              st.sampled_from(["storage", "hint", "detected", "/mnt/ckpt", "/mnt/\ud800", "", "\x00"]),
+              st.text(max_size=12)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=12,
+)
+STATE_SEED = {"pids": [4242, 4243], "level": 0.9, "saved": 999.0, "verdict": {"cause": "storage", "cold": False,
+              "came_back": True}, "checkpoints": [{"mountpoint": "/mnt/ckpt", "started": 900.0, "source": "hint",
+              "start_server": 0.0, "start_client": 0.0, "last_server": 5e9, "progress": 990.0,
+              "expected_bytes": None, "stalled": False}]}
+STATE_TOKENS = ["NaN", "Infinity", "-Infinity", "1e999", "-1", "0", "null", "true", "[", "]", "{", "}", ",", ":", '"',
+                '"\\ud800"', '"\\u0000"', "9" * 5000, "[" * 3000, '"mountpoint"', '"level"', '"saved"', '"verdict"',
+                "\xff", "\ufffd"]
+
+
+@st.composite
+def state_texts(draw) -> str:
+    """A state file: the agent's own with a field given any JSON value, or its text mutated."""
+    record = json.loads(json.dumps(STATE_SEED))
+    for _ in range(draw(st.integers(0, 3))):
+        checkpoints = record.get("checkpoints")
+        nested = [record, record.get("verdict"), checkpoints[0] if isinstance(checkpoints, list) and checkpoints else 0]
+        target = draw(st.sampled_from([d for d in nested if isinstance(d, dict)]))
+        key = draw(st.sampled_from(sorted(target) + ["unknown"]))
+        target[key] = draw(JSON_VALUES)
+    text = json.dumps(record)
+    if draw(st.booleans()):
+        text = draw(mutated([text], STATE_TOKENS, max_steps=4))
+    return text
+
+
+def finite_record(record: dict) -> bool:
+    return all(not isinstance(v, float) or math.isfinite(v) for v in record.values())
+
+
+@budget(400)
+@given(state_texts())
+def test_state_file_load_gives_sound_state_or_nothing(text):
+    """Whatever the file holds: no exception, nothing but finite numbers restored, a level in (0, 1], a
+    known cause, and what was loaded saves again (no NaN or lone surrogate can be written back)."""
+    from stoker.detect.attribution import CAUSES
+    from stoker.detect.state import StateStore
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "state.json")
+        with open(path, "w", encoding="utf-8", errors="surrogatepass") as fh:
+            fh.write(text)
+        store = StateStore(path, max_age=300.0, wall=lambda: 1000.0)
+        with capture_logs() as lines:
+            saved = timed("state file load", f"{len(text)} bytes", store.load)
+        if saved is None:
+            assert len(lines) <= 1, lines  # a file as a whole: one line
+            return
+        assert saved.level is None or (math.isfinite(saved.level) and 0 < saved.level <= 1)
+        assert saved.cause is None or saved.cause in CAUSES
+        assert all(type(p) is int and p > 0 for p in saved.pids)
+        assert all(finite_record(r) for r in saved.checkpoints)
+        store.save(saved.pids, saved.level, saved.checkpoints, (saved.cause, saved.cold, saved.came_back)
+                   if saved.cause else None)
+        assert store.load() is not None
+
+
+# -- scenario files ----------------------------------------------------------------------------
+
+SCENARIO_SEEDS = [(Path(__file__).parent.parent / "stoker" / "sim" / "data" / "scenarios" / f"{name}.toml").read_text()
+                  for name in ("cycle", "storage-starved", "checkpoint")]
+SCENARIO_TOKENS = ["\n", "=", " = ", "[[steps]]\n", "[[expect]]\n", "[outcomes]\n", "seconds = ", "from = ", "to = ",
+                   "within = ", "fault_at = ", "restarts = [", "inf", "nan", "-inf", "1e308", "-1", "0", "0.0", "1e-300",
+                   "9" * 400, "9" * 5000, "[" * 3000, "[" * 100, "]", '"', "'", "job = ", '"../x"', "launch = ",
+                   "lost_gpus = [9]", 'gpu = "saturated"', 'storage = "hung"', "level = 2", "true", "\x00", "\ufffd"]
+
+
+@budget(300)
+@given(mutated(SCENARIO_SEEDS, SCENARIO_TOKENS, max_steps=6))
+def test_scenario_parse_gives_a_bounded_scenario_or_one_line(text):
+    """A scenario, every time in it finite and within a day, its lists within their caps; or a
+    ScenarioError of one line. Nothing else escapes (a RecursionError or OverflowError did)."""
+    from stoker.sim import scenarios
+
+    def attempt():
+        try:
+            return scenarios.parse(text, "fuzz")
+        except scenarios.ScenarioError as exc:
+            assert str(exc) and "\n" not in str(exc).strip("\n").split(": not valid TOML")[0]
+            return None
+    scenario = timed("scenario parse", f"{len(text)} bytes", attempt)
+    if scenario is None:
+        return
+    assert 1 <= len(scenario.steps) <= scenarios.MAX_STEPS and len(scenario.expect) <= scenarios.MAX_EXPECTATIONS
+    times = [s.duration for s in scenario.steps] + [t for e in scenario.expect for t in (e.start, e.end, e.within)]
+    times += [scenario.fault_at, *scenario.restarts]
+    assert all(math.isfinite(t) and 0 <= t <= scenarios.MAX_SECONDS for t in times)
+    assert len({(s.job, s.launch, s.scheduler) for s in scenario.steps if s.has_job}) <= scenarios.MAX_LAUNCHES
+
+
+# -- pressure files ----------------------------------------------------------------------------
+
+PRESSURE_SEED = ("some avg10=1.50 avg60=0.90 avg300=0.40 total=123456789\n"
+                 "full avg10=0.00 avg60=0.00 avg300=0.00 total=4242\n")
+
+
+@budget(200)
+@given(mutated([PRESSURE_SEED], ["total=", "some ", "full ", "=", " ", "\n", "18446744073709551616", "9" * 3000,
+                                 "-1", "\u00b2", "\u0663", "\x00"], max_steps=6))
+def test_pressure_parse_gives_u64_totals_and_the_source_never_fails(text):
+    from stoker.sources.pressure import PressureSource, parse
+    totals = timed("pressure parse", f"{len(text)} bytes", lambda: parse(text))
+    assert set(totals) <= {"some", "full"} and all(0 <= v < 1 << 64 for v in totals.values())
+    with tempfile.TemporaryDirectory() as root:
+        os.mkdir(os.path.join(root, "pressure"))
+        with open(os.path.join(root, "pressure", "cpu"), "w", encoding="utf-8", errors="surrogatepass") as fh:
+            fh.write(text)
+        snap = PressureSource(root).sample()
+        assert all(math.isfinite(v) for v in (*snap.some_seconds.values(), *snap.full_seconds.values()))

@@ -10,7 +10,8 @@ import pytest
 
 from stoker.config import DetectConfig
 from stoker.detect.checkpoint import HintError
-from stoker.detect.goodput import FORGET_AFTER, MAX_JOBS, NODE_STATES, STATES, GoodputLedger, StepRecord
+from stoker.detect.goodput import (FORGET_AFTER, MAX_JOBS, NEW_RUN_EVERY, NODE_STATES, STATES, GoodputLedger,
+                                   StepRecord)
 from stoker.sim import jobs as sim_jobs
 from stoker.sim import scenarios
 from stoker.sim.drive import SimDrive
@@ -241,33 +242,134 @@ def test_lost_work_is_the_productive_time_since_the_completed_checkpoint_began()
 def test_steps_are_counted_once_per_run_and_a_resumed_run_counts_the_steps_done_again():
     clock = Clock()
     ledger = GoodputLedger(DetectConfig(), clock)
-    gpu = snapshot({i: [100 + i] for i in range(8)})
-    run(ledger, clock, 2, gpu, {100 + i: slurm("42") for i in range(8)})
+    first = snapshot({i: [100 + i] for i in range(8)})
+    run(ledger, clock, 2, first, {100 + i: slurm("42") for i in range(8)})
     job_id, accepted, dup = ledger.record_steps([StepRecord(n, 2.0, 1000, 8) for n in range(1, 11)], job="42",
                                                 run="a", pid=100)
     assert (job_id, accepted, dup) == ("42", 10, 0)
     assert ledger.record_steps([StepRecord(n, 2.0) for n in range(8, 13)], run="a", pid=100)[1:] == (2, 3)
-    assert ledger.record_steps([StepRecord(6, 2.0), StepRecord(7, 2.0)], run="b", pid=100)[1:] == (2, 0)
-    assert ledger.record_steps([StepRecord(13)], run="a", pid=100)[1:] == (0, 1)  # a replaced run: stale
+    clock.now += NEW_RUN_EVERY  # the job crashes and is relaunched: new processes, which resume at step 6
+    run(ledger, clock, 1, snapshot({i: [200 + i] for i in range(8)}), {200 + i: slurm("42") for i in range(8)})
+    assert ledger.record_steps([StepRecord(6, 2.0), StepRecord(7, 2.0)], run="b", pid=200)[1:] == (2, 0)
+    assert ledger.record_steps([StepRecord(13)], run="a", pid=100)[1:] == (0, 1)  # its processes are gone: stale
     job = ledger.jobs["42"]
     assert (job.steps, job.lost_steps, job.last_step, job.tokens, job.samples) == (14, 7, 7, 10_000, 80)
+    assert job.restarts == 1  # counted once, by the processes
     assert dict(job.step_seconds.buckets())["2.0"] == 14 and job.step_seconds.total == 28.0
 
 
-def test_whose_steps_pid_then_named_job_then_the_only_scheduler_job():
+def test_a_hint_that_names_a_job_counts_for_it_or_is_refused_never_merged():
+    """Issue 26: with Slurm job 3247075 on the GPUs, steps named 4242 or adapter-job were counted for
+    3247075, whose last step fell from 1039 to 1 and whose lost steps rose by 1074."""
     clock = Clock()
     ledger = GoodputLedger(DetectConfig(), clock)
-    gpu = snapshot({i: [100 + i] for i in range(8)})
-    run(ledger, clock, 1, gpu, {100 + i: slurm("42") for i in range(8)})
-    assert ledger.record_steps([StepRecord(1)], job="llama-run7", pid=100)[0] == "42"  # the agent knows better
-    assert ledger.record_steps([StepRecord(2)], job="llama-run7", pid=999)[0] == "42"  # the only job: an alias
-    assert ledger.record_steps([StepRecord(3)], pid=999)[0] == "42"
-    assert set(ledger.jobs) == {"42"}
+    gpu, owners = snapshot({i: [100 + i] for i in range(8)}), {100 + i: slurm("3247075") for i in range(8)}
+    run(ledger, clock, 2, gpu, owners)
+    for n in range(1, 1040, 100):
+        clock.now += 100
+        ledger.record_steps([StepRecord(k) for k in range(n, min(n + 100, 1040))], job="3247075",
+                            run="slurm:3247075.0.0", pid=100)
+    assert ledger.record_steps([StepRecord(1)], job="4242")[0] == "4242"  # sent by hand, no pid
+    assert ledger.record_steps([StepRecord(1)], job="adapter-job", run="pid:999.1", pid=999)[0] == "adapter-job"
+    with pytest.raises(HintError) as err:  # rank 0 of 3247075, naming itself otherwise
+        ledger.record_steps([StepRecord(1040)], job="llama-run7", run="slurm:3247075.0.0", pid=100)
+    assert err.value.status == 409 and "pid 100 is a process of job 3247075" in str(err.value)
+    assert "STOKER_JOB_ID" in str(err.value)
+    job = ledger.jobs["3247075"]
+    assert (job.steps, job.last_step, job.lost_steps, job.restarts) == (1039, 1039, 0, 0)
+    assert (ledger.jobs["4242"].steps, ledger.jobs["adapter-job"].steps) == (1, 1)
+    assert "llama-run7" not in ledger.jobs
+    assert ledger.record_steps([StepRecord(1040)], run="slurm:3247075.0.0", pid=100)[0] == "3247075"  # its process's
+    assert ledger.record_steps([StepRecord(1041)], run="slurm:3247075.0.0", pid=999)[0] == "3247075"  # the only job
     empty = GoodputLedger(DetectConfig(), Clock())
     with pytest.raises(HintError) as err:
         empty.record_steps([StepRecord(1)])
     assert err.value.status == 400
+    unplaced = GoodputLedger(DetectConfig(), clock)
+    run(unplaced, clock, 1, gpu, {})  # GPUs held by processes nobody can place: not a job to count steps for
+    with pytest.raises(HintError):
+        unplaced.record_steps([StepRecord(1)], pid=999)
     assert empty.record_steps([StepRecord(1)], job="declared")[0] == "declared"
+
+
+def test_slurms_two_names_of_one_job_are_not_a_contradiction():
+    """Slurm 26.05 names a job's cgroup by its SLUID (slurm src/plugins/cgroup/v2/cgroup_v2.c,
+    `cgroup_p_step_create`; src/common/sluid.h) while SLURM_JOB_ID, which the helper sends, is its
+    number: rank 0's steps count for the SLUID. Two numbers, or a name of the job's own, still conflict."""
+    clock = Clock()
+    ledger = GoodputLedger(DetectConfig(), clock)
+    sluid = "sEKNKTV3WPV500"
+    run(ledger, clock, 2, snapshot({i: [100 + i] for i in range(8)}), {100 + i: slurm(sluid) for i in range(8)})
+    assert ledger.record_steps([StepRecord(1)], job="4343", scheduler="slurm", run="r", pid=100)[0] == sluid
+    for job, scheduler in (("4343", None), ("llama-run7", "slurm")):
+        with pytest.raises(HintError) as err:
+            ledger.record_steps([StepRecord(2)], job=job, scheduler=scheduler, run="r", pid=100)
+        assert err.value.status == 409
+    numbered = GoodputLedger(DetectConfig(), clock)  # CgroupJobIdPaths=yes: the number names the cgroup
+    run(numbered, clock, 1, snapshot({0: [100]}), {100: slurm("4343")})
+    with pytest.raises(HintError):  # two numbers: two jobs
+        numbered.record_steps([StepRecord(1)], job="4344", scheduler="slurm", pid=100, run="r")
+    assert set(ledger.jobs) == {sluid} and set(numbered.jobs) == {"4343"}
+
+
+def test_a_token_holder_cannot_corrupt_a_job_whose_processes_the_agent_sees():
+    """Issue 25: naming another job's PID with a new run made that job's own steps stale for good, and a
+    step number of 2**63 - 1 took lost_steps to 1.8e19."""
+    clock = Clock()
+    ledger = GoodputLedger(DetectConfig(), clock)
+    gpu, owners = snapshot({i: [100 + i] for i in range(8)}), {100 + i: slurm("42") for i in range(8)}
+    run(ledger, clock, 2, gpu, owners)
+    ledger.record_steps([StepRecord(n, 1.0) for n in range(1, 101)], run="slurm:42.0.0", pid=100)
+    for evil in (dict(run="evil", pid=100), dict(run="evil", pid=101, job="42"), dict(run="evil")):
+        with pytest.raises(HintError) as err:
+            ledger.record_steps([StepRecord(0)], **evil)
+        assert err.value.status == 409 and "new processes" in str(err.value)
+    with pytest.raises(HintError) as err:  # the job's own run, far ahead: not made its last step
+        ledger.record_steps([StepRecord(2**53)], run="slurm:42.0.0", pid=100)
+    assert err.value.status == 400 and "steps a second" in str(err.value)
+    run(ledger, clock, 2, gpu, owners)
+    assert ledger.record_steps([StepRecord(101), StepRecord(102)], run="slurm:42.0.0", pid=100)[1:] == (2, 0)
+    job = ledger.jobs["42"]
+    assert (job.steps, job.last_step, job.lost_steps, job.restarts, job.run) == (102, 102, 0, 0, "slurm:42.0.0")
+    # a relaunch: new processes, and a forged run claims them first; it cannot hold the job for good
+    relaunched = snapshot({i: [200 + i] for i in range(8)})
+    clock.now += NEW_RUN_EVERY
+    run(ledger, clock, 1, relaunched, {200 + i: slurm("42") for i in range(8)})
+    assert ledger.record_steps([StepRecord(10**6)], run="forged", pid=200)[1:] == (1, 0)
+    with pytest.raises(HintError):
+        ledger.record_steps([StepRecord(51)], run="slurm:42.0.1", pid=200)
+    clock.now += NEW_RUN_EVERY  # the forged run says no more: the job's own goes on
+    assert ledger.record_steps([StepRecord(51), StepRecord(52)], run="slurm:42.0.1", pid=200)[1:] == (2, 0)
+    # lost: steps 51-102 of the run the relaunch replaced, not a million of the forged one
+    assert (job.last_step, job.run, job.restarts, job.lost_steps) == (52, "slurm:42.0.1", 1, 52)
+
+
+def test_new_runs_of_a_job_nobody_can_see_are_rate_limited_and_bounded():
+    """A job in another PID namespace: its runs are its restarts, and anyone with the token can start
+    one. 10,000 new runs gave restarts_total 10,000; each one's steps now count at most what the job
+    reported, new runs come at most every NEW_RUN_EVERY, and the job's own run counts on."""
+    clock = Clock()
+    ledger = GoodputLedger(DetectConfig(), clock)
+    invisible = snapshot({i: [] for i in range(8)})
+    run(ledger, clock, 1, invisible, {})
+    step = 0
+    refused = 0
+    for n in range(10_000):
+        if n % 100 == 0:  # the job goes on, a step a second
+            clock.now += 1
+            step += 1
+            assert ledger.record_steps([StepRecord(step)], job="pod-a", run="torchelastic:a.0")[1] == 1
+        try:
+            ledger.record_steps([StepRecord(0), StepRecord(2**53)], job="pod-a", run=f"evil-{n}")
+        except HintError as exc:
+            assert exc.status == 429 and "at most one every" in str(exc)
+            refused += 1
+    job = ledger.jobs["pod-a"]
+    elapsed = clock.now - 100
+    assert 1 <= job.restarts <= elapsed / NEW_RUN_EVERY + 1 and refused >= 10_000 - job.restarts - 1
+    assert job.lost_steps <= job.steps
+    assert job.run == "torchelastic:a.0" and job.last_step == step == 100  # the job's own run still counts
+    assert ledger.record_steps([StepRecord(step + 1)], job="pod-a", run="torchelastic:a.0")[1:] == (1, 0)
 
 
 def test_a_declared_job_claims_gpus_nobody_owns_but_not_the_processes_after_it():

@@ -47,7 +47,7 @@ def test_one_gpm_request_serves_every_gpu_and_tick(clock):
     for _ in range(30):
         s = tick(source, clock, 3.0)
         for g, kept in zip(s.gpus, source._gpus):
-            cur, prev = kept.gpm_samples
+            cur, prev = kept.gpm_pair.samples
             request = N.c_nvmlGpmMetricsGet_t()  # built afresh, as before
             request.version = N.NVML_GPM_METRICS_GET_VERSION
             request.numMetrics = len(GPM_METRICS)

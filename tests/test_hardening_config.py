@@ -5,6 +5,7 @@ the key or the file and exit status 2 at start; a refused reload with READY=1 af
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ import pytest
 
 from stoker import config
 from tests.conftest import free_port, start_agent_process, wait_http
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEEP_TOML = "a = " + "[" * 5000 + "]" * 5000 + "\n"
 
@@ -77,8 +80,10 @@ def test_an_integer_too_large_for_a_float_names_the_key(tmp_path):
     assert str(err.value).startswith("agent.interval: out of range")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory", "binary", "deep", "huge"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "binary", "deep", "huge", "dotted"])
 def test_a_config_file_that_is_not_a_toml_text_file_is_one_line_naming_it(tmp_path, kind):
+    """`dotted`: a key of 100,000 parts (200 KB) kept tomllib busy for minutes, quadratic in the parts
+    (found by tests/test_fuzz.py on scenario files)."""
     path = tmp_path / "stoker.toml"
     if kind == "fifo":
         os.mkfifo(path)  # nobody ever writes to it: open() and read() would wait for ever
@@ -88,11 +93,14 @@ def test_a_config_file_that_is_not_a_toml_text_file_is_one_line_naming_it(tmp_pa
         path.write_bytes(b"[agent]\ninterval = 1.0\n# \xff\xfe\x00 latin-1: caf\xe9\n")
     elif kind == "deep":
         path.write_text(DEEP_TOML)
+    elif kind == "dotted":
+        path.write_text("a" + ".a" * 100_000 + " = 1\n")
     else:
         path.write_text("#" * (2 << 20))
     line = one_line(run_cli("--config", str(path), "--simulate"))
     expected = {"fifo": "not a regular file", "directory": "not a regular file", "binary": "not UTF-8",
-                "deep": "nested too deeply", "huge": "larger than 1 MiB"}[kind]
+                "deep": "nested too deeply", "huge": "larger than 1 MiB",
+                "dotted": "line 1: a key of more than 16 dotted parts"}[kind]
     assert str(path) in line and expected in line, line
 
 
@@ -178,6 +186,126 @@ def test_every_failed_reload_is_refused_and_ready_follows_reloading(tmp_path):
         assert "Exception in callback" not in log and "Traceback" not in log, log[-3000:]
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=10) == 0
+    finally:
+        agent.kill()
+        notify.sock.close()
+
+
+def strings() -> list[str]:
+    """Every string setting (paths, addresses, names), as `section.key`, lists of strings included."""
+    out = []
+    for section in dataclasses.fields(config.Config):
+        cls = typing.get_type_hints(config.Config)[section.name]
+        for key, annotation in typing.get_type_hints(cls).items():
+            if annotation is str or str in typing.get_args(annotation) or annotation == tuple[str, ...]:
+                out.append(f"{section.name}.{key}")
+    return out
+
+
+@pytest.mark.parametrize("key", strings())
+def test_a_nul_in_any_string_setting_is_refused_naming_the_key(key):
+    """TOML strings may hold \\u0000; no path, address or name can. A NUL in `state_file` was accepted and
+    then failed every save; one in `listen` ended in a traceback and exit status 1."""
+    section, name = key.split(".")
+    default = getattr(getattr(config.Config(), section), name)
+    value = ["/mnt/da\0ta"] if isinstance(default, tuple) else "/var/lib/st\0ker"
+    with pytest.raises(config.ConfigError) as err:
+        config.load(overrides={section: {name: value}})
+    assert str(err.value).startswith(key) and "NUL" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("listen", "127.0.0.\\u0000:9477"),
+    ("listen", "a" * 64 + ":9477"),  # a DNS label of 64 characters: UnicodeError in the resolver
+    ("listen", "caf\\u00e9..x:9477"),
+    ("state_file", "/var/lib/stoker/st\\u0000te.json"),
+])
+def test_a_bad_listen_address_or_state_file_is_one_line_and_exit_2(tmp_path, key, value):
+    path = tmp_path / "stoker.toml"
+    path.write_text(f'[agent]\n{key} = "{value}"\n')
+    line = one_line(run_cli("--config", str(path), "--simulate"))
+    assert line.startswith(f"stoker: configuration error: agent.{key}: "), line
+
+
+def test_every_listen_form_the_docs_show_still_parses():
+    for value, expected in [("0.0.0.0:9477", ("0.0.0.0", 9477)), (":9477", ("0.0.0.0", 9477)),
+                            ("[::1]:9478", ("::1", 9478)), ("[fe80::1%eth0]:0", ("fe80::1%eth0", 0)),
+                            ("node-01.cluster.example.com:9477", ("node-01.cluster.example.com", 9477)),
+                            ("localhost:9477", ("localhost", 9477))]:
+        assert config.parse_listen(value) == expected
+
+
+# -- files on a hung NFS mount (tests/hung_mount.py) ---------------------------------------------------
+
+def hang(path) -> None:
+    """From now on `path` reads as on a hung NFS mount, in an agent run through tests/hung_mount.py."""
+    open(f"{path}.hung", "w").close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["config", "web_config_file", "token_file"])
+def test_a_file_that_does_not_answer_at_start_is_one_line_and_exit_75(tmp_path, which):
+    """A configuration, web configuration or hint token file on a hung NFS mount blocked the start for
+    good: the configuration file's read before the event loop, the other two on it, after asyncio took
+    SIGTERM (measured on main with the token file: the agent still alive 5 s after SIGTERM, until
+    SIGKILL). Each read is given up after config.READ_DEADLINE (shortened to 1 s here): one line naming
+    the file, and exit status 75, not 2: nothing is wrong with the file, and systemd restarts the unit
+    (Restart=on-failure) where RestartPreventExitStatus=2 would leave the node unwatched for good."""
+    web, token = tmp_path / "web.yml", tmp_path / "hint-token"
+    web.write_text("http_server_config:\n  headers: {}\n")
+    token.write_text("0123456789abcdef-test-token\n")
+    path = tmp_path / "stoker.toml"
+    path.write_text(f'[agent]\nweb_config_file = "{web}"\n' if which == "web_config_file" else
+                    f'[checkpoint]\ntoken_file = "{token}"\n' if which == "token_file" else "")
+    hang({"config": path, "web_config_file": web, "token_file": token}[which])
+    done = subprocess.run([sys.executable, "-m", "tests.hung_mount", "run", "--config", str(path), "--simulate",
+                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "STOKER_TEST_READ_DEADLINE": "1"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 75 and len(lines) == 1, (done.returncode, done.stderr[-3000:])
+    named = {"config": str(path), "web_config_file": f"agent.web_config_file: {web}",
+             "token_file": f"checkpoint.token_file: {token}"}[which]
+    assert named in lines[0] and "no answer within 1 s" in lines[0] and "exiting for a restart" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_a_reload_whose_file_does_not_answer_keeps_the_loop_serving_and_sigterm_obeyed(tmp_path):
+    """SIGHUP read the configuration file on the event loop: on a hung NFS mount that froze the agent,
+    no scrape answered, no watchdog ping went out (systemd would kill it with SIGABRT after WatchdogSec)
+    and SIGTERM was never heard. Now the read runs in a thread: while it hangs /metrics answers and the
+    watchdog is pinged; after config.READ_DEADLINE the reload is refused, the running configuration
+    stays and READY=1 follows; another SIGHUP while that read is still stuck is refused at once (one
+    stuck thread, not one per signal); SIGTERM ends the agent, the read still stuck, with status 0."""
+    path = tmp_path / "stoker.toml"
+    path.write_text('[agent]\ninterval = 0.5\n')
+    notify = Notifications(str(tmp_path / "notify"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    agent = start_agent_process("--simulate", "healthy", "--config", str(path), "--listen", f"127.0.0.1:{port}",
+                                "--log-format", "json", module="tests.hung_mount",
+                                env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000",
+                                     "STOKER_TEST_READ_DEADLINE": "3"})
+    try:
+        assert "READY=1" in notify.until_ready()[-1]
+        wait_http(url)
+        hang(path)
+        agent.send_signal(signal.SIGHUP)
+        while (message := notify.sock.recv(4096).decode()) != "RELOADING=1":
+            assert message == "WATCHDOG=1", message
+        with urllib.request.urlopen(url, timeout=2) as resp:  # the read is hanging meanwhile
+            assert resp.status == 200
+        during = notify.until_ready()
+        assert during[-1] == "READY=1" and during.count("WATCHDOG=1") >= 3, during
+        agent.send_signal(signal.SIGHUP)
+        again = notify.until_ready()
+        assert again[0] == "RELOADING=1" and again[-1] == "READY=1", again
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=10) == 0
+        refused = [json.loads(line) for line in agent.log().splitlines()
+                   if "configuration reload refused" in line]
+        assert [line["error"] for line in refused] == [
+            f"{path}: no answer within 3 s (a hung network mount?)",
+            f"{path}: still waiting for an earlier read of it to return"], refused
     finally:
         agent.kill()
         notify.sock.close()

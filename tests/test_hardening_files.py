@@ -3,6 +3,7 @@ file-system boundary (a fixture tree passed as the sysfs or procfs root)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -366,3 +367,266 @@ def test_remount_within_the_grace_period_carries_on(tmp_path):
     assert procfs.cycle().mounts == []
     back = procfs.cycle(nfs_block("nas:/x", "/mnt/x", 10**6)).mounts[0]  # a new superblock counts from 0
     assert back.write_bytes == before.write_bytes + 10**6
+
+
+# -- the state file -------------------------------------------------------------------------------
+
+def fresh_state(**fields) -> dict:
+    """A state file's record as the agent writes it, saved a second ago (ManualClock(1000.0))."""
+    record = {"pids": [101, 102], "level": 0.9, "saved": 999.0, "checkpoints": [], "verdict": None}
+    record.update(fields)
+    return record
+
+
+def load_state(tmp_path: Path, text: str, read_only: bool = False):
+    """(what load() gives, the warnings it logged) for a state file holding `text`."""
+    from structlog.testing import capture_logs
+
+    from stoker.detect.state import StateStore
+    path = tmp_path / "state.json"
+    path.write_text(text)
+    with capture_logs() as lines:
+        saved = StateStore(str(path), max_age=300.0, wall=ManualClock(1000.0), read_only=read_only).load()
+    return saved, [line for line in lines if line["log_level"] in ("warning", "error")]
+
+
+def test_a_fifo_at_the_state_file_is_unreadable_not_a_hang(tmp_path):
+    """A FIFO at `state_file` blocked the agent's start in open() for good (no READY=1, SIGTERM
+    ignored, `stoker check` hung): the state file is opened without blocking and must be a regular file."""
+    from structlog.testing import capture_logs
+
+    from stoker.detect.state import StateStore
+    fifo = tmp_path / "state.json"
+    os.mkfifo(fifo)
+    store = StateStore(str(fifo), max_age=300.0)
+    result: dict = {}
+    with capture_logs() as lines:
+        thread = threading.Thread(target=lambda: result.setdefault("saved", store.load()), daemon=True)
+        thread.start()
+        thread.join(10)
+    release(fifo)
+    assert not thread.is_alive(), "load() blocked on the FIFO"
+    assert result["saved"] is None
+    assert [(line["event"], line["error"]) for line in lines] == [
+        ("saved job state unreadable; learning it afresh", "not a regular file")]
+
+
+@pytest.mark.slow
+def test_an_agent_with_a_fifo_as_state_file_starts_serves_and_stops(tmp_path):
+    """The same at the process level: READY=1, series on /metrics, SIGTERM obeyed, and `stoker check`
+    with that configuration ends."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.conftest import free_port, start_agent_process
+    from tests.test_hardening_config import Notifications
+    fifo = tmp_path / "state.fifo"
+    os.mkfifo(fifo)
+    config = tmp_path / "stoker.toml"
+    config.write_text(f'[agent]\nstate_file = "{fifo}"\n')
+    notify = Notifications(str(tmp_path / "notify"))
+    port = free_port()
+    agent = start_agent_process("--simulate", "healthy", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+                                env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        assert "READY=1" in notify.until_ready()[-1]
+        deadline = time.monotonic() + 15
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            if "stoker_gpu_" in body or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert "stoker_gpu_" in body, body[:500]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=15) == 0
+        assert "saved job state unreadable" in agent.log() and "not a regular file" in agent.log()
+        check = subprocess.run([sys.executable, "-m", "stoker", "check", "--simulate", "healthy", "--seconds", "1",
+                                "--config", str(config)], capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        agent.kill()
+        notify.sock.close()
+        release(fifo)
+
+
+@pytest.mark.slow
+def test_an_agent_whose_state_file_does_not_answer_serves_and_obeys_sigterm(tmp_path):
+    """A state file on a hung NFS mount (tests/hung_mount.py). The verdicts gave up on it after 5 s,
+    but the inventory read the same file in asyncio's default executor: on SIGTERM the agent logged
+    `stoker stopped` and then never exited (asyncio.run waits for the executor's threads; measured on
+    main: alive 8 s after SIGTERM, until SIGKILL). Now the inventory reads and writes it as the
+    verdicts do, in the sampling lane's daemon thread with the state file's deadline: one line, the
+    node's series, and exit status 0 on SIGTERM with the read still stuck."""
+    import signal
+    import urllib.request
+
+    from tests.conftest import free_port, start_agent_process, wait_http
+    state = tmp_path / "state.json"
+    state.write_text("{}")
+    (tmp_path / "state.json.hung").touch()
+    config = tmp_path / "stoker.toml"
+    config.write_text(f'[agent]\nstate_file = "{state}"\n')
+    port = free_port()
+    agent = start_agent_process("--simulate", "healthy", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+                                "--log-format", "json", module="tests.hung_mount")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/metrics")
+        deadline = time.monotonic() + 30
+        while "kept inventory unreadable" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert "stoker_gpu_" in resp.read().decode()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=15) == 0
+        unreadable = [json.loads(line) for line in agent.log().splitlines() if "kept inventory unreadable" in line]
+        assert [line["error"] for line in unreadable] == ["inventory: call exceeded 5s"], unreadable
+    finally:
+        agent.kill()
+
+
+def test_the_save_never_follows_a_link_planted_at_its_temporary_name(tmp_path):
+    """A link at `<state>.tmp` made the agent overwrite its target with JSON. The save writes a new file
+    of its own (O_EXCL|O_NOFOLLOW, a random name), and only over a regular file or nothing."""
+    from stoker.detect.state import StateStore
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    state = tmp_path / "state.json"
+    (tmp_path / "state.json.tmp").symlink_to(victim)
+    store = StateStore(str(state), max_age=300.0, wall=ManualClock(1000.0))
+    store.save(frozenset({1}), 0.5, [])
+    assert victim.read_text() == "precious\n"
+    assert json.loads(state.read_text())["pids"] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.tmp", "victim"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_a_state_file_that_is_not_a_regular_file_is_left_as_it_is(tmp_path, kind):
+    from structlog.testing import capture_logs
+
+    from stoker.detect.state import StateStore
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    state = tmp_path / "state.json"
+    {"symlink": lambda: state.symlink_to(victim), "fifo": lambda: os.mkfifo(state),
+     "directory": lambda: state.mkdir()}[kind]()
+    store = StateStore(str(state), max_age=300.0, wall=ManualClock(1000.0))
+    with capture_logs() as lines:
+        assert store.load() is None
+        store.save(frozenset({1}), 0.5, [])
+    assert victim.read_text() == "precious\n"
+    assert (state.is_symlink(), state.is_fifo(), state.is_dir()) == (kind == "symlink", kind == "fifo",
+                                                                     kind == "directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "victim"], "no temporary file left"
+    assert [line["event"] for line in lines] == ["saved job state unreadable; learning it afresh",
+                                                 "cannot save the job state"]
+
+
+def test_a_save_cut_short_leaves_a_temporary_file_the_next_writer_removes(tmp_path):
+    from stoker.detect.state import StateStore
+    state = tmp_path / "state.json"
+    (tmp_path / "state.json.0123456789abcdef.tmp").write_text("{")  # kill -9 between write and rename
+    (tmp_path / "state.json.not-ours.tmp").write_text("{")
+    StateStore(str(state), max_age=300.0, read_only=True).load()
+    assert (tmp_path / "state.json.0123456789abcdef.tmp").exists(), "`stoker check` removes nothing"
+    StateStore(str(state), max_age=300.0).load()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json.not-ours.tmp"]
+
+
+DEEP_JSON = '{"pids": ' + "[" * 30_000 + "]" * 30_000 + "}"  # 60 KB: within the size cap
+
+
+@pytest.mark.parametrize("text, error", [
+    (json.dumps(fresh_state(verdict=[])), None),
+    ("[1, 2]", "not a JSON object but list"),
+    (DEEP_JSON, "nested too deeply"),
+    (json.dumps(fresh_state(saved=float("nan"))), "saved: not a finite number"),
+    (json.dumps(fresh_state(saved=float("inf"))), "saved: not a finite number"),
+    (json.dumps(fresh_state(saved=True)), "saved: not a number"),
+    (json.dumps(fresh_state(pids=[1, True])), "pids: not a list of PIDs"),
+    (json.dumps(fresh_state(pids=[1, 1 << 40])), "pids: not a list of PIDs"),
+    (json.dumps(fresh_state(checkpoints={"a": 1})), "checkpoints: not a list"),
+    ('{"pids": [1], "saved": 999, "level": ' + "9" * 5000 + "}", "not JSON"),
+    ("\xff", "not JSON"),
+    (" " * 70_000, "larger than 65536 bytes"),
+], ids=["verdict-list", "not-object", "deep", "saved-nan", "saved-inf", "saved-bool", "pid-bool", "pid-huge",
+        "checkpoints-object", "huge-int", "not-utf8", "huge"])
+def test_a_damaged_state_file_is_one_line_never_a_traceback(tmp_path, text, error):
+    """A non-object `verdict` or deep nesting raised out of load() (a traceback at every start); a NaN
+    `saved` was dropped without a word."""
+    saved, warnings = load_state(tmp_path, text)
+    if error is None:  # only the verdict is bad: the rest is used, the verdict left out with its line
+        assert saved is not None and saved.pids == frozenset({101, 102}) and saved.cause is None
+        assert [(w["event"], w["part"]) for w in warnings] == [("part of the saved job state left out", "verdict")]
+        return
+    assert saved is None
+    assert len(warnings) == 1 and warnings[0]["event"] == "saved job state unreadable; learning it afresh"
+    assert warnings[0]["error"].startswith(error), warnings[0]["error"]
+
+
+GOOD_CHECKPOINT = {"mountpoint": "/mnt/ckpt", "started": 900.0, "source": "hint", "start_server": 0.0,
+                   "start_client": 0.0, "last_server": 5e9, "progress": 990.0, "expected_bytes": None,
+                   "stalled": False}
+
+
+@pytest.mark.parametrize("part, fields, error", [
+    ("level", {"level": float("nan")}, "level: not a finite number"),
+    ("level", {"level": float("inf")}, "level: not a finite number"),
+    ("level", {"level": 1.5}, "level: not a share"),
+    ("level", {"level": "0.9"}, "level: not a number"),
+    ("verdict", {"verdict": {"cause": "gremlins"}}, "cause: not one of"),
+    ("verdict", {"verdict": {"cause": "storage", "cold": "yes"}}, "cold, came_back"),
+    ("checkpoints[1]", {"checkpoints": [GOOD_CHECKPOINT, {**GOOD_CHECKPOINT, "last_server": float("nan")}]},
+     "last_server: not a finite number"),
+    ("checkpoints[1]", {"checkpoints": [GOOD_CHECKPOINT, {**GOOD_CHECKPOINT, "progress": float("-inf")}]},
+     "progress: not a finite number"),
+    ("checkpoints[1]", {"checkpoints": [GOOD_CHECKPOINT, {**GOOD_CHECKPOINT, "mountpoint": "/mnt/\ud800"}]},
+     "mountpoint: not an absolute path"),
+    ("checkpoints[1]", {"checkpoints": [GOOD_CHECKPOINT, {**GOOD_CHECKPOINT, "expected_bytes": -5}]},
+     "expected_bytes: negative"),
+    ("checkpoints[1]", {"checkpoints": [GOOD_CHECKPOINT, 7]}, "not an object"),
+])
+def test_a_damaged_part_of_the_state_is_left_out_with_one_line_and_the_rest_used(tmp_path, part, fields, error):
+    """NaN or out-of-range `level` was dropped without a word, and checkpoint records holding NaN were
+    restored and exported as NaN series: every field is checked, each rejected part named in one line."""
+    saved, warnings = load_state(tmp_path, json.dumps(fresh_state(**fields)))
+    assert saved is not None and saved.pids == frozenset({101, 102})
+    assert [(w["event"], w["part"]) for w in warnings] == [("part of the saved job state left out", part)]
+    assert warnings[0]["error"].startswith(error), warnings[0]["error"]
+    assert saved.level == (None if part == "level" else 0.9)
+    if part.startswith("checkpoints"):
+        assert saved.checkpoints == [GOOD_CHECKPOINT]
+
+
+def test_no_nan_is_written_either(tmp_path):
+    from stoker.detect.state import StateStore
+    state = tmp_path / "state.json"
+    store = StateStore(str(state), max_age=300.0, wall=ManualClock(1000.0))
+    store.save(frozenset({1}), float("nan"), [GOOD_CHECKPOINT, {**GOOD_CHECKPOINT, "started": float("inf")}])
+    text = state.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["level"] is None and json.loads(text)["checkpoints"] == [GOOD_CHECKPOINT]
+
+
+# -- pressure files -------------------------------------------------------------------------------
+
+def test_pressure_files_that_block_or_overflow_cost_only_their_own_resource(tmp_path):
+    """A FIFO in place of /proc/pressure/cpu blocked the host collector in open(); a total of
+    thousands of digits raised OverflowError out of the cycle (a float cannot hold it)."""
+    from stoker.sources.pressure import PressureSource
+    pressure = tmp_path / "pressure"
+    pressure.mkdir()
+    os.mkfifo(pressure / "cpu")
+    (pressure / "memory").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=" + "9" * 4000 + "\n"
+                                     "full avg10=0.00 avg60=0.00 avg300=0.00 total=25\n")
+    (pressure / "io").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=1000000\n")
+    try:
+        finished, snap = sample_in_thread(PressureSource(str(tmp_path)))
+    finally:
+        release(pressure / "cpu")
+    assert finished, "a FIFO at pressure/cpu blocked the host collector"
+    assert not isinstance(snap, Exception), snap
+    assert snap.some_seconds == {"io": 1.0} and snap.full_seconds == {"memory": pytest.approx(25e-6)}
+    assert snap.problems == ["not_regular_file"]

@@ -4,8 +4,10 @@ against a real agent on the simulated node; and `stoker check` exit codes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stoker import hints
 from tests.conftest import free_port, start_agent_process, wait_http
+from tests.hung_mount import HungMount
 
 pytestmark = pytest.mark.slow
 TOKEN = "0123456789abcdef-test-token"
@@ -148,6 +151,58 @@ def test_python_helper_context_manager(agent):
 def test_python_helper_never_breaks_training_when_the_agent_is_away():
     with hints.checkpoint(mountpoint="/mnt/checkpoints", url=f"http://127.0.0.1:{free_port()}", token=TOKEN):
         pass  # no exception: the hint is logged and dropped
+
+
+def test_a_token_file_that_is_not_a_regular_file_fails_the_hint_without_blocking(tmp_path):
+    """The client read its token file with open(): a FIFO there blocked `stoker checkpoint` and, worse,
+    the training step that entered `hints.checkpoint()`, for good. It is read as the agent reads it
+    (files.read_regular_within): refused at once, a clear error for the command (exit 2), a warning
+    and nothing else for the training code. The subprocess timeout and the join are the proof."""
+    fifo = tmp_path / "hint-token"
+    os.mkfifo(fifo)
+    url = f"http://127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "stoker", "checkpoint", "start", "--mountpoint", "/mnt/checkpoints",
+                           "--url", url, "--token-file", str(fifo)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"stoker: cannot read the hint token from {fifo}: not a regular file\n"
+    training = threading.Thread(target=lambda: hints.checkpoint(mountpoint="/mnt/checkpoints", url=url,
+                                                                  token_file=str(fifo)).__enter__(), daemon=True)
+    training.start()
+    training.join(10)
+    if training.is_alive():  # let the old code's open() go, so the thread ends
+        with open(fifo, "w"):
+            pass
+    assert not training.is_alive(), "the training step blocked on the token file"
+
+
+def test_a_token_file_past_the_agents_cap_is_refused_before_it_is_read_whole(tmp_path):
+    """The agent refuses a token file over 1 MiB (config.MAX_FILE_BYTES); the client read any size
+    whole and then called it a bad token. It reads at most the same cap, and says so."""
+    big = tmp_path / "hint-token"
+    big.write_bytes(b"x" * ((1 << 20) + 1))
+    with pytest.raises(hints.HintFailed, match="larger than 1 MiB"):
+        hints.send("start", {"mountpoint": "/mnt/checkpoints"}, url=f"http://127.0.0.1:{free_port()}",
+                   token_file=str(big))
+
+
+def test_a_token_file_on_a_hung_mount_fails_the_hint_at_its_timeout(tmp_path, monkeypatch):
+    """A token file on a hung NFS mount (tests/hung_mount.py) blocked the hint for as long as the server
+    was away. The read is given up at the hint's own timeout, and a second hint while that read is
+    still stuck fails at once instead of leaving another thread behind."""
+    token = tmp_path / "hint-token"
+    token.write_text(TOKEN + "\n")
+    (tmp_path / "hint-token.hung").touch()
+    mount = HungMount()
+    monkeypatch.setattr(os, "open", mount.open)
+    url = f"http://127.0.0.1:{free_port()}"
+    try:
+        with pytest.raises(hints.HintFailed, match=r"hint token from .*: no answer within 0.5 s"):
+            hints.send("start", {"mountpoint": "/mnt/checkpoints"}, url=url, token_file=str(token), timeout=0.5)
+        with pytest.raises(hints.HintFailed, match="still waiting for an earlier read of it"):
+            hints.send("start", {"mountpoint": "/mnt/checkpoints"}, url=url, token_file=str(token), timeout=0.5)
+        assert mount.waiting == 1
+    finally:
+        mount.release()
 
 
 @pytest.mark.parametrize("scenario, code", [("healthy", 0), ("port-down", 1), ("gpu-lost", 1)])

@@ -22,6 +22,8 @@ from stoker.config import CheckpointConfig, DetectConfig
 from stoker.detect.checkpoint import CheckpointTracker
 from stoker.detect.goodput import MAX_JOBS, GoodputLedger
 from stoker.exporters.hints import make_hint_app
+from stoker.sources.gpu import GpuSample, GpuSnapshot
+from stoker.sources.jobs import JobSnapshot, Owner
 from stoker.hints_adapters import huggingface, lightning, pytorch
 from tests.conftest import free_port
 
@@ -235,6 +237,7 @@ async def post(url: str, body, token: str | None = TOKEN, raw: bytes | None = No
     ({"steps": [{"seconds": 1}]}, "steps[0].step"),
     ({"steps": [{"step": -1}]}, "steps[0].step"),
     ({"steps": [{"step": True}]}, "steps[0].step"),
+    ({"steps": [{"step": 2**53 + 1}], "job": "j"}, "steps[0].step"),  # past what the last-step gauge holds exactly
     ({"steps": [{"step": 1, "seconds": -2}]}, "steps[0].seconds"),
     ({"steps": [{"step": 1, "tokens": 1.5}]}, "steps[0].tokens"),
     ({"steps": [{"step": 1, "samples": 2**60}]}, "steps[0].samples"),
@@ -269,6 +272,77 @@ async def test_step_hints_need_the_token_and_are_bounded_in_jobs(agent):
     assert len(ledger.jobs) == MAX_JOBS
 
 
+def hold_the_gpus(ledger: GoodputLedger, job: str, pids=range(100, 108)) -> None:
+    """One tick of the ledger with Slurm job `job` (its cgroup) on the 8 GPUs, one process each."""
+    gpus = GpuSnapshot([GpuSample(i, f"GPU-{i}", up=True, processes=1, pids=(pid,), memory_used_bytes=50e9)
+                        for i, pid in enumerate(pids)])
+    ledger.tick(time.monotonic(), gpus, JobSnapshot({p: Owner(job, "slurm", "cgroup") for p in pids}), None, {})
+
+
+async def test_a_step_hint_counts_for_the_job_it_names(agent, monkeypatch):
+    """Issue 26: docs/JOBS.md's example, and the helper with $STOKER_JOB_ID, on a node where Slurm job
+    3247075 holds the GPUs: both were counted for 3247075 (answer `{"job": "3247075"}`)."""
+    url, ledger = agent
+    hold_the_gpus(ledger, "3247075")
+    status, answer = await post(url, {"job": "4242", "run": "slurm:4242.0.0", "pid": 81231, "gpus": ["GPU-5a0c"],
+                                      "scheduler": "slurm", "steps": [{"step": 1200, "seconds": 1.92,
+                                                                       "tokens": 4194304, "samples": 1024}]})
+    assert (status, answer) == (200, {"job": "4242", "accepted": 1, "duplicates": 0})
+    for key in ("SLURM_JOB_ID", "STOKER_RUN_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("STOKER_JOB_ID", "adapter-job")
+    reporter = hints.Steps(url=url, token=TOKEN, flush_every=0.05, all_ranks=True)
+    for n in range(1, 4):
+        reporter.step(n)
+    await wait_until(lambda: "adapter-job" in ledger.jobs and ledger.jobs["adapter-job"].steps == 3)
+    await asyncio.to_thread(reporter.close, 1.0)
+    status, answer = await post(url, {"job": "4242", "pid": 100, "steps": [{"step": 1201}]})
+    assert status == 409 and "pid 100 is a process of job 3247075" in answer["error"], answer
+    assert ledger.jobs["3247075"].steps == 0 and ledger.jobs["4242"].steps == 1
+
+
+def test_the_token_is_its_text_less_one_trailing_newline_exactly(tmp_path, monkeypatch):
+    """Issue 25: the token also matched with a trailing space (both ends stripped all whitespace)."""
+    monkeypatch.delenv("STOKER_HINT_TOKEN", raising=False)
+    path = tmp_path / "hint-token"
+    for good in (TOKEN + "\n", TOKEN):
+        path.write_text(good)
+        assert hints._token(None, str(path)) == TOKEN
+    for bad in (TOKEN + " \n", TOKEN + " ", TOKEN + "\n\n", TOKEN + "\r\n", " " + TOKEN, "\xe9" + TOKEN):
+        path.write_text(bad)
+        with pytest.raises(hints.HintFailed, match="printable ASCII without spaces"):
+            hints._token(None, str(path))
+    monkeypatch.setenv("STOKER_HINT_TOKEN", TOKEN + " ")
+    with pytest.raises(hints.HintFailed, match="STOKER_HINT_TOKEN"):
+        hints._token(None, None)
+    path.write_text(TOKEN + " \n")  # the agent refuses the same file: exit 2, one line
+    (tmp_path / "stoker.toml").write_text(f'[checkpoint]\ntoken_file = "{path}"\n')
+    result = subprocess.run([sys.executable, "-m", "stoker", "run", "--config", str(tmp_path / "stoker.toml"),
+                             "--simulate", "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "printable ASCII without spaces" in result.stderr, result.stderr[-2000:]
+
+
+async def test_the_header_is_compared_exactly_after_http_drops_its_outer_spaces(agent):
+    """RFC 9110 section 5.5: a field value has no leading or trailing whitespace, so `Bearer T ` is the
+    header `Bearer T` to any HTTP server; inside it, nothing is forgiven."""
+    host, port = agent[0].removeprefix("http://").split(":")
+    body = b'{"job": "j", "steps": [{"step": 1}]}'
+
+    async def status_of(value: bytes) -> int:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /api/v1/steps HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\nAuthorization: %s\r\n\r\n%s"
+                     % (len(body), value, body))
+        answer = await reader.read()
+        writer.close()
+        return int(answer.split(b" ", 2)[1])
+
+    token = TOKEN.encode()
+    assert await status_of(b"Bearer " + token + b" ") == 200
+    for wrong in (b"Bearer  " + token, b"Bearer " + token + b" x", b"Bearer " + token[:-1]):
+        assert await status_of(wrong) == 401, wrong
+
+
 async def test_the_checkpoint_endpoints_are_still_there_with_the_step_endpoint(agent):
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{agent[0]}/api/v1/checkpoints/end", json={"mountpoint": "/x", "outcome": "done"},
@@ -288,7 +362,8 @@ def test_steps_through_a_real_agent_to_its_metrics(tmp_path):
     from tests.conftest import start_agent_process, wait_http
 
     (tmp_path / "token").write_text(TOKEN + "\n")
-    (tmp_path / "one-job.toml").write_text('[[steps]]\ngpu = "saturated"\nseconds = 600\njob = "train"\n')
+    (tmp_path / "one-job.toml").write_text('shared_jobs = true\n[[steps]]\ngpu = "saturated"\nseconds = 600\n'
+                                           'job = "train"\n')  # shared: the scenario's job id, not the node's
     port, hint_port = free_port(), free_port()
     (tmp_path / "stoker.toml").write_text(f'[checkpoint]\ntoken_file = "{tmp_path / "token"}"\n'
                                           f'listen = "127.0.0.1:{hint_port}"\n')
@@ -313,6 +388,46 @@ def test_steps_through_a_real_agent_to_its_metrics(tmp_path):
             time.sleep(0.2)
         assert values["stoker_job_steps_total"] == 20 and values["stoker_job_tokens_total"] == 20_000
         assert values["stoker_job_step_seconds_sum"] == 40.0 and values["stoker_job_seconds_total"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_the_simulated_node_example_of_the_docs_works_as_written(tmp_path):
+    """docs/JOBS.md, "On the simulated node": the shell lines run as written against `stoker run --simulate`,
+    with the root from its log line and its metrics port."""
+    import json
+    import os
+    import re
+    from pathlib import Path
+
+    from tests.conftest import start_agent_process, wait_http
+
+    doc = (Path(__file__).parent.parent / "docs" / "JOBS.md").read_text()
+    section = doc[doc.index("### On the simulated node"):]
+    script = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    port = free_port()
+    proc = start_agent_process("--simulate", "--listen", f"127.0.0.1:{port}", "--interval", "0.5")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/metrics")
+        deadline = time.monotonic() + 10
+        while '"simulated node"' not in proc.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        line = next(json.loads(x) for x in proc.log().splitlines() if '"simulated node"' in x)
+        script = re.sub(r"^root=\S+", f"root={line['root']}", script, flags=re.M).replace(":9477/", f":{port}/")
+        env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+        env.pop("STOKER_HINT_TOKEN", None)
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True,
+                                timeout=60, env=env)
+        # the steps reach the agent at once; /metrics shows them from its next cycle, which a person
+        # typing the last line never beats, but a script can: its last line (the curl) again, for a while
+        scrape = script.strip().splitlines()[-1]
+        deadline = time.monotonic() + 10
+        while not result.stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            result = subprocess.run(["bash", "-c", scrape], capture_output=True, text=True, timeout=10, env=env)
+        assert result.stdout.strip() == 'stoker_job_steps_total{job_id="my-test"} 100.0', result
     finally:
         proc.terminate()
         proc.wait(timeout=10)

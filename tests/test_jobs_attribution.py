@@ -477,3 +477,48 @@ def test_an_environment_labels_only_its_own_gpus_and_its_own_process(tmp_path):
                                                                                      ("4242", "environ")}}
     assert ledger.jobs["777"].pids == frozenset(range(100, 108)) and ledger.jobs["4242"].pids == {900}
     assert ledger.record_steps([StepRecord(1)], pid=103)[0] == "777"
+
+
+def _jobs_seen(sim, clock: ManualClock) -> set[str]:
+    """The job ids the agent's path (NVML's PIDs, their cgroups in the simulated procfs, the ledger's
+    info metric) attributes the simulated node's GPUs to."""
+    gpu = GpuSource(sim.platform().nvml, clock=clock, wall=clock)
+    try:
+        clock.advance(1.0)
+        snapshot = gpu.sample()
+    finally:
+        gpu.close()
+    owners = JobSource(sim.procfs_root, sim.sysfs_root).resolve(p for g in snapshot.gpus for p in g.pids)
+    ledger = GoodputLedger(DetectConfig(), clock)
+    ledger.tick(clock(), snapshot, owners, None, {})
+    return {s["job_id"] for s in info_samples(ledger)}
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "kubernetes"])
+def test_simulated_nodes_side_by_side_run_jobs_of_their_own(tmp_path, scheduler):
+    """Every simulated node reported Slurm job 3247075 (the id of the name "train"): a simulated fleet
+    looked like one job across all its nodes. Two nodes started side by side on the same scenario now
+    each run a job of their own, each attributed to one job on all of its 8 GPUs."""
+    from stoker.sim.simulation import Simulation
+
+    clock = ManualClock(0.0)
+    scenario = scenarios.parse(f'scheduler = "{scheduler}"\n[[steps]]\ngpu = "saturated"\nseconds = 60\n', "fleet")
+    a, b = (Simulation(scenario, str(tmp_path / n), clock=clock) for n in ("a", "b"))
+    seen_a, seen_b = _jobs_seen(a, clock), _jobs_seen(b, clock)
+    assert len(seen_a) == len(seen_b) == 1 and seen_a != seen_b
+    assert seen_a == {sim_jobs.job_id(a.node.job_key("train"), scheduler)}
+    assert sim_jobs.slurm_job_id("train") not in seen_a | seen_b
+
+
+def test_a_scenario_that_shares_its_job_runs_it_on_every_node(tmp_path):
+    """`shared_jobs = true`: one multi-node job, the same Slurm job id on every node (a job named by a
+    number is that id, as docs/JOBS.md's `4242`)."""
+    from stoker.sim.simulation import Simulation
+
+    clock = ManualClock(0.0)
+    scenario = scenarios.parse('shared_jobs = true\njob = "4242"\n[[steps]]\ngpu = "saturated"\nseconds = 60\n',
+                               "one-job")
+    nodes = [Simulation(scenario, str(tmp_path / n), clock=clock) for n in ("a", "b", "c")]
+    assert [_jobs_seen(sim, clock) for sim in nodes] == [{"4242"}] * 3
+    with pytest.raises(scenarios.ScenarioError, match="shared_jobs: expected true or false"):
+        scenarios.parse('shared_jobs = "yes"\n[[steps]]\ngpu = "saturated"\nseconds = 1\n', "bad")

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 from pyroute2.ethtool.ioctl import IoctlEthtool, generate_EthtoolGStats
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from stoker.agent.netdev import NetdevCollector, watched_interfaces
 from stoker.exporters import netdev as netdev_families
+from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import render
 from stoker.sources.netdev import EthtoolReader
+from stoker.sources.rdma import RdmaSource
+
+SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 
 
 class Kernel:
@@ -154,3 +162,65 @@ async def test_netlink_failure_costs_link_state_not_counters(kernel):
     assert await collector.cycle() == ["netlink_ebadf"]
     text = render(netdev_families.families(collector.snapshot)).decode()
     assert "stoker_net_up{" not in text and "stoker_net_physical_bytes_total{" in text
+
+
+# -- interface names that are not ASCII ---------------------------------------------------------------
+
+def rename_netdev(root: Path, device: str, name: bytes) -> str:
+    """Give the netdev behind `device`'s port 1 the name `name` (Linux names are bytes, anything but "/",
+    ":", NUL and white space: net/core/dev.c, dev_valid_name), where sysfs shows it: the port's GID
+    table (`gid_attrs/ndevs/0`, drivers/infiniband/core/sysfs.c) and the PCI function's `net/`."""
+    function = root / "class" / "infiniband" / device / "device"
+    (old,) = os.listdir(function / "net")
+    os.rename(function / "net" / old, os.fsencode(function / "net") + b"/" + name)
+    ndev = root / "class" / "infiniband" / device / "ports" / "1" / "gid_attrs" / "ndevs" / "0"
+    ndev.write_bytes(name + b"\n")
+    return old
+
+
+async def test_a_netdev_name_that_is_not_ascii_is_followed_exactly_or_skipped_as_bad_name(tmp_path, kernel):
+    """The netdev collector watches the interfaces the RDMA ports name. A port's netdev came from its
+    GID table's `ndevs/0` file decoded as ASCII, each other byte a U+FFFD: `ens\\xff0` (not UTF-8) and
+    `ensé0` (UTF-8) were exported in stoker_rdma_port_info as `ens\\ufffd0` and `ens\\ufffd\\ufffd0`,
+    names no interface has, and the netdev collector failed on them every cycle (`vanished`), so
+    `ensé0`'s pause and discard counters were never read. Now a name that is not ASCII is taken from
+    the PCI function's `net/` listing, where os.listdir gives it exactly: `ensé0` is watched under its
+    name; `ens\\xff0`, which no label can hold, is skipped as a `bad_name` (as a listing's bad names
+    are: test_rdma.py) and every other interface is as before."""
+    root = tmp_path / "sys"
+    shutil.copytree(SYSFS / "xe9680", root, symlinks=True)
+    rename_netdev(root, "mlx5_0", b"ens\xff0")
+    rename_netdev(root, "mlx5_1", "ensé0".encode())
+    rdma = RdmaSource(str(root)).sample()
+    interfaces = {p.device: p.interface for p in rdma.ports}
+    assert interfaces["mlx5_0"] == "" and interfaces["mlx5_1"] == "ensé0", interfaces
+    assert rdma.problems == ["bad_name"]
+    for name in filter(None, interfaces.values()):
+        kernel.add(name, rx_prio3_pause=4, rx_bytes_phy=10, tx_bytes_phy=20)
+    named = filter(None, interfaces.values())
+    links = Links({**{name: "UP" for name in named}, b"ens\xff0": "UP"})  # a name not UTF-8, as pyroute2 gives it
+    wanted = watched_interfaces(lambda: [p.interface for p in rdma.ports], (), ())
+    collector = NetdevCollector(1.0, wanted, links, reader_for(kernel), timeout=1.0)
+    assert await collector.cycle() == []
+    text = render(collector.families()).decode()
+    assert 'stoker_net_up{interface="ensé0"} 1.0' in text
+    assert 'stoker_net_pause_frames_total{direction="rx",interface="ensé0",priority="3"} 4.0' in text
+    assert text.count("stoker_net_up{") == 7 and "\ufffd" not in text
+    assert "\ufffd" not in render(rdma_families.families(rdma)).decode()
+
+
+def test_pyroute2_keeps_a_link_name_that_is_not_utf8_as_bytes():
+    """Where netlink names enter: pyroute2 decodes IFLA_IFNAME as UTF-8 and keeps the bytes when that
+    fails (pyroute2/netlink/__init__.py, nla_base `string.decode`), so a link dump never raises on such
+    a name. `IPRouteLinks.operstates` keys its states by that name: a bytes key matches no watched
+    name (every watched name can be a label), and costs the other links nothing."""
+    names = {}
+    for name in (b"ens\xff0", "ensé0"):
+        msg = ifinfmsg()
+        msg["index"] = 3
+        msg["attrs"] = [("IFLA_IFNAME", name), ("IFLA_OPERSTATE", "UP")]
+        msg.encode()
+        dumped = ifinfmsg(msg.data)
+        dumped.decode()
+        names[name] = dumped.get("ifname")
+    assert names == {b"ens\xff0": b"ens\xff0", "ensé0": "ensé0"}

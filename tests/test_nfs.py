@@ -221,3 +221,51 @@ def test_mountstats_equal_node_exporter(tmp_path):
             proc.terminate()
             proc.wait(timeout=10)
 
+
+
+# -- names the kernel prints raw ------------------------------------------------------------------
+
+RAW_NAME_BYTES = [b"\x0b", b"\x0c", b"\r", b"\x1c", b"\x1d", b"\x1e", b"\x1f", b"\xc2\x85", b"\xe2\x80\xa8"]
+
+
+def header(export: bytes, mountpoint: bytes) -> bytes:
+    return (b"device " + export + b" mounted on " + mountpoint + b" with fstype nfs4 statvers=1.1\n"
+            b"\topts:\trw,vers=4.1,proto=tcp\n\tbytes:\t1 2 3 4 5 6 7 8\n\txprt:\ttcp 1 2 3\n"
+            b"\tper-op statistics\n\t        READ: 7 7 0 0 0 0 0 0 0\n\n")
+
+
+@pytest.mark.parametrize("raw", RAW_NAME_BYTES, ids=lambda b: b.hex())
+def test_a_mountpoint_with_a_character_the_kernel_prints_raw_is_parsed_and_exported(tmp_path, raw):
+    """show_vfsstat (torvalds/linux fs/proc_namespace.c) writes the mountpoint with seq_path and the
+    device with seq_escape, both escaping " \\t\\n\\\\" only (fs/seq_file.c mangle_path, seq_escape): a
+    vertical tab, form feed, carriage return, \\x1c-\\x1f, NEL or U+2028 in a directory name comes as it
+    is. str.splitlines and str.split break at each of those: the mount was dropped without a word."""
+    (tmp_path / "self").mkdir()
+    name = b"/mnt/a" + raw + b"b"
+    (tmp_path / "self" / "mountstats").write_bytes(
+        header(b"nas:/ifs/x" + raw, name) + header(b"nas:/ifs/data", b"/mnt/data"))
+    snap = NfsSource(str(tmp_path), DEFAULT_NFS_OPERATIONS, ROLES).sample()
+    decoded = name.decode()
+    assert snap.problems == [] and [m.mountpoint for m in snap.mounts] == [decoded, "/mnt/data"]
+    weird = snap.mounts[0]
+    assert (weird.export, weird.read_bytes, weird.ops["READ"]["ops"]) == ("nas:/ifs/x" + raw.decode(), 5, 7)
+    body = render(nfs_families.families(snap))
+    labels = {s.labels["mountpoint"] for f in text_string_to_metric_families(body.decode()) for s in f.samples
+              if s.name == "stoker_nfs_read_bytes_total"}
+    assert labels == {decoded, "/mnt/data"}
+    lint = subprocess.run([need_binary("promtool"), "check", "metrics"], input=body, capture_output=True, timeout=60)
+    assert lint.returncode == 0, lint.stderr.decode() + lint.stdout.decode()
+
+
+def test_a_mountpoint_that_is_not_utf8_is_exported_with_its_bytes_escaped(tmp_path):
+    """A directory name is bytes: one that is not UTF-8 must still give a label Prometheus accepts (label
+    values are UTF-8), and two such names must stay two series."""
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "mountstats").write_bytes(
+        header(b"nas:/x", b"/mnt/caf\xe9") + header(b"nas:/y", b"/mnt/caf\xe8") + header(b"nas:/z", "/mnt/café".encode()))
+    snap = NfsSource(str(tmp_path), DEFAULT_NFS_OPERATIONS, ROLES).sample()
+    assert [m.mountpoint for m in snap.mounts] == ["/mnt/caf\\xe9", "/mnt/caf\\xe8", "/mnt/café"]
+    body = render(nfs_families.families(snap))
+    labels = {s.labels["mountpoint"] for f in text_string_to_metric_families(body.decode()) for s in f.samples
+              if s.name == "stoker_nfs_read_bytes_total"}
+    assert labels == {"/mnt/caf\\xe9", "/mnt/caf\\xe8", "/mnt/café"}

@@ -4,11 +4,13 @@ manual page generated from the parser; the Debian maintainer scripts on a fake r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
 import stat
 import subprocess
+import typing
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,73 @@ def test_federation_matches_every_recording_rule():
         assert re.fullmatch(pattern, record), f"{record} is not federated"
 
 
+# The shipped configuration, /etc/stoker/stoker.toml (a conffile operators edit).
+
+SHIPPED_CONFIG = PACKAGING / "stoker.toml"
+COMMENTED_OUT = re.compile(r"^# ?(?=\[\[?[a-z_.]+\]\]?|[a-z_]+ = )", re.MULTILINE)
+"""A commented-out key (`# interval = 1.0`) or table (`# [[probes.targets]]`), not prose."""
+
+
+def _config_keys(cls, prefix: str = ""):
+    """Every key stoker/config.py declares, dotted (`agent.listen`, `probes.targets.mountpoint`)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, key = hints[f.name], prefix + f.name
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else None
+        if dataclasses.is_dataclass(kind):
+            yield from _config_keys(kind, key + ".")
+        elif dataclasses.is_dataclass(item):
+            yield key
+            yield from _config_keys(item, key + ".")
+        else:
+            yield key
+
+
+def _file_keys(table: dict, prefix: str = ""):
+    """Every key of a parsed TOML file, dotted as _config_keys writes them (an array of tables by its keys)."""
+    for name, value in table.items():
+        key = prefix + name
+        if isinstance(value, dict):
+            yield from _file_keys(value, key + ".")
+            continue
+        yield key
+        if isinstance(value, list) and all(isinstance(row, dict) for row in value):
+            for row in value:
+                yield from _file_keys(row, key + ".")
+
+
+def _value(config, key: str):
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def test_the_shipped_configuration_names_every_key_with_its_default(tmp_path):
+    """packaging/stoker.toml loads as shipped; every key of stoker/config.py is in it, set or commented out, but
+    [sim] (a simulated node never reads the service's file: config.path_for); uncommented, it still loads, and
+    each value shown is the default, or an example for a key that is empty or 0 by default (its header says so).
+    Keys added to the configuration (inventory, agent.process_metrics) were once missing from it."""
+    from stoker import config
+
+    shipped = config.parse_toml(SHIPPED_CONFIG.read_text())
+    config.load(SHIPPED_CONFIG)
+    uncommented = tmp_path / "stoker.toml"
+    uncommented.write_text(COMMENTED_OUT.sub("", SHIPPED_CONFIG.read_text()))
+    shown = config.load(uncommented)
+
+    declared = {k for k in _config_keys(config.Config) if not k.startswith("sim.")}
+    listed = set(_file_keys(config.parse_toml(uncommented.read_text())))
+    assert declared - listed == set(), "keys packaging/stoker.toml does not mention"
+    assert not any(k.startswith("sim.") for k in listed), "the service's file shows [sim], which it never reads"
+    defaults = config.Config()
+    for key in sorted(listed - set(_file_keys(shipped))):
+        if key.startswith("probes.targets."):  # a probe target's keys: the default has no target
+            continue
+        default = _value(defaults, key)
+        if default:
+            assert _value(shown, key) == default, f"{key}: shown as {_value(shown, key)!r}, the default is {default!r}"
+
+
 # The manual page, generated from the argparse definitions (stoker/manpage.py).
 
 def _subcommands(parser):
@@ -121,6 +190,22 @@ def test_man_page_names_every_subcommand_and_option():
                 assert action.help[1:25] in section, (name, action.help)
 
 
+def test_every_argument_says_what_it_is():
+    """`stoker check --sysfs-root DIR` and `--procfs-root DIR`, and `stoker checkpoint`'s `{start|end}`,
+    stood in the manual page (and in --help) with nothing under them: every argument of every command
+    has a help text, which the page prints."""
+    from stoker.cli import build_parser
+    from stoker.manpage import render
+
+    parser = build_parser()
+    page = render(parser)
+    for name, sub in _subcommands(parser).items():
+        section = _section(page, f"stoker {name}")
+        for action in sub._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+            assert action.help[1:25] in section, (name, action.help)
+
+
 def test_man_page_follows_the_parser():
     from stoker.cli import build_parser
     from stoker.manpage import render
@@ -131,6 +216,33 @@ def test_man_page_follows_the_parser():
     extra.add_argument("--widgets", metavar="N", help="how many widgets")
     section = _section(render(parser), "stoker frobnicate")
     assert "A command added later" in section and "\\fB\\-\\-widgets\\fR \\fIN\\fR" in section
+
+
+def _synopses(page: str) -> dict[str, str]:
+    """Each `.SY "prog"` block of the page as plain text (the program, then its arguments): fonts
+    dropped, roff escapes undone."""
+    out = {}
+    for prog, body in re.findall(r'^\.SY "([^"]+)"\n(.*?)^\.YS$', page, re.M | re.S):
+        text = re.sub(r"\\f[BIR]", "", body).replace("\\~", " ").replace("\\-", "-").replace("\\&", "")
+        prog = prog.replace("\\-", "-")
+        out[prog] = " ".join([prog, *text.split()])
+    return out
+
+
+def test_man_page_synopsis_is_argparse_usage():
+    """The synopsis once showed `stoker rules RULES` as required (it is optional) and put the options in
+    another order than `stoker rules --help`: it now is argparse's own usage, for every command."""
+    from stoker.cli import build_parser
+    from stoker.manpage import render
+
+    parser = build_parser()
+    synopses = _synopses(render(parser))
+    parsers = {"stoker": parser, **{f"stoker {n}": sub for n, sub in _subcommands(parser).items()}}
+    assert set(synopses) == set(parsers)
+    for prog, p in parsers.items():
+        usage = " ".join(p.format_usage().split())
+        assert usage == f"usage: {synopses[prog]}", prog
+    assert synopses["stoker rules"] == "stoker rules [-h] [--runbook-base URL] [RULES]"
 
 
 def test_man_page_renders_without_groff_warnings(tmp_path):

@@ -273,3 +273,39 @@ def test_with_tiers_a_vanished_device_leaves_at_once_and_a_new_one_joins_within_
         clock.advance(1.0)
         seen.append(sorted({p.device for p in source.sample().ports}))
     assert seen[-1] == ["rocep24s0f0", "rocep99s0f0"]
+
+
+# -- names that are not UTF-8 -----------------------------------------------------------------------
+
+def plant_bad_name(root: Path, where: str) -> None:
+    """A directory entry whose name is not UTF-8 (Linux names are bytes: anything but "/" and NUL)."""
+    device = root / "class" / "infiniband" / "rocep24s0f0"
+    if where == "device":  # a second device, its ports the first one's
+        os.symlink(os.readlink(device), os.fsencode(device.parent) + b"/mlx5_\xff")
+    elif where == "port":
+        shutil.copytree(os.fsencode(port_dir(root, "rocep24s0f0")), os.fsencode(device / "ports") + b"/\xfe")
+    elif where == "hw_counter":
+        with open(os.fsencode(port_dir(root, "rocep24s0f0") / "hw_counters") + b"/rx_\xe9", "w") as fh:
+            fh.write("5\n")
+    else:  # a netdev of the PCI function, listed before the real one
+        os.mkdir(os.fsencode(device / "device" / "net") + b"/0\xff")
+
+
+@pytest.mark.parametrize("where", ["device", "port", "hw_counter", "netdev"])
+def test_a_name_that_is_not_utf8_degrades_only_itself(small, where):
+    """A label value must be UTF-8: one device, port, counter or netdev name that is not made the whole
+    exposition fail to render, and every port's series froze at its last value. Now that name is left
+    out, counted as a `bad_name` problem each cycle, and every other series is as without it."""
+    clean = RdmaSource(str(small)).sample()
+    plant_bad_name(small, where)
+    source = RdmaSource(str(small))
+    for _ in range(2):
+        snap = source.sample()
+        # the netdev listing is the PCI function's, read for each of its two ports
+        assert snap.problems.count("bad_name") == (2 if where == "netdev" else 1), snap.problems
+        assert by_port(snap).keys() == by_port(clean).keys()
+        for key, port in by_port(clean).items():
+            got = by_port(snap)[key]
+            assert (got.interface, got.traffic, got.errors, got.hw_counters) == (
+                port.interface, port.traffic, port.errors, port.hw_counters), key
+        assert render(rdma_families.families(snap)) == render(rdma_families.families(clean))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -106,6 +107,26 @@ def test_a_file_that_is_not_the_rules_is_refused(capsys, tmp_path):
     assert (code, out) == (2, "") and "StokerGpuLost" in err
     code, _, err = stoker_rules(capsys, str(tmp_path / "missing.yml"))
     assert code == 2 and "missing.yml" in err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_a_rules_file_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, kind):
+    """`stoker rules FILE` opened the file with open(): a FIFO that nobody writes to blocked the command
+    for good, and /dev/zero was read until memory ran out. It is read as the agent's own files are
+    (config.read_text: only a regular file, opened without blocking, at most 1 MiB): one line, exit 2.
+    The subprocess's timeout is the proof that nothing waits."""
+    path = tmp_path / "rules.yml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = Path("/dev/zero")
+    else:
+        path.write_text(RULES.read_text() + "#" * (1 << 20))
+    done = subprocess.run([sys.executable, "-m", "stoker", "rules", str(path)], capture_output=True, text=True,
+                          timeout=30)
+    expected = "larger than 1 MiB" if kind == "huge" else "not a regular file"
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.count("\n") == 1 and str(path) in done.stderr and expected in done.stderr, done.stderr
 
 
 def test_rewritten_rules_pass_promtool_and_the_unit_tests(tmp_path):

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from stoker import config
 from stoker.sim import scenarios
+from stoker.sim.judge import judge, run_length
 from tests.random_scenarios import scenario as random_scenario
-from tests.simdrive import play_judged
+from tests.simdrive import SimDrive, play_judged
 
 SUITE = sorted((Path(__file__).parent / "scenarios").glob("*.toml"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,27 @@ def cases() -> list[str]:
 @pytest.mark.parametrize("name", cases(), ids=lambda n: Path(n).stem)
 def test_scenario_verdicts_are_right(tmp_path, name):
     play_judged(scenarios.get(name), tmp_path)
+
+
+SHIPPED = {"sim": {"shorten": False}, "probes": {"interval": 2.0, "timeout": 4.0},
+           "detect": {"probe_hung_seconds": 3.0}}
+"""The simulated node's shortened timers, but the checkpoint ones as shipped (stall_after 120 s, quiet_after 10 s)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", cases(), ids=lambda n: Path(n).stem)
+def test_scenario_verdicts_are_right_with_the_shipped_checkpoint_timings(tmp_path, name):
+    """The verdicts must not lean on the simulated node's short checkpoint timers (8 s, 3 s): the same
+    expectations hold with the shipped ones. Only the verdicts: the checkpoint states follow the timers."""
+    scenario = scenarios.get(name)
+    drive = SimDrive(scenario, str(tmp_path), cfg=config.load(overrides=SHIPPED))
+    try:
+        assert (drive.config.checkpoint.stall_after, drive.config.checkpoint.quiet_after) == (120.0, 10.0)
+        drive.run(run_length(scenario))
+        result = judge(scenario, drive.samples, drive.outcomes(), checkpoints=False)
+    finally:
+        drive.close()
+    assert result.right, "\n".join(result.failures)
 
 
 RANDOM_SEEDS = range(40)

@@ -3,6 +3,7 @@ reload, and the mount namespace a hardened unit runs in."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import free_port, need_binary, start_agent_process, wait_http
 
 UNIT = Path(__file__).resolve().parent.parent / "packaging" / "systemd" / "stoker.service"
+PROC_DEVICES = Path(__file__).resolve().parent / "fixtures" / "procfs" / "devices"
 
 
 def test_unit_verifies(tmp_path):
@@ -37,8 +39,88 @@ def test_unit_security_exposure_is_low():
     unit = UNIT.read_text()
     for setting in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=2",
                     "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-                    "CapabilityBoundingSet=\n", "DeviceAllow=char-nvidia-frontend rw", "User=stoker"):
+                    "CapabilityBoundingSet=\n", "DevicePolicy=closed", "User=stoker"):
         assert setting in unit, setting
+
+
+def majors(name: str, kind: str, proc_devices: str) -> set[int]:
+    """The majors systemd allows for `DeviceAllow=char-NAME` (kind "c") or `block-NAME` ("b"), as
+    bpf_devices_allow_list_major() in systemd's src/core/bpf-devices.c resolves them when the unit starts:
+    "*" is every device of the kind, a number is that major; otherwise each line of /proc/devices' section
+    for the kind ("Character devices:" up to the blank line) is stripped, split at its first blank into a
+    major (a positive number) and a name, and every major whose name matches NAME with fnmatch(3) (flags 0:
+    a glob, `*` crossing `/`) is allowed, all its minors. A NAME that matches nothing allows nothing."""
+    if name == "*":
+        return {-1}
+    if name.isdigit():
+        return {int(name)}
+    found, section = set(), False
+    for line in proc_devices.splitlines():
+        if line == {"c": "Character devices:", "b": "Block devices:"}[kind]:
+            section = True
+        elif not line:
+            section = False
+        elif section and len(line.split(None, 1)) == 2:
+            major, device = line.split(None, 1)
+            if major.isdigit() and int(major) > 0 and fnmatch.fnmatchcase(device, name):
+                found.add(int(major))
+    return found
+
+
+def device_rules(unit: str, proc_devices: str) -> list[tuple[str, int, str]]:
+    """The unit's DeviceAllow= entries as (kind, major, access) on a node whose /proc/devices is this."""
+    rules = []
+    for line in unit.splitlines():
+        if line.startswith("DeviceAllow="):
+            spec, access = line.removeprefix("DeviceAllow=").split()
+            kind, _, name = spec.partition("-")
+            rules += [(kind[0], major, access) for major in majors(name, kind[0], proc_devices)]
+    return rules
+
+
+def allows(rules, kind: str, major: int, access: str) -> bool:
+    """systemd's BPF program passes an access when one rule is of its kind and major (or any major) and
+    holds every bit it asks for (bpf_prog_allow_list_major(): requested & allowed == requested)."""
+    return any(k == kind and m in (major, -1) and set(access) <= set(a) for k, m, a in rules)
+
+
+@pytest.mark.parametrize("driver", ["535", "580"])
+def test_device_rules_give_nvml_its_devices_and_no_other_on_each_driver(driver):
+    """/proc/devices as each driver writes it (tests/fixtures/procfs/devices/, from NVIDIA's
+    open-gpu-kernel-modules at tags 535.288.01 and 580.95.05): the major NV_MAJOR_DEVICE_NUMBER 195 is
+    `register_chrdev(195, "nvidia-frontend")` in kernel-open/nvidia/nv-frontend.c up to 535; that file is gone
+    from 545.23.06 on, and kernel-open/nvidia/nv.c registers 195:0-247 as "nvidia" and 195:255 as "nvidiactl"
+    (nv_register_chrdev), kernel-open/nvidia-modeset/nvidia-modeset-linux.c 195:254 as "nvidia-modeset".
+    Dynamic majors, allocated by name: "nvidia-caps" (nv-caps.c), "nvidia-nvlink" (nvlink_linux.c),
+    "nvidia-nvswitch" (linux_nvswitch.c), "nvidia-uvm" (nvidia-uvm/uvm.c), "nvidia-caps-imex-channels"
+    (nv-caps-imex.c, 550.90 on). The unit must let NVML open /dev/nvidiactl and /dev/nvidiaN read-write and,
+    with MIG, /dev/nvidia-caps/* for reading (their mode is 0444: OS_RUGO for mig/monitor and each instance's
+    access file, src/nvidia/arch/nvalloc/unix/src/os.c), and nothing else the driver registers: NVML
+    needs none of it (libnvidia-container's src/nvc_mount.c gives containers without the compute capability,
+    nvidia-smi's, only major 195 and, for MIG monitoring, the caps device)."""
+    proc_devices = (PROC_DEVICES / f"nvidia-{driver}.txt").read_text()
+    rules = device_rules(UNIT.read_text(), proc_devices)
+    assert allows(rules, "c", 195, "rw"), f"NVML cannot open /dev/nvidiactl on a {driver} driver: {rules}"
+    caps = majors("nvidia-caps", "c", proc_devices)
+    assert len(caps) == 1 and allows(rules, "c", *caps, "r") and not allows(rules, "c", *caps, "w")
+    others = majors("nvidia*", "c", proc_devices) - {195} - caps
+    assert others, "the fixture lists the driver's other devices"
+    assert not [m for m in others if allows(rules, "c", m, "r")], f"more than NVML needs: {rules}"
+    assert {m for _, m, _ in rules} == {195} | caps
+
+
+def test_each_device_rule_names_what_one_driver_registers_and_the_driver_is_loaded_first():
+    """A name no driver registers would be a rule that silently allows nothing. systemd resolves names once,
+    at start ("device groups not resolvable then are not added", systemd.resource-control(5)): the unit pulls
+    in modprobe@nvidia.service and starts after it."""
+    unit = UNIT.read_text()
+    fixtures = [p.read_text() for p in sorted(PROC_DEVICES.glob("nvidia-*.txt"))]
+    for line in unit.splitlines():
+        if line.startswith("DeviceAllow=char-"):
+            name = line.removeprefix("DeviceAllow=char-").split()[0]
+            assert any(majors(name, "c", f) for f in fixtures), f"{name} is registered by no driver"
+    for setting in ("After=", "Wants="):
+        assert "modprobe@nvidia.service" in next(v for v in unit.splitlines() if v.startswith(setting))
 
 
 def samples(url: str) -> dict:

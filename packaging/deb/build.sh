@@ -68,7 +68,12 @@ install -D -m 0640 "$repo/packaging/stoker.toml" "$root/etc/stoker/stoker.toml"
 mkdir -p "$root/usr/bin" "$venv/share/doc/stoker"
 ln -s /opt/stoker/bin/stoker "$root/usr/bin/stoker"
 cp "$repo/README.md" "$repo/docs/"*.md "$repo/alerts/runbook.md" "$venv/share/doc/stoker/"
-cp -r "$repo/alerts/stoker.rules.yml" "$repo/dashboards/"*.json "$venv/share/doc/stoker/"
+cp "$repo/alerts/stoker.rules.yml" "$venv/share/doc/stoker/"
+# For the Grafana host, laid out as it needs them (docs/OPERATIONS.md, "Dashboards"): the provisioning
+# files (data source, dashboard provider) and the dashboards the provider loads.
+mkdir -p "$venv/share/doc/stoker/grafana/dashboards"
+cp -r "$repo/packaging/grafana/provisioning" "$venv/share/doc/stoker/grafana/"
+cp "$repo/dashboards/"*.json "$venv/share/doc/stoker/grafana/dashboards/"
 
 # Debian's own places: manual page (from the argparse definitions), copyright, changelog, overrides.
 doc=$root/usr/share/doc/stoker

@@ -8,10 +8,7 @@ in the configuration. Production and the simulator run the same collectors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
-
-if TYPE_CHECKING:
-    from stoker.agent.runtime import Agent
+from typing import Any, Awaitable, Callable
 
 
 @dataclass
@@ -19,8 +16,9 @@ class Platform:
     nvml: Any
     links: Any
     open_ethtool: Callable[[str], Any]
-    background: list[Callable[[Agent], Awaitable[None]]] = field(default_factory=list)
-    """Jobs that run beside the agent's collectors (the simulator's clockwork), given the agent."""
+    background: list[Callable[[Any], Awaitable[None]]] = field(default_factory=list)
+    """Jobs that run beside the agent's collectors (the simulator's clockwork), given the agent
+    (agent/runtime.py's `Agent`, which imports this module: named here, it would close a circle)."""
 
 
 def real() -> Platform:

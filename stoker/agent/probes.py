@@ -4,7 +4,9 @@ A hung hard NFS mount blocks whoever touches it in the kernel, forever. So the
 agent never does: `stoker.probe_child` does, in its own process, and the agent
 only waits on a pipe with a deadline. At the deadline the child is killed and
 counted as a timeout; a child the kernel will not let die (D state) is reaped
-in the background, and until it is, no new probe starts for that mount.
+in the background, and until it is, no new probe starts for that mount. A
+child also dies when the agent does, whatever kills it (probe_child.py: the
+kernel's parent-death signal, for the thread that forks, this event loop's).
 
 `stoker_nas_probe_inflight_seconds` is the time since the mount stopped
 answering: it starts with the first probe that got no answer and keeps growing
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -92,6 +95,7 @@ class ProbeCollector(Collector):
             if m.proc is None or m.proc.returncode is not None:
                 m.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "stoker.probe_child", m.target.directory, str(self.config.size), self.tag,
+                    str(os.getpid()),  # the child dies with this process (probe_child.die_with_parent)
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
             m.proc.stdin.write(b"probe\n")

@@ -2,6 +2,8 @@
 
 SIGTERM/SIGINT set the stop event; collectors are cancelled and closed with a
 bounded wait, so the process exits within seconds even if a driver call hangs.
+A collector that cannot go on in this process (the NVIDIA driver replaced under
+it) sets the stop event too, with the exit status `run` returns.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 from stoker import __version__, logs
 from stoker.agent import systemd
 from stoker.agent.collector import Collector
-from stoker.agent.gpu import gpu_collector
+from stoker.agent.gpu import EXIT_DRIVER_REPLACED, gpu_collector
 from stoker.agent.jobs import JobAttributor
 from stoker.agent.netdev import NetdevCollector, watched_interfaces
 from stoker.agent.platform import Platform
@@ -32,6 +34,8 @@ from stoker.exporters import webconfig
 from stoker.exporters import rdma as rdma_families
 from stoker.exporters.exposition import Exposition
 from stoker.exporters.hints import make_hint_app
+from stoker.exporters.inventory import Inventory
+from stoker.exporters.process import ProcessMetrics
 from stoker.exporters.http import log_loop_errors, make_app, raise_fd_limit, serve
 from stoker.probe_child import CHECK_TAG
 from stoker.sources.jobs import JobSource
@@ -48,10 +52,12 @@ HINT_CONNECTIONS = 16
 
 
 class Agent:
-    def __init__(self, config: Config, platform: Platform, checking: bool = False):
+    def __init__(self, config: Config, platform: Platform, checking: bool = False, config_file: str | None = None):
         """`checking`: a `stoker check` beside the service, with its configuration: the service's state
-        file is read, never written, and the NAS probes use files of their own."""
+        file is read, never written, and the NAS probes use files of their own. `config_file`: the file
+        the configuration came from (logged at start: which file a command read is one rule, config.path_for)."""
         self.config = config
+        self.config_file = config_file
         self.platform = platform
         self.exposition = Exposition()
         interval = config.agent.interval
@@ -60,7 +66,8 @@ class Agent:
         self.probes: ProbeCollector | None = None
         self.verdicts: VerdictCollector | None = None
         if config.gpu.enabled:
-            self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout)
+            self.gpu = gpu_collector(platform.nvml, interval, config.gpu.slow_interval, config.gpu.call_timeout,
+                                     on_driver_replaced=lambda: self._exit(EXIT_DRIVER_REPLACED))
         if config.rdma.enabled:
             # each cycle: what the verdicts judge (port state, these hw_counters); the rest, only exported,
             # on the slow tier (sources/rdma.py)
@@ -90,12 +97,23 @@ class Agent:
                                                         self.probes, self.verdicts) if c is not None]
         chained = {"gpu": self.verdicts} if self.gpu and self.verdicts else {}
         self.supervisor = Supervisor(self.collectors, self.exposition, self._build_labels, chained=chained)
+        present = {}
+        if self.gpu:
+            present["gpu"] = lambda: len(self.gpu.snapshot.gpus) if self.gpu.snapshot else None
+        if self.rdma:
+            present["rdma_port"] = lambda: len(self.rdma.snapshot.ports) if self.rdma.snapshot else None
+        self.inventory = Inventory(config.inventory, present, config.agent.state_file, read_only=checking)
+        self.supervisor.registry.register(self.inventory)  # rendered with the agent's own metrics
+        if config.agent.process_metrics:  # the agent's own process (exporters/process.py)
+            self.supervisor.registry.register(ProcessMetrics())
         self.stop_event = asyncio.Event()
+        self.exit_status = 0
         self.port: int | None = None
         self._listener = None
         self._hint_listener = None
         self.hint_url: str | None = None
         self._background: list[asyncio.Task] = []
+        self._reloading: asyncio.Future | None = None
 
     def view(self, t: float) -> NodeView:
         """The node as the collectors last saw it."""
@@ -127,14 +145,20 @@ class Agent:
         if serve_http:
             open_files = raise_fd_limit()
             log_loop_errors(asyncio.get_running_loop())
-            web = webconfig.load(self.config.agent.web_config_file) if self.config.agent.web_config_file else None
-            app = make_app(self.exposition, self.supervisor.stale, [webconfig.middleware(web)] if web else [])
+            # the operator's files in a thread: one on a hung NFS mount would block the loop, and SIGTERM
+            # with it (config.read_text gives up on the read after READ_DEADLINE)
+            web_file = self.config.agent.web_config_file
+            web = await asyncio.to_thread(webconfig.load, web_file) if web_file else None
+            app = make_app(self.exposition, self.supervisor.stale)
+            if web:
+                webconfig.secure(app, web)
             self._listener = await serve(app, host, port, web.ssl_context if web else None)
             self.port = self._listener.port
             await self._serve_hints()
-        self._background = [asyncio.create_task(job(self)) for job in self.platform.background]
+        self._background += [asyncio.create_task(job(self)) for job in self.platform.background]
+        self._background.append(asyncio.create_task(self.inventory.run()))
         await self.supervisor.start()
-        log.info("stoker started", version=__version__, listen=f"{host}:{self.port}",
+        log.info("stoker started", version=__version__, config_file=self.config_file, listen=f"{host}:{self.port}",
                  collectors=[c.name for c in self.collectors], interval=self.config.agent.interval,
                  open_files=open_files)
 
@@ -143,14 +167,16 @@ class Agent:
         cfg = self.config.checkpoint
         if self.verdicts is None or not cfg.token_file:
             return
-        # read_text refuses anything but a regular file: a FIFO would block this open() on the
-        # event loop, and SIGTERM with it.
-        token = read_text(cfg.token_file, "checkpoint.token_file").strip()
+        # read_text refuses anything but a regular file (a FIFO would block its open()), and reads in a
+        # thread of its own with a deadline (a hung NFS mount would block its read): in a thread here
+        # too, so the loop and SIGTERM go on meanwhile.
+        # the token is the file less one trailing newline, compared exactly (docs/OPERATIONS.md, step 3)
+        token = (await asyncio.to_thread(read_text, cfg.token_file, "checkpoint.token_file")).removesuffix("\n")
         if len(token) < 16:
             raise ConfigError(f"checkpoint.token_file: {cfg.token_file}: the token is shorter than 16 characters")
         if not (token.isascii() and token.isprintable()) or " " in token:
             raise ConfigError(f"checkpoint.token_file: {cfg.token_file}: the token must be printable ASCII "
-                              "without spaces (it is sent in an HTTP header)")
+                              "without spaces, one trailing newline at most (it is sent in an HTTP header)")
         host, port = parse_listen(cfg.listen, "checkpoint.listen")
         app = make_hint_app(self.verdicts.checkpoints, token, self.verdicts.goodput)
         self._hint_listener = await serve(app, host, port, max_connections=HINT_CONNECTIONS)
@@ -169,8 +195,14 @@ class Agent:
                 await listener.close()
         log.info("stoker stopped")
 
-    async def run(self, reload: Callable[[], Config] | None = None) -> None:
-        """Serve until SIGTERM/SIGINT; SIGHUP calls `reload` for a new configuration."""
+    def _exit(self, status: int) -> None:
+        """Stop serving and end the process with `status` (what `run` returns)."""
+        self.exit_status = status
+        self.stop_event.set()
+
+    async def run(self, reload: Callable[[], Config] | None = None) -> int:
+        """Serve until SIGTERM/SIGINT (0) or a collector asks for a new process (its status); SIGHUP calls
+        `reload` for a new configuration."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
@@ -186,21 +218,32 @@ class Agent:
         finally:
             systemd.notify("STOPPING=1")
             await self.stop()
+        return self.exit_status
 
     def _on_hangup(self, reload: Callable[[], Config]) -> None:
-        """SIGHUP. Whatever fails (a bad file is a ConfigError; anything else is a bug, logged with
-        its traceback), the running configuration stays and READY=1 follows RELOADING=1: without
-        it systemd would consider the service reloading for ever."""
+        """SIGHUP: `reload` reads the configuration file in a thread, so the loop serves, samples, pings
+        the watchdog and hears SIGTERM while it reads (a file on a hung NFS mount is given up after
+        config.READ_DEADLINE). A SIGHUP that comes while a reload is under way is that reload's."""
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("configuration reload already under way; this SIGHUP is left to it")
+            return
+        self._reloading = asyncio.ensure_future(self._reload(reload))
+        self._background.append(self._reloading)  # cancelled by stop()
+
+    async def _reload(self, reload: Callable[[], Config]) -> None:
+        """Whatever fails (a bad file is a ConfigError; anything else is a bug, logged with its
+        traceback), the running configuration stays and READY=1 follows RELOADING=1: without it
+        systemd would consider the service reloading for ever. Cancelled (the agent stops), it
+        says nothing more: STOPPING=1 is said."""
         systemd.notify("RELOADING=1")
         try:
-            self.apply(reload())
+            self.apply(await asyncio.to_thread(reload))
         except ConfigError as exc:
             log.error("configuration reload refused; keeping the running one", error=str(exc))
         except Exception as exc:
             log.error("configuration reload refused; keeping the running one", error=f"{type(exc).__name__}: {exc}",
                       exc_info=True)
-        finally:
-            systemd.notify("READY=1")
+        systemd.notify("READY=1")
 
     def apply(self, new: Config) -> None:
         """Take a new configuration without restarting: intervals, deadlines, thresholds, probe
@@ -209,7 +252,8 @@ class Agent:
         logged and left as it was."""
         old = self.config
         fixed = [("agent", "listen"), ("agent", "web_config_file"), ("agent", "sysfs_root"), ("agent", "procfs_root"),
-                 ("agent", "state_file"), ("checkpoint", "listen"), ("checkpoint", "token_file"),
+                 ("agent", "state_file"), ("agent", "process_metrics"), ("checkpoint", "listen"),
+                 ("checkpoint", "token_file"),
                  *((section, "enabled") for section in ("gpu", "rdma", "netdev", "nfs", "host", "detect"))]
         if self.probes is None:
             fixed.append(("probes", "targets"))  # no probe collector to give them to
@@ -239,6 +283,7 @@ class Agent:
             self.probes.configure(new.probes)
         if self.verdicts:
             self.verdicts.configure(new.detect, new.checkpoint)
+        self.inventory.configure(new.inventory)
         self.config = new
         if needs_restart:
             log.warning("configuration reloaded; some changes need a restart and were not applied",

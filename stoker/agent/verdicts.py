@@ -2,27 +2,31 @@
 
 It reads no hardware; each cycle it assembles a `NodeView` from what the
 collectors last sampled, follows the job on the GPUs, measures the evidence,
-ranks it, and runs the detectors over it.
+weighs it, runs the engine's machines over it (detect/engine.py), and hands
+the exporter one immutable snapshot of the tick (detect/snapshot.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
+from types import MappingProxyType
 from typing import Callable
 
 from stoker import logs
 from stoker.agent.collector import Collector
 from stoker.agent.jobs import JobAttributor
+from stoker.agent.worker import CollectorError, Worker
 from stoker.config import CheckpointConfig, DetectConfig
 from stoker.detect.attribution import Attribution
 from stoker.detect.checkpoint import CheckpointTracker
-from stoker.detect.evidence import KINDS, EvidenceTracker
+from stoker.detect.evidence import EvidenceTracker
 from stoker.detect.goodput import GoodputLedger
 from stoker.detect.job import JobTracker
+from stoker.detect.causes import PENDING
+from stoker.detect.engine import Engine, Verdict
 from stoker.detect.peer import PeerJudge
-from stoker.detect.starvation import StarvationDetector, Verdict
+from stoker.detect.snapshot import MountSnapshot, Snapshot, frozen
 from stoker.detect.state import Saved, StateStore
 from stoker.detect.view import NodeView, gpu_busy
 from stoker.exporters import jobs as job_families
@@ -35,6 +39,7 @@ log = logs.get("verdicts")
 NO_EVIDENCE = "no network, storage or checkpoint evidence: input pipeline or CPU"
 CARRIED = "as before the agent restarted; its evidence is being measured again"
 RECENT_CHECKPOINTS = 5  # finished checkpoints kept per mount for the dashboards' table
+STATE_TIMEOUT = 5.0  # seconds a read or write of the state file may take (a hung disk or NFS mount)
 
 
 class VerdictCollector(Collector):
@@ -52,17 +57,19 @@ class VerdictCollector(Collector):
         self.job = JobTracker(detect)
         self.evidence = EvidenceTracker(detect)
         self.attribution = Attribution(detect)
-        self.starvation = StarvationDetector(detect)
+        self.engine = Engine(detect)
         self.checkpoints = CheckpointTracker(checkpoint)
         self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
         self.peer = PeerJudge()  # `host` that is a wait for the job's other nodes (detect/peer.py)
         self.jobs = jobs
         self.store = StateStore(state_file, detect.baseline_window, read_only=not keep_state) if state_file else None
+        self._files = Worker("state")  # the state file's reads and writes, with a deadline (daemon threads)
         self._saved: tuple = ()  # `_state_key` as last saved
         self.busy: dict[tuple[str, str], float] = {}
         self.scores: dict[str, float] = {}
         self.source = ""  # where the busy ratio comes from: gpm, utilization, or both (per GPU)
         self.verdict = Verdict(None, None, None)
+        self.snapshot = Snapshot(0.0, None, None, None)  # what the exporter renders: the last tick's
         self.previous: Saved | None = None  # what the last run saved, until the first job is seen
         self._reopen: list[dict] = []  # its open checkpoints, reopened with the next NFS snapshot
         self._seen_job = False
@@ -77,7 +84,7 @@ class VerdictCollector(Collector):
     def configure(self, detect: DetectConfig, checkpoint: CheckpointConfig) -> None:
         """New thresholds; the job's level, the verdict and the checkpoints in progress carry on."""
         self.config = detect
-        for part in (self.job, self.evidence, self.attribution, self.starvation, self.goodput):
+        for part in (self.job, self.evidence, self.attribution, self.engine, self.goodput):
             part.config = detect
         self.checkpoints.config = checkpoint
 
@@ -85,12 +92,18 @@ class VerdictCollector(Collector):
         view = self._view(self._clock())
         self.update(view, await self.jobs.refresh(view.gpu) if self.jobs is not None else None)
         if self.store is not None and (state := self._state_to_save()) is not None:
-            await asyncio.to_thread(self.store.save, *state)  # file I/O: not on the event loop
+            try:  # file I/O: not on the event loop, and a disk that hangs holds up no cycle
+                await self._files.call(self.store.save, *state, timeout=STATE_TIMEOUT)
+            except CollectorError as exc:
+                log.warning("cannot save the job state", path=self.store.path, error=str(exc))
         return []
 
     async def start(self) -> None:
         if self.store is not None:
-            self.recall(await asyncio.to_thread(self.store.load))
+            try:
+                self.recall(await self._files.call(self.store.load, timeout=STATE_TIMEOUT))
+            except CollectorError as exc:
+                log.warning("saved job state unreadable; learning it afresh", path=self.store.path, error=str(exc))
 
     def recall(self, saved: Saved | None) -> None:
         """What the last run of the agent saved; used if the first job on the GPUs is the same."""
@@ -108,7 +121,7 @@ class VerdictCollector(Collector):
             log.info("job level restored from the last run", level=_round(saved.level), path=self.store.path)
         self._reopen = saved.checkpoints
         if saved.cause is not None:
-            self.starvation.resume(self._clock(), saved.cause, saved.cold, saved.came_back)
+            self.engine.resume(self._clock(), saved.cause, saved.cold, saved.came_back)
             self._carried = True
             log.info("verdict carried over from the last run", cause=saved.cause)
 
@@ -123,16 +136,16 @@ class VerdictCollector(Collector):
         if key == self._saved and not (worth_keeping and self.store.due()):
             return None
         self._saved = key
-        s = self.starvation.state
-        return self.job.pids, self.verdict.baseline, self.checkpoints.open_records(), s and (s.cause, s.cold,
-                                                                                              s.came_back)
+        a = self.engine.arbiter
+        return self.job.pids, self.verdict.baseline, self.checkpoints.open_records(), a.cause and (
+            a.cause, self.engine.starvation.cold, a.came_back)
 
     def _state_key(self) -> tuple:
         """What is saved at once when it changes: the job's PIDs (a GPU lost takes its rank's), the open
         checkpoints and the verdict."""
         return (self.job.pids, tuple((mp, m.active.started, m.active.source, m.active.stalled)
                       for mp, m in sorted(self.checkpoints.mounts.items()) if m.active is not None),
-                self.starvation.cause, self.starvation.state and self.starvation.state.came_back)
+                self.engine.cause, self.engine.arbiter.came_back)
 
     def update(self, view: NodeView, jobs: JobSnapshot | None = None) -> Verdict:
         """One tick; `jobs`: the owners of the GPU processes, for the goodput accounting."""
@@ -155,15 +168,15 @@ class VerdictCollector(Collector):
                 log.info("checkpoints still open from the last run", mountpoints=reopened)
         self._note_checkpoints()
         signals = [s for s in self.evidence.signals(view)  # a gone job's checkpoint draining explains no wait
-                   if not (KINDS[s.kind] == "checkpoint" and self.checkpoints.last_jobs(s.source))]
+                   if not (s.cause == "checkpoint" and self.checkpoints.inherited(s.source))]
         signals += self.checkpoints.signals()
-        at_level = job and self.starvation.at_level(busy, baseline)
+        at_level = job and self.engine.starvation.at_level(busy, baseline)
         self.attribution.observe(t, signals, at_level)
         self.scores = self.attribution.scores()
-        before = self.starvation.cause
-        cause = self.starvation.update(t, busy, job, baseline, self.scores,
+        before = self.engine.cause
+        cause = self.engine.update(t, busy, job, baseline, self.scores,
                                        self.attribution.scores(fresh_only=True), self.evidence.measured())
-        if cause is None and job and busy is not None and not self.starvation.low(busy, baseline):
+        if cause is None and job and busy is not None and not self.engine.starvation.low(busy, baseline):
             self.job.remember(t, busy)
         self._carried = self._carried and cause == before and not self.attribution.current()
         reasons = (self.attribution.reasons(cause) or [CARRIED if self._carried else NO_EVIDENCE]) if cause else []
@@ -179,7 +192,25 @@ class VerdictCollector(Collector):
         elif cause != was:
             log.info("GPUs no longer starved", was=was, busy=_round(busy))
         self.goodput.tick(t, view.gpu, jobs, cause, self.busy, self.checkpoints)
+        self.snapshot = self._snapshot(t)
         return self.verdict
+
+    def _snapshot(self, t: float) -> Snapshot:
+        e, v = self.engine, self.verdict
+        states = {name: m.state for name, m in e.causes.machines.items()}
+        if e.arbiter.pending is not None:
+            states[e.arbiter.pending.cause] = PENDING
+        mounts = tuple(MountSnapshot(mp, m.state, m.active.source if m.active else None, m.inherited is not None,
+                                     self.checkpoints.over_budget(m), m.last_started, m.last_progress,
+                                     m.written_bytes, m.last_duration, frozen(m.outcomes),
+                                     tuple(self.recent.get(mp, ())))
+                       for mp, m in sorted(self.checkpoints.mounts.items()))
+        # `states`, `scores` and `busy` are new each tick: read-only views suffice; the counters are copied
+        return Snapshot(t, v.cause, v.busy, v.baseline, tuple(v.evidence), e.starvation.state,
+                        MappingProxyType(states), MappingProxyType(self.scores),
+                        frozen(self.peer.starved_seconds(e.seconds)), tuple(self.attribution.current()),
+                        MappingProxyType(self.busy), frozen(self.busy_seconds), self.job_present_seconds, mounts,
+                        self.peer.waiting)
 
     def _note_checkpoints(self) -> None:
         """Keep each checkpoint that ended since the last tick (by the tracker or a hint) for the table
@@ -203,7 +234,7 @@ class VerdictCollector(Collector):
         """Another job holds the GPUs: its level, its evidence history and its verdict start afresh."""
         self.evidence.new_job()
         self.attribution.new_job()
-        self.starvation.new_job()
+        self.engine.new_job()
         if self._seen_job:  # not the first this agent sees: the last one's announced checkpoints are over
             self.checkpoints.job_changed()
         self._seen_job = True
@@ -227,12 +258,10 @@ class VerdictCollector(Collector):
 
     def _waiting(self, busy: float, baseline: float | None) -> bool:
         """The GPUs wait (what a synchronous checkpoint does to them), by the job's level when known."""
-        if self.starvation.usable(baseline) is None:
-            return busy < 2 * self.config.idle_floor
-        return self.starvation.low(busy, baseline)
+        return self.engine.starvation.waiting(busy, baseline)
 
     def families(self):
-        return [*verdict_families.families(self), *job_families.families(self.goodput),
+        return [*verdict_families.families(self.snapshot), *job_families.families(self.goodput),
                 *peer_families.families(self.peer, self.goodput)]
 
     async def close(self) -> None:

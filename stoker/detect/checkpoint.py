@@ -20,6 +20,25 @@ the checkpoint is open by a hint, or while written data waits for the server
 
 Outcomes: `completed`; `stalled` (it was stalled when it ended); `aborted`
 (said by the job); `abandoned`; `lost`.
+
+Each mount is a machine (`MountCheckpoints.state`):
+
+| state | on | to |
+| --- | --- | --- |
+| `idle` | a burst; a start hint | `open` |
+| `idle` | writes over the floor and the usual rate while the GPUs wait | `candidate` |
+| `candidate` | that for `detect_after` | `open` (from the candidate's start) |
+| `candidate` | a window without it | `idle` |
+| `open` | no byte reached the server for `stall_after`, open by a hint or data waiting | `stalled` |
+| `stalled` | a byte reaches the server | `open` |
+| `open`, `stalled` | detected: quiet for `quiet_after`, nothing waiting; hinted: the end hint; `abandon_after`; the mount gone for `stall_after` | `settling` |
+| `settling` | a quiet window, or the job handing over bytes of its own after the window of the end | `idle` |
+
+`settling`: the page-cache flush that follows an end is the ended checkpoint's
+bytes, not another one. At a job change (`job_changed`) a hinted checkpoint
+is `abandoned` (its job was killed mid-save) and whatever the mount still
+writes is *handed over*: it is the gone job's and explains no wait of the new
+one, until the mount is quiet or the new job hands it bytes of its own.
 """
 
 from __future__ import annotations
@@ -38,6 +57,8 @@ from stoker.sources.nfs import NfsSample, NfsSnapshot
 log = logs.get("checkpoint")
 
 OUTCOMES = ("completed", "stalled", "aborted", "abandoned", "lost")
+IDLE, CANDIDATE, OPEN, STALLED, SETTLING = "idle", "candidate", "open", "stalled", "settling"
+STATES = (IDLE, CANDIDATE, OPEN, STALLED, SETTLING)
 USUAL_RATES = 30
 """Windows of a mount's write rate outside checkpoints whose median is its usual rate (a median: the
 first burst of a checkpoint into the page cache must not raise it)."""
@@ -54,7 +75,7 @@ RECORD_FIELDS = ("started", "source", "start_server", "start_client", "last_serv
 
 
 class HintError(ValueError):
-    """A hint that cannot be applied; the message is for the caller (HTTP 404/409)."""
+    """A hint that cannot be applied; the message is for the caller (HTTP 404/409; 503: not yet)."""
 
     def __init__(self, message: str, status: int = 404):
         super().__init__(message)
@@ -97,7 +118,8 @@ class _Handover:
 @dataclass
 class MountCheckpoints:
     mountpoint: str
-    active: Active | None = None
+    state: str = IDLE
+    active: Active | None = None  # open or stalled: the checkpoint
     written_bytes: float | None = None
     last_started: float | None = None
     last_progress: float | None = None
@@ -107,9 +129,9 @@ class MountCheckpoints:
     server: float | None = None  # the mount's totals in the last distinct snapshot
     client: float | None = None
     quiet: tuple[float, float] | None = None  # totals when it last had no write: where a checkpoint starts
-    candidate: float | None = None  # sustained writes while the GPUs wait, since when
-    settling: _Handover | None = None  # a checkpoint just ended: its last bytes may still be on their way
-    last_jobs: _Handover | None = None  # what it writes now is a job's that is gone: it explains no wait of the next
+    candidate: float | None = None  # candidate: sustained writes while the GPUs wait, since when
+    settling: _Handover | None = None  # settling: a checkpoint just ended, its last bytes may still be on their way
+    inherited: _Handover | None = None  # handed over: what it writes now is a job's that is gone
     missing_since: float | None = None
 
     @property
@@ -129,6 +151,11 @@ class CheckpointTracker:
     # -- hints ---------------------------------------------------------------------------
 
     def resolve(self, mountpoint: str | None, path: str | None) -> str:
+        if (mountpoint or path) and self._snapshot is None:
+            # no snapshot yet (the agent started less than a cycle ago): no mount is known, and none
+            # is unknown either; "not an NFS mount" would send the job looking for a wrong path
+            raise HintError("the agent has not read this node's NFS mounts yet (it has just started, or "
+                            "[nfs] is off): send the hint again", status=503)
         if mountpoint:
             if mountpoint not in self._known:
                 raise HintError(f"{mountpoint} is not an NFS mount of this node")
@@ -164,13 +191,13 @@ class CheckpointTracker:
             if m.active is not None and m.active.source == "hint":
                 log.warning("checkpoint abandoned: the job that announced it is gone", mountpoint=m.mountpoint)
                 self._end(m, self._wall(), "abandoned")
-            if m.active is not None or m.settling is not None:
-                m.last_jobs = _Handover()
+            if m.state in (OPEN, STALLED, SETTLING):
+                m.inherited = _Handover()
 
-    def last_jobs(self, mountpoint: str) -> bool:
+    def inherited(self, mountpoint: str) -> bool:
         """What this mount writes now is a job's that is gone."""
         m = self.mounts.get(mountpoint)
-        return m is not None and m.last_jobs is not None
+        return m is not None and m.inherited is not None
 
     # -- observation -------------------------------------------------------------------------
 
@@ -208,22 +235,23 @@ class CheckpointTracker:
         client_rate = max(0.0, client - before_client) / dt
         c = self.config
         quiet = max(server_rate, client_rate) < c.write_floor_bytes_per_second
-        if m.last_jobs is not None and (quiet or m.last_jobs.handed(s, c.write_floor_bytes_per_second)):
-            m.last_jobs = None
+        if m.inherited is not None and (quiet or m.inherited.handed(s, c.write_floor_bytes_per_second)):
+            m.inherited = None
         if m.active is None:
             if m.quiet is None or quiet or m.settling is not None:  # where the next checkpoint will have started
                 m.quiet = (before_server, before_client)
             # the flush that follows a checkpoint's end is not another one; what the job hands over after the
             # window of the end is (a checkpoint after another while the NAS still drains the first)
-            if m.settling is not None and (quiet or m.settling.handed(s, c.write_floor_bytes_per_second)):
-                m.settling = None
-            if m.settling is None:
+            if m.state == SETTLING and (quiet or m.settling.handed(s, c.write_floor_bytes_per_second)):
+                m.state, m.settling = IDLE, None
+            if m.state != SETTLING:
                 self._detect(m, now, dt, max(server_rate, client_rate), gpus_waiting)
             return
         a = m.active
         if server > a.last_server:
             a.last_server, a.progress = server, now
-            if a.stalled:
+            if m.state == STALLED:
+                m.state = OPEN
                 a.stalled = False
                 log.info("checkpoint resumed", mountpoint=m.mountpoint)
         written = server - a.start_server
@@ -240,15 +268,14 @@ class CheckpointTracker:
         c = self.config
         floor = c.burst_factor * m.usual_rate
         if rate > max(c.burst_bytes_per_second, floor):
-            m.candidate = None
             self._start(m, now - dt, "detected", *m.quiet, None)
         elif rate > max(c.write_floor_bytes_per_second, floor) and gpus_waiting:
-            m.candidate = now - dt if m.candidate is None else m.candidate
+            if m.state != CANDIDATE:
+                m.state, m.candidate = CANDIDATE, now - dt
             if now - m.candidate >= c.detect_after:
                 self._start(m, m.candidate, "detected", *m.quiet, None)
-                m.candidate = None
         else:
-            m.candidate = None
+            m.state, m.candidate = IDLE, None
             m.rates.append(rate)
 
     def _check(self, m: MountCheckpoints, now: float) -> None:
@@ -258,7 +285,8 @@ class CheckpointTracker:
             self._end(m, a.quiet_since, None)
             return
         open_or_waiting = a.source == "hint" or _waiting_for_server(a) or a.writing
-        if not a.stalled and open_or_waiting and now - a.progress > c.stall_after:
+        if m.state == OPEN and open_or_waiting and now - a.progress > c.stall_after:
+            m.state = STALLED
             a.stalled = True
             log.warning("checkpoint stalled", mountpoint=m.mountpoint, written_bytes=m.written_bytes,
                         waiting_bytes=a.unflushed, seconds_without_progress=round(now - a.progress, 1))
@@ -288,6 +316,7 @@ class CheckpointTracker:
 
     def _start(self, m: MountCheckpoints, now: float, source: str, start_server: float, start_client: float,
                expected: float | None) -> None:
+        m.state, m.candidate, m.settling = OPEN, None, None
         m.active = Active(now, source, start_server, start_client, m.server or start_server, now, expected)
         m.last_started, m.last_progress, m.written_bytes = now, now, 0.0
         log.info("checkpoint started", mountpoint=m.mountpoint, source=source, expected_bytes=expected)
@@ -298,7 +327,7 @@ class CheckpointTracker:
         m.outcomes[outcome] += 1
         m.last_duration = max(0.0, now - a.started)
         m.written_bytes = a.last_server - a.start_server
-        m.active, m.settling, m.candidate = None, _Handover(), None
+        m.state, m.active, m.settling, m.candidate = SETTLING, None, _Handover(), None
         log.info("checkpoint ended", mountpoint=m.mountpoint, outcome=outcome,
                  duration_seconds=round(m.last_duration, 1), written_bytes=m.written_bytes)
 
@@ -335,7 +364,7 @@ class CheckpointTracker:
             if sample.write_bytes > last_server:  # its end hint, if any, may have gone to no agent:
                 a.last_server, a.progress, a.stalled = sample.write_bytes, now, False  # it ends with its writes
                 a.source = "detected"
-            m.active, m.candidate, m.settling = a, None, None
+            m.state, m.active, m.candidate, m.settling = STALLED if a.stalled else OPEN, a, None, None
             m.last_started, m.last_progress, m.written_bytes = started, a.progress, a.last_server - start_server
             reopened.append(mp)
         return reopened
@@ -348,7 +377,7 @@ class CheckpointTracker:
         for m in self.mounts.values():
             a = m.active
             explains = a is not None and (a.source == "hint" or a.writing or _waiting_for_server(a) or a.stalled)
-            if not explains or m.last_jobs:
+            if not explains or m.inherited:
                 continue
             state = (f"stalled: no byte reached the NAS for {now - a.progress:.0f} s" if a.stalled
                      else f"{(m.written_bytes or 0) / 1e9:.2f} GB written in {now - a.started:.0f} s")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stoker.config import DetectConfig
+from stoker.detect.policy import SIGNALS
 from stoker.detect.view import NodeView
 from stoker.sources.nfs import MS
 
@@ -30,29 +31,6 @@ every port carries a GPU's traffic, but the agent cannot tell an uncabled spare 
 SOURCES = {"rdma": "rdma", "net": "netdev", "nfs": "nfs", "host": "host"}
 """NodeView field -> the collector that fills it."""
 
-KINDS = {
-    "port_down": "network", "link_down": "network", "congestion": "network", "retransmits": "network",
-    "pfc_pause": "network",
-    "read_latency": "storage", "read_queue": "storage", "reads_stalled": "storage", "write_latency": "storage",
-    "checkpoint_write_latency": "checkpoint",
-    "probe_slow": "storage", "probe_hung": "storage",
-    "cpu_pressure": "host", "memory_pressure": "host",
-    "checkpoint": "checkpoint",
-}
-"""Every signal kind and the cause it points at (the `signal` label of stoker_evidence_strength)."""
-
-PRESENT_ONLY = frozenset({"checkpoint", "checkpoint_write_latency"})
-"""Kinds that explain a wait only while present: a checkpoint that has ended explains nothing after it
-(the starvation that follows it is another incident), however recently it wrote."""
-
-OF_THE_JOB = frozenset({"reads_stalled"})
-"""Kinds about the job's own activity (a data mount it was reading stopped answering): the last job's
-are not the next one's (its reads stop because it ended)."""
-
-PREFETCHED = frozenset({"read_latency", "read_queue", "reads_stalled", "probe_slow", "probe_hung"})
-"""Kinds whose effect on the GPUs a data loader's prefetch buffer delays: a NAS that slows (or stops)
-starves the GPUs only once the buffered batches are used up, seconds to minutes later."""
-
 
 @dataclass(frozen=True)
 class Signal:
@@ -63,7 +41,7 @@ class Signal:
 
     @property
     def cause(self) -> str:
-        return KINDS[self.kind]
+        return SIGNALS[self.kind].cause
 
     @property
     def key(self) -> tuple[str, str]:
@@ -105,7 +83,7 @@ class EvidenceTracker:
     def new_job(self) -> None:
         """A new job: whether the data mounts were being read is a question about this job."""
         self._last_read.clear()
-        self._held = {name: [s for s in held if s.kind not in OF_THE_JOB] for name, held in self._held.items()}
+        self._held = {name: [s for s in held if not SIGNALS[s.kind].of_the_job] for name, held in self._held.items()}
 
     def measured(self) -> bool:
         """Every source that has sampled has given a window: what is absent from the signals is
@@ -128,7 +106,7 @@ class EvidenceTracker:
     # -- network ----------------------------------------------------------------------------
 
     def _rdma(self, old, new, dt: float) -> list[Signal]:
-        c, out = self.config, []
+        out = []
         up = [p for p in new.ports if p.up]
         before = {(p.device, p.port): p for p in old.ports}
         for p in new.ports:
@@ -143,14 +121,13 @@ class EvidenceTracker:
             if prev is None:
                 continue
             congestion = max(_rate(prev.hw_counters, p.hw_counters, k, dt) for k in CONGESTION)
-            out += _over("congestion", name, congestion, c.cnp_per_second, f"{name}: {congestion:.0f} ECN/CNP per s")
+            out += self._over("congestion", name, congestion, f"{name}: {congestion:.0f} ECN/CNP per s")
             retrans = sum(_rate(prev.hw_counters, p.hw_counters, k, dt) for k in RETRANSMITS)
-            out += _over("retransmits", name, retrans, c.retransmits_per_second,
-                         f"{name}: {retrans:.0f} retransmits per s")
+            out += self._over("retransmits", name, retrans, f"{name}: {retrans:.0f} retransmits per s")
         return out
 
     def _net(self, old, new, dt: float) -> list[Signal]:
-        c, out = self.config, []
+        out = []
         before = {i.name: i for i in old.interfaces}
         for i in new.interfaces:
             if i.up:
@@ -162,14 +139,13 @@ class EvidenceTracker:
                 continue
             paused = sum(max(0.0, v - prev.pause_seconds.get(k, v)) for k, v in i.pause_seconds.items()
                          if k[1] == "rx") / dt
-            out += _over("pfc_pause", i.name, paused, c.pause_ratio,
-                         f"{i.name}: PFC-paused {100 * paused:.0f}% of the time")
+            out += self._over("pfc_pause", i.name, paused, f"{i.name}: PFC-paused {100 * paused:.0f}% of the time")
         return out
 
     # -- storage ------------------------------------------------------------------------------
 
     def _nfs(self, old, new, dt: float) -> list[Signal]:
-        c, out = self.config, []
+        out = []
         t = self._windows["nfs"].new[1]
         before = {m.mountpoint: m for m in old.mounts}
         mounted = {m.mountpoint for m in new.mounts}
@@ -183,58 +159,58 @@ class EvidenceTracker:
             if per_op is None:
                 continue
             if m.role == "checkpoint":  # only checkpoints write there: GPUs waiting on them wait on a checkpoint
-                out += _over("checkpoint_write_latency", m.mountpoint, per_op[0], c.write_latency_seconds,
-                             f"{m.mountpoint}: checkpoint WRITE takes {1000 * per_op[0]:.0f} ms")
+                out += self._over("checkpoint_write_latency", m.mountpoint, per_op[0],
+                                  f"{m.mountpoint}: checkpoint WRITE takes {1000 * per_op[0]:.0f} ms")
             else:
-                out += _over("write_latency", m.mountpoint, per_op[0], c.write_latency_seconds,
-                             f"{m.mountpoint}: WRITE takes {1000 * per_op[0]:.0f} ms")
+                out += self._over("write_latency", m.mountpoint, per_op[0],
+                                  f"{m.mountpoint}: WRITE takes {1000 * per_op[0]:.0f} ms")
         return out
 
     def _reads(self, m, prev, t: float) -> list[Signal]:
-        c, out = self.config, []
+        out = []
         ops = m.ops.get("READ", {}).get("ops", 0.0)
         last = self._last_read.get(m.mountpoint)
         if last is None or ops > last[0]:
             self._last_read[m.mountpoint] = (ops, t if last is not None else float("-inf"))
         elif m.role == "data" and last[1] > float("-inf"):
-            out += _over("reads_stalled", m.mountpoint, t - last[1], c.reads_stalled_after,
-                         f"{m.mountpoint}: no READ completed for {t - last[1]:.0f} s")
+            out += self._over("reads_stalled", m.mountpoint, t - last[1],
+                              f"{m.mountpoint}: no READ completed for {t - last[1]:.0f} s")
         per_op = _per_op(prev, m, "READ")
         if per_op is None:
             return out
         execute, queue = per_op
-        out += _over("read_latency", m.mountpoint, execute, c.read_latency_seconds,
-                     f"{m.mountpoint}: READ takes {1000 * execute:.0f} ms")
-        out += _over("read_queue", m.mountpoint, queue, c.read_queue_seconds,
-                     f"{m.mountpoint}: READ queued {1000 * queue:.0f} ms")
+        out += self._over("read_latency", m.mountpoint, execute, f"{m.mountpoint}: READ takes {1000 * execute:.0f} ms")
+        out += self._over("read_queue", m.mountpoint, queue, f"{m.mountpoint}: READ queued {1000 * queue:.0f} ms")
         return out
 
     def _probes(self, view: NodeView) -> list[Signal]:
-        c, out = self.config, []
+        out = []
         for p in view.probes:
-            out += _over("probe_hung", p.mountpoint, p.inflight_seconds, c.probe_hung_seconds,
-                         f"{p.mountpoint}: probe unanswered for {p.inflight_seconds:.0f} s")
+            out += self._over("probe_hung", p.mountpoint, p.inflight_seconds,
+                              f"{p.mountpoint}: probe unanswered for {p.inflight_seconds:.0f} s")
             slowest = max(p.latest.items(), key=lambda kv: kv[1], default=None)
             if slowest is not None:
-                out += _over("probe_slow", p.mountpoint, slowest[1], c.probe_latency_seconds,
-                             f"{p.mountpoint}: {slowest[0]} probe took {slowest[1]:.1f} s")
+                out += self._over("probe_slow", p.mountpoint, slowest[1],
+                                  f"{p.mountpoint}: {slowest[0]} probe took {slowest[1]:.1f} s")
         return out
+
+    def _over(self, kind: str, source: str, value: float, text: str) -> list[Signal]:
+        """The signal, when the value is past its threshold ([detect], named by its row of SIGNALS);
+        its strength is how far."""
+        threshold = getattr(self.config, SIGNALS[kind].threshold)
+        return [Signal(kind, source, value / threshold, text)] if value > threshold else []
 
     # -- host -----------------------------------------------------------------------------------
 
     def _host(self, old, new, dt: float) -> list[Signal]:
-        c, out = self.config, []
-        for resource, kind, threshold in (("cpu", "cpu_pressure", c.cpu_pressure_ratio),
-                                          ("memory", "memory_pressure", c.memory_pressure_ratio)):
+        out = []
+        for resource, kind in (("cpu", "cpu_pressure"), ("memory", "memory_pressure")):
             share = _rate(old.some_seconds, new.some_seconds, resource, dt)
-            out += _over(kind, "node", share, threshold,
+            out += self._over(kind, "node", share,
                          f"{resource} pressure: tasks waited {100 * share:.0f}% of the time")
         return out
 
 
-def _over(kind: str, source: str, value: float, threshold: float, text: str) -> list[Signal]:
-    """The signal, when the value is past its threshold; its strength is how far."""
-    return [Signal(kind, source, value / threshold, text)] if value > threshold else []
 
 
 def _per_op(prev, m, op: str) -> tuple[float, float] | None:

@@ -22,8 +22,14 @@ only where no scheduler's cgroup speaks: `_claims`), each process for itself
 (one process's claim never labels another's PIDs); failing that,
 a job that declared itself through step hints (the hint API's `job`, with its
 PID or the GPUs it names, or the only job hinting on the node); else
-`unknown`. A job is followed by its **process set**: when the PIDs of a job
-are replaced by a disjoint set with the same job id (a relaunch, a requeue,
+`unknown`. **Which job a step hint counts for** (`_hinted_job`): the job of
+the process it names, where that is a GPU process the agent sees; a hint that
+names another job is refused, as the scheduler's cgroup is what the agent
+measures the job's time and restarts by. Else the job the hint names (its own
+account: never merged into another job's), else the only job on the GPUs.
+
+A job is followed by its **process set**: when the PIDs of a job are
+replaced by a disjoint set with the same job id (a relaunch, a requeue,
 within `FORGET_AFTER` of the last sighting), it **restarted**, and the
 productive seconds since its last completed checkpoint are **lost work**:
 the checkpoint holds the state of its start, so the productive time since that
@@ -31,9 +37,19 @@ start is what must be done again. Steps hinted by the job give the same in
 steps, exactly: the new run resumes at the step after the checkpoint.
 
 **Steps** come from the job (`stoker.hints.step`): numbers increasing within
-a run (one process set, or one launch as the job names it); a step number
-already seen in the run is a duplicate (a retried batch, a second rank), a
-batch from a run that was replaced is stale. Durations go to a histogram.
+a run (one launch as the job names it); a step number already seen in the run
+is a duplicate (a retried batch, a second rank); a replaced run that reports
+newer steps counts again, unless the agent saw its processes go (then it
+is stale: a late batch). Durations go to a histogram.
+
+Anyone with the hint token can send steps in any job's name over TCP (no peer
+credentials), so what one sender can do to a job's accounts is bounded by what
+the node shows: a new run of a job whose processes the agent sees needs new
+processes (a relaunch) while its current run reports, new runs come at most
+every `NEW_RUN_EVERY`, a run's steps advance at most `MAX_STEP_RATE` a second,
+and no more steps are lost than were reported. Nothing one request does lasts:
+a run that claimed a job and went silent yields to the next within
+`NEW_RUN_EVERY`, and a replaced run that reports again counts again.
 
 Cardinality: at most `MAX_JOBS` jobs; a job neither on a GPU nor hinting for
 `FORGET_AFTER` seconds is forgotten with its series.
@@ -42,15 +58,15 @@ Cardinality: at most `MAX_JOBS` jobs; a job neither on a GPU nor hinting for
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from stoker import logs
 from stoker.config import DetectConfig
 from stoker.detect.checkpoint import HintError
+from stoker.detect.policy import CAUSE_NAMES
 from stoker.histogram import Histogram
-from stoker.sources.jobs import JOB_ID, JobSnapshot, Owner
+from stoker.sources.jobs import JOB_ID, SLUID, JobSnapshot, Owner
 
 if TYPE_CHECKING:
     from stoker.detect.checkpoint import CheckpointTracker
@@ -58,7 +74,7 @@ if TYPE_CHECKING:
 
 log = logs.get("goodput")
 
-STATES = ("productive", "idle", "storage", "network", "host", "checkpoint", "peer")
+STATES = ("productive", "idle", *CAUSE_NAMES, "peer")  # a starved second goes to the verdict's cause
 NODE_STATES = STATES + ("no_job", "unknown")
 UNKNOWN = "unknown"
 SCHEDULERS = ("slurm", "kubernetes", "none")
@@ -70,6 +86,14 @@ DECLARED_FOR = 60.0
 """A job that hinted within this long is on the node for the purpose of claiming GPUs nobody else owns."""
 MAX_JOBS = 16
 RUNS_REMEMBERED = 8
+NEW_RUN_EVERY = 30.0
+"""A job's new runs come at most this often: a relaunch starts its processes, NCCL and a checkpoint
+load before its first step. More are refused (429), so restarts counted from runs are relaunches."""
+MAX_STEP_RATE = 1000.0
+"""Steps a second a run can advance: ten times a 1B model's on 8 H100s. A step further ahead of the
+run's last than this (plus one request's worth) is refused rather than made its last step."""
+STEP_SLACK = 256
+"""Steps one request may carry: a run advances at least this much from one batch to the next."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +120,15 @@ class Declaration:
 
 
 @dataclass
+class Run:
+    """One launch of a job, as its step hints name it."""
+
+    last_step: int | None = None
+    t: float = 0.0  # when it last brought a new step
+    pids: frozenset[int] = frozenset()  # the job's processes when it began (none seen: not known)
+
+
+@dataclass
 class JobAccount:
     job_id: str
     scheduler: str = "none"
@@ -113,9 +146,9 @@ class JobAccount:
     tokens: int = 0
     samples: int = 0
     step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))
-    last_step: int | None = None
-    run: str | None = None
-    runs: deque = field(default_factory=lambda: deque(maxlen=RUNS_REMEMBERED))  # replaced runs
+    run: str | None = None  # the run that brought the latest step
+    runs: dict[str, Run] = field(default_factory=dict)  # it and the runs before it, RUNS_REMEMBERED at most
+    new_run_at: float | None = None
     declared: Declaration | None = None
     data_wait_seconds: float | None = None  # waiting for the next batch, over the steps that said (hints)
     nodes: int | None = None  # the nodes the job says it spans (hints)
@@ -125,6 +158,11 @@ class JobAccount:
         """Productive seconds a restart now would lose."""
         return max(0.0, self.productive - self.saved)
 
+    @property
+    def last_step(self) -> int | None:
+        """The last step of the run that reported last."""
+        return self.runs[self.run].last_step if self.run is not None else None
+
 
 class GoodputLedger:
     def __init__(self, config: DetectConfig, clock: Callable[[], float] = time.monotonic):
@@ -133,7 +171,7 @@ class GoodputLedger:
         self.node = {s: 0.0 for s in NODE_STATES}
         self.jobs: dict[str, JobAccount] = {}
         self.gpus: dict[tuple[str, str], list[Binding]] = {}  # (index, uuid) -> jobs on it, at the last tick
-        self._pid_jobs: dict[int, str] = {}
+        self._pid_owner: dict[int, Binding] = {}  # a GPU process -> its job (not unknown), at the last tick
         self._held_since: dict[tuple[str, str], tuple[frozenset[int], float]] = {}  # GPU -> (its processes, since)
         self._t: float | None = None
         self._mounts: dict[str, tuple[float | None, int]] = {}  # mountpoint -> (last start, completed)
@@ -148,18 +186,23 @@ class GoodputLedger:
         if gpu is not None:
             claims = _claims(gpu, jobs.owners if jobs is not None else {})
             self.gpus = self._bind(t, gpu, claims)
-            self._pid_jobs = {}
+            self._pid_owner = {}
             for g in gpu.gpus:
                 key = (str(g.index), g.uuid)
                 own = claims.get(key, {})
-                for b in self.gpus.get(key, []):
+                bindings = self.gpus.get(key, [])
+                for b in bindings:
                     _, keys, pids = held.setdefault(b.job_id, (b, set(), set()))
                     keys.add(key)
                     # a process placed by its cgroup or environment is its own job's, not that of another
                     # process on the same GPU; a job that hinted (or unknown) holds all of the GPU's
-                    mine = [p for p in g.pids if p in own and own[p].job_id == b.job_id] if own else g.pids
-                    pids.update(mine)
-                    self._pid_jobs.update((p, b.job_id) for p in mine)
+                    pids.update([p for p in g.pids if p in own and own[p].job_id == b.job_id] if own else g.pids)
+                declared = bindings[0] if bindings and bindings[0].source == "hint" else None
+                for p in g.pids:  # whose each process is, for the step hints it sends: placed, else declared
+                    owner = own.get(p)
+                    mine = Binding(owner.job_id, owner.scheduler, owner.source) if owner is not None else declared
+                    if mine is not None:
+                        self._pid_owner[p] = mine
         else:
             self.gpus = {}
         node_busy = _mean(busy.values())
@@ -246,6 +289,8 @@ class GoodputLedger:
         if acct.pids and pids.isdisjoint(acct.pids) and acct.job_id != UNKNOWN:
             self._restart(acct, "its processes were replaced")
         acct.pids = pids
+        if acct.run is not None and not acct.runs[acct.run].pids:  # it began before the agent saw its processes
+            acct.runs[acct.run].pids = pids
 
     def _restart(self, acct: JobAccount, why: str) -> None:
         lost = acct.unsaved
@@ -307,33 +352,35 @@ class GoodputLedger:
     def record_steps(self, steps: Iterable[StepRecord], job: str | None = None, run: str | None = None,
                      pid: int | None = None, gpus: Iterable[str] = (), scheduler: str | None = None,
                      nodes: int | None = None) -> tuple[str, int, int]:
-        """Steps a job reported: (the job they were counted for, accepted, duplicates or stale);
-        `nodes`: how many nodes the job says it spans.
-        Raises HintError (400: no job to count them for; 429: too many jobs)."""
+        """Steps a job reported: (the job they were counted for, accepted, duplicates or stale); `nodes`:
+        how many nodes the job says it spans.
+        Raises HintError, and counts nothing, when they cannot be the job's: 400 (no job to count them
+        for, a step implausibly far ahead), 409 (the process is another job's, a new run from the
+        processes of the current one), 429 (too many jobs, too many new runs)."""
         steps = sorted(steps, key=lambda s: s.step)
         t = self._clock()
-        job_id = self._hinted_job(job, pid)
-        acct = self._account(job_id, scheduler or "none", t, hinted=job_id not in self.jobs)
+        job_id = self._hinted_job(job, pid, scheduler)
+        run = run or f"pid:{pid}"
+        acct = self.jobs.get(job_id)
+        if acct is not None and steps:
+            self._check_run(acct, run, steps[-1].step, t)
+        acct = self._account(job_id, scheduler or "none", t, hinted=acct is None)
         acct.declared = Declaration(t, pid, frozenset(gpus))
         acct.last_seen = max(acct.last_seen, t)
         if nodes is not None:
             acct.nodes = nodes
-        run = run or f"pid:{pid}"
-        if run != acct.run:
-            if run in acct.runs:
-                return job_id, 0, len(steps)  # a run already replaced: its steps are stale
-            if acct.run is not None:
-                acct.runs.append(acct.run)
-                if steps and acct.last_step is not None and steps[0].step <= acct.last_step:
-                    acct.lost_steps += acct.last_step - steps[0].step + 1
-                if not acct.pids:  # no process set to follow (another PID namespace): the run is the process set
-                    self._restart(acct, "it reports steps from a new run")
-            acct.run, acct.last_step = run, None
+        if not steps:
+            return job_id, 0, 0
+        if run not in acct.runs:
+            self._new_run(acct, run, steps[0].step, t)
+        mine = acct.runs[run]
+        if run != acct.run and mine.pids and mine.pids.isdisjoint(acct.pids):
+            return job_id, 0, len(steps)  # a replaced run whose processes are gone: a late batch, stale
         accepted = 0
         for s in steps:
-            if acct.last_step is not None and s.step <= acct.last_step:
+            if mine.last_step is not None and s.step <= mine.last_step:
                 continue
-            acct.last_step = s.step
+            mine.last_step = s.step
             acct.steps += 1
             accepted += 1
             acct.tokens += s.tokens or 0
@@ -342,26 +389,77 @@ class GoodputLedger:
                 acct.step_seconds.observe(s.seconds)
                 if s.data_wait is not None:
                     acct.data_wait_seconds = (acct.data_wait_seconds or 0.0) + min(s.data_wait, s.seconds)
+        if accepted:  # a replaced run that still runs (or whose processes nobody sees) is the current one again
+            mine.t, acct.run = t, run
         return job_id, accepted, len(steps) - accepted
 
-    def _hinted_job(self, job: str | None, pid: int | None) -> str:
-        """Whose steps: the job of the GPU process that sent them (same PID namespace: the agent knows
-        better), the job named if it is on the node, the only scheduler job on the node (the job's name
-        for itself is not the scheduler's), else the job named."""
-        if pid is not None and self._pid_jobs.get(pid, UNKNOWN) != UNKNOWN:
-            return self._pid_jobs[pid]
-        if job is not None and job in self.jobs:
+    def _check_run(self, acct: JobAccount, run: str, top: int, t: float) -> None:
+        """What the node says against these steps: a known run's steps advance at a plausible rate; a new
+        run of a job whose processes the agent sees needs processes other than those of its current run,
+        while that run reports; new runs come at most every NEW_RUN_EVERY. Any token holder can name any
+        job, and without this one request could make another job's steps stale, lost or restarted for
+        good. (Which of two runs claiming the same new processes is the job's, nobody can tell over TCP:
+        the one that keeps reporting wins.)"""
+        mine = acct.runs.get(run)
+        if mine is not None:
+            if mine.last_step is not None and top - mine.last_step > STEP_SLACK + MAX_STEP_RATE * (t - mine.t):
+                raise HintError(f"step {top} of run {run} is {top - mine.last_step} steps past its step "
+                                f"{mine.last_step} of {t - mine.t:.0f} s ago: more than {MAX_STEP_RATE:g} "
+                                "steps a second", status=400)
+            return
+        if acct.run is None:
+            return
+        current = acct.runs[acct.run]
+        if acct.pids and not acct.pids.isdisjoint(current.pids) and t - current.t < NEW_RUN_EVERY:
+            raise HintError(f"a new run ({run}) of job {acct.job_id} is refused: the job still runs the processes "
+                            f"that began its run {acct.run}, and a relaunch comes with new processes (steps of "
+                            "something else go under another `job`)", status=409)
+        if acct.new_run_at is not None and t - acct.new_run_at < NEW_RUN_EVERY:
+            raise HintError(f"job {acct.job_id} began a new run {t - acct.new_run_at:.0f} s ago: at most one "
+                            f"every {NEW_RUN_EVERY:g} s", status=429)
+
+    def _new_run(self, acct: JobAccount, run: str, first: int, t: float) -> None:
+        """A new launch of the job. It resumes at `first`: the steps from there to the last one of the run
+        it replaces are done again, lost (never more than the job reported and had not lost yet). That
+        run is the latest one begun on other processes than the job's now, where the agent sees them (a
+        run that claimed the new processes before is not it), else the current one. Without a process
+        set to follow (another PID namespace) the new run is the job's restart."""
+        if acct.run is not None:
+            before = max((r for r in acct.runs.values() if r.pids and r.pids.isdisjoint(acct.pids)),
+                         key=lambda r: r.t, default=acct.runs[acct.run])
+            last = before.last_step
+            if last is not None and first <= last:
+                acct.lost_steps += min(last - first + 1, acct.steps - acct.lost_steps)
+            if not acct.pids:
+                self._restart(acct, "it reports steps from a new run")
+        acct.runs[run] = Run(None, t, acct.pids)
+        acct.new_run_at = t
+        while len(acct.runs) > RUNS_REMEMBERED:
+            del acct.runs[min((r for r in acct.runs if r not in (run, acct.run)), key=lambda r: acct.runs[r].t)]
+
+    def _hinted_job(self, job: str | None, pid: int | None, scheduler: str | None = None) -> str:
+        """Whose steps. The job of the GPU process that sent them (same PID namespace: the agent knows),
+        from its cgroup or environment: a hint naming another job is refused, never merged into either
+        (the scheduler's id is the one the GPU time and restarts are counted under), but for Slurm's
+        two names of one job. Else the job named, in its own account; else the job that declared that
+        process, else the only job on the GPUs."""
+        owner = self._pid_owner.get(pid) if pid is not None else None
+        if owner is not None and owner.source != "hint":
+            if job is not None and job != owner.job_id and not _slurm_names(owner, job, scheduler):
+                raise HintError(f"pid {pid} is a process of job {owner.job_id} ({owner.scheduler}, from its "
+                                f"{owner.source}), not of job {job}: send `job` {owner.job_id} or none (under a "
+                                "scheduler, leave STOKER_JOB_ID unset)", status=409)
+            return owner.job_id
+        if job is not None:
+            if not JOB_ID.fullmatch(job) or job == UNKNOWN:
+                raise HintError("`job` must be 1-128 characters of letters, digits and ._:@+/-", status=400)
             return job
-        on_gpus = {b.job_id: b for bindings in self.gpus.values() for b in bindings}
+        if owner is not None:
+            return owner.job_id
+        on_gpus = {b.job_id for bindings in self.gpus.values() for b in bindings if b.job_id != UNKNOWN}
         if len(on_gpus) == 1:
-            (only,) = on_gpus.values()
-            if only.source in ("cgroup", "environ") or job is None:
-                return only.job_id
-        if job is None:
-            raise HintError("give `job`: no single job holds this node's GPUs", status=400)
-        if not JOB_ID.fullmatch(job) or job == UNKNOWN:
-            raise HintError("`job` must be 1-128 characters of letters, digits and ._:@+/-", status=400)
-        return job
+            return on_gpus.pop()
+        raise HintError("give `job`: no single job holds this node's GPUs", status=400)
 
 
 def _claims(gpu: GpuSnapshot, owners: dict[int, Owner | None]) -> dict[tuple[str, str], dict[int, Owner]]:
@@ -377,6 +475,16 @@ def _claims(gpu: GpuSnapshot, owners: dict[int, Owner | None]) -> dict[tuple[str
         scheduled = {p: o for p, o in mine.items() if o.source == "cgroup"}
         out[(str(g.index), g.uuid)] = scheduled or {p: o for p, o in mine.items() if o.job_id not in placed}
     return out
+
+
+def _slurm_names(owner: Binding, job: str, scheduler: str | None) -> bool:
+    """Whether `job`, a Slurm job id from the sender's environment (`scheduler` slurm: the helper's
+    $SLURM_JOB_ID), is the other name of the Slurm job whose cgroup holds the sender: from 26.05 the
+    cgroup is named by the job's SLUID unless `CgroupJobIdPaths=yes`, and SLURM_JOB_ID is the number
+    (docs/JOBS.md); nothing maps one to the other, but one process is in one job."""
+    names = (owner.job_id, job)
+    return owner.scheduler == scheduler == "slurm" and any(
+        SLUID.fullmatch(a) is not None and b.isascii() and b.isdigit() for a, b in (names, names[::-1]))
 
 
 def _mean(values: Iterable[float]) -> float | None:

@@ -80,5 +80,5 @@ class JobTracker:
 
     def seed(self, t: float, level: float) -> None:
         """The level a previous run of the agent learned for this very job."""
-        for i in reversed(range(MIN_BASELINE_SAMPLES)):
-            self.remember(t - i * 1e-3, level)
+        for _ in range(MIN_BASELINE_SAMPLES):
+            self.remember(t, level)

@@ -36,17 +36,17 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
-from stoker.detect.attribution import CAUSES, MIN_SCORE
 from stoker.detect.goodput import UNKNOWN
+from stoker.detect.policy import CAUSE_NAMES, RESIDUAL, WEIGHTS
 
 if TYPE_CHECKING:
     from stoker.detect.goodput import GoodputLedger
     from stoker.detect.view import NodeView
 
 PEER = "peer"
-VERDICT_CAUSES = CAUSES + (PEER,)
+VERDICT_CAUSES = CAUSE_NAMES + (PEER,)
 """Every cause a verdict can name: the engine's local causes and `peer`."""
 
 RESIDENT = 0.8
@@ -98,6 +98,14 @@ class PeerJudge:
         """The verdict the last tick showed, given the engine's."""
         return PEER if self.active else engine_cause
 
+    def starved_seconds(self, engine: Mapping[str, float]) -> dict[str, float]:
+        """The engine's time starved by cause, the time this judge turned into `peer` moved out of the
+        residual's (the engine counted it as its own)."""
+        out = dict(engine)
+        out[RESIDUAL] = out.get(RESIDUAL, 0.0) - self.seconds
+        out[PEER] = self.seconds
+        return out
+
     def judge(self, t: float, cause: str | None, reasons: list[str], view: NodeView, scores: dict[str, float],
               ledger: GoodputLedger, pids: frozenset[int], at_level: bool, busy: float | None
               ) -> tuple[str | None, list[str]]:
@@ -110,7 +118,7 @@ class PeerJudge:
         self._observe_steps(t, jobs, ledger)
         self.waiting, idle, utilization = _signature(view, busy)
         self.active = False
-        if cause != "host" or scores.get("host", 0.0) >= MIN_SCORE:
+        if cause != RESIDUAL or scores.get(RESIDUAL, 0.0) >= WEIGHTS.explains:
             return cause, reasons
         spans = [(job_id, *self.spans[job_id].multinode(_nodes(ledger, job_id))) for job_id in jobs]
         multi = [(job_id, how) for job_id, many, how in spans if many]

@@ -3,6 +3,8 @@
 A value of None in a sample means "absent": that series is left out rather
 than exported as zero, so an unsupported reading never looks like an idle GPU.
 A GPU that is down keeps only `stoker_gpu_info` and `stoker_gpu_up 0`.
+A MIG-enabled GPU's instances are series of their own, labelled by GPU
+instance id (`stoker_gpu_instance_*`).
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ def families(snapshot: GpuSnapshot) -> Iterable[Metric]:
         out.append(fam)
 
     source = GaugeMetricFamily("stoker_gpu_activity_source", "1 for where the GPU's busy ratio comes from: gpm "
-                               "(SM activity), or utilization (utilization.gpu bounded by power draw).",
-                               labels=L + ["source"])
+                               "(SM activity), utilization (utilization.gpu bounded by power draw), or none (a "
+                               "MIG-enabled GPU without GPM: NVML gives no activity).", labels=L + ["source"])
     denied = GaugeMetricFamily("stoker_gpu_permission_denied", "1 for each NVML call refused to the agent's user "
                                "(gpm: profiling restricted to administrators).", labels=L + ["call"])
     for g in live:
@@ -96,6 +98,7 @@ def families(snapshot: GpuSnapshot) -> Iterable[Metric]:
         for call in g.refused:
             denied.add_metric(_ids(g) + [call], 1)
     out += [source, denied]
+    out += _mig(live)
 
     xid = CounterMetricFamily("stoker_gpu_xid_errors", "XID events.", labels=L + ["xid"])
     xid_ts = GaugeMetricFamily("stoker_gpu_xid_last_timestamp_seconds", "When that XID was last seen.",
@@ -106,6 +109,46 @@ def families(snapshot: GpuSnapshot) -> Iterable[Metric]:
             xid_ts.add_metric(_ids(g) + [str(code)], g.xid_last_seen.get(code, 0.0))
     out += [xid, xid_ts]
     return out
+
+
+INSTANCE_GPM = [
+    ("sm_active", "stoker_gpu_instance_sm_active_ratio", "GPM SM activity of the MIG GPU instance / 100."),
+    ("sm_occupancy", "stoker_gpu_instance_sm_occupancy_ratio", "GPM SM occupancy of the MIG GPU instance / 100."),
+    ("tensor_active", "stoker_gpu_instance_tensor_active_ratio",
+     "GPM any-tensor activity of the MIG GPU instance / 100."),
+    ("dram_active", "stoker_gpu_instance_dram_active_ratio", "GPM DRAM bandwidth utilisation of the MIG GPU "
+     "instance / 100."),
+]
+
+
+def _mig(gpus: list[GpuSample]) -> list[Metric]:
+    """MIG mode where the GPU has one, and each GPU instance of a MIG-enabled GPU."""
+    mode = GaugeMetricFamily("stoker_gpu_mig_enabled", "1 while the GPU is in MIG mode, 0 when it is not.", labels=L)
+    il = L + ["gpu_instance"]
+    info = GaugeMetricFamily("stoker_gpu_instance_info", "MIG GPU instance identity: mig_uuid names its first "
+                             "compute instance, as CUDA_VISIBLE_DEVICES does.", labels=il + ["mig_uuid"])
+    procs = GaugeMetricFamily("stoker_gpu_instance_compute_processes", "Compute processes in the MIG GPU instance.",
+                              labels=il)
+    used = GaugeMetricFamily("stoker_gpu_instance_memory_used_bytes", "Framebuffer memory in use in the MIG GPU "
+                             "instance.", labels=il)
+    total = GaugeMetricFamily("stoker_gpu_instance_memory_total_bytes", "Framebuffer memory of the MIG GPU instance.",
+                              labels=il)
+    ratios = [(key, GaugeMetricFamily(name, help_text, labels=il)) for key, name, help_text in INSTANCE_GPM]
+    for g in gpus:
+        if g.mig is not None:
+            mode.add_metric(_ids(g), 1 if g.mig else 0)
+        for inst in g.instances:
+            ids = _ids(g) + [str(inst.gpu_instance)]
+            info.add_metric(ids + [inst.uuid], 1)
+            procs.add_metric(ids, len(inst.pids))
+            if inst.memory_used_bytes is not None:
+                used.add_metric(ids, inst.memory_used_bytes)
+            if inst.memory_total_bytes is not None:
+                total.add_metric(ids, inst.memory_total_bytes)
+            for key, fam in ratios:
+                if key in inst.gpm:
+                    fam.add_metric(ids, inst.gpm[key])
+    return [mode, info, procs, used, total, *(fam for _, fam in ratios)]
 
 
 def _ids(g: GpuSample) -> list[str]:

@@ -13,9 +13,14 @@ Steps (`POST /api/v1/steps`, docs/JOBS.md) come in batches from the
      "steps": [{"step": 1200, "seconds": 1.92, "tokens": 4194304, "samples": 1024, "data_wait": 0.04}, ...]}
 
 Only `steps` is required (each with its `step`); the answer names the job
-they were counted for and how many were new. `nodes` (the nodes the job
-spans) and each step's `data_wait` (of its `seconds`, the time it waited for
-its next batch) are optional (detect/peer.py uses them).
+they were counted for and how many were new. Which job that is, and what is
+refused (409: the `pid` is a GPU process of another job, or a new run from the
+processes of the job's current one; 429: new runs too often; 400: a step too
+far ahead of its run), is the ledger's rule (detect/goodput.py, docs/JOBS.md).
+The listener is TCP, which carries no peer credentials: `pid` is the sender's
+word, checked against what the node shows, not proven. `nodes` (the nodes the
+job spans) and each step's `data_wait` (of its `seconds`, the time it waited
+for its next batch) are optional (detect/peer.py uses them).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ MAX_EXPECTED_BYTES = 2**63 - 1
 """9 EB, more than any checkpoint; it ends up in a float gauge, which a 400-digit integer would break."""
 MAX_STEPS = 256
 """Steps in one request; the helper sends at most 128 (the body limit holds about 200)."""
-MAX_STEP_NUMBER = 2**63 - 1
+MAX_STEP_NUMBER = 2**53
+"""Exact in a float, which `stoker_job_last_step` is; a billion times more steps than any training run takes."""
 MAX_COUNT = 2**53
 """Tokens or samples of one step: exact in a float, beyond any global batch."""
 MAX_STEP_SECONDS = 7 * 86400.0
@@ -184,7 +190,7 @@ def _codec(charset: str) -> str | None:
 
 def _http(status: int, message: str) -> web.HTTPException:
     cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict,
-           429: web.HTTPTooManyRequests}.get(status, web.HTTPBadRequest)
+           429: web.HTTPTooManyRequests, 503: web.HTTPServiceUnavailable}.get(status, web.HTTPBadRequest)
     return cls(text=json.dumps({"error": message}), content_type="application/json")
 
 

@@ -15,38 +15,24 @@ Operators reuse the file they wrote for node_exporter:
         Strict-Transport-Security: max-age=31536000
 
 Everything in the file is checked when the agent starts: a malformed file (a list
-where a mapping belongs, an unknown TLS version, a broken bcrypt hash) is one
-line naming the key and exit status 2, never a 500 on every request later.
-
-bcrypt is slow by design (tens of ms a check), so basic auth is built to keep
-the legitimate scraper fast while others guess:
-- an unknown user costs the same bcrypt work as a known one (the password is
-  checked against a dummy hash of the same cost), so user names cannot be found
-  by timing;
-- only verified (user, password) pairs are remembered: each user has one
-  password, so the cache is as small as the user list and no stream of wrong
-  guesses can evict the scraper's entry; a cached scrape never touches bcrypt;
-- one check runs at a time (as in exporter-toolkit), in a thread off the event
-  loop: failing logins queue behind each other and cost the node at most one
-  core, which the training job's data loaders need more.
+where a mapping belongs, an unknown TLS version, a broken bcrypt hash, a value
+YAML cannot build such as `!!timestamp x`) is one line naming the key and exit
+status 2, never a traceback at start or a 500 on every request later. How logins
+are checked is basicauth.py's business.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import hashlib
 import os
 import re
 import ssl
 import stat
 from dataclasses import dataclass, field
 
-import bcrypt
 from aiohttp import web
 
 from stoker.config import ConfigError, read_text
+from stoker.exporters.basicauth import OK, TOO_MANY, Logins
 
 KEY = "agent.web_config_file"
 CLIENT_AUTH = {
@@ -74,9 +60,6 @@ BCRYPT_HASH = re.compile(
     r"\$2[abxy]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{30}[.CGKOSWaeimquy26]")
 DUMMY_TAIL = "Gs.OmItRLSyd00z9FRCFKOO8avkH0c2b369Y4CkF/VV7BdFTEcqd2"
 """Salt and hash of a password nobody has; an unknown user's password is checked against it."""
-BCRYPT_SLOTS = 1
-BCRYPT_MAX_BYTES = 72
-"""bcrypt reads 72 bytes of a password; bcrypt 5 raises on longer ones instead of ignoring the rest."""
 
 
 @dataclass
@@ -135,17 +118,10 @@ def _depth(text: str) -> int:
 
 
 def load(path: str) -> WebConfig:
-    import yaml  # here, not at the top: 1.7 MB of RSS an agent without a web configuration never needs
-
     text = read_text(path, KEY)
     if _depth(text) > MAX_DEPTH:
         raise ConfigError(f"{KEY}: {path}: not valid YAML: nested too deeply")
-    try:
-        doc = yaml.safe_load(text)
-    except RecursionError:
-        raise ConfigError(f"{KEY}: {path}: not valid YAML: nested too deeply") from None
-    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date like 2024-02-30, a 5000-digit integer
-        raise ConfigError(f"{KEY}: {path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    doc = _parse(path, text)
     doc = _mapping(path, "(top)", doc)
     _unknown(path, "", doc, {"tls_server_config", "basic_auth_users", "http_server_config"}, "unknown key")
     config = WebConfig()
@@ -158,6 +134,58 @@ def load(path: str) -> WebConfig:
         config.dummy = f"$2b${cost:02d}${DUMMY_TAIL}".encode()
     config.headers = _headers(path, _mapping(path, "http_server_config", doc.get("http_server_config")))
     return config
+
+
+def _parse(path: str, text: str):
+    """The document as Python values. PyYAML composes the nodes, and they are built here, so that a
+    value PyYAML cannot build (`!!timestamp x`, `!!bool maybe`, a date like 2024-02-30, an integer of
+    5,000 digits) is an error naming its key; PyYAML's own builders let KeyError or AttributeError out."""
+    import yaml  # here, not at the top: 1.7 MB of RSS an agent without a web configuration never needs
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError(f"{KEY}: {path}: not valid YAML: nested too deeply") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{KEY}: {path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    try:
+        return None if node is None else _build(path, node, "(top)", yaml.constructor.SafeConstructor(), {})
+    except RecursionError:
+        raise ConfigError(f"{KEY}: {path}: not valid YAML: nested too deeply") from None
+
+
+def _build(path: str, node, key: str, scalars, built: dict):
+    """Mappings, sequences and scalars (YAML's plain types; no `!!set`, `!!omap` or tags of one's own).
+    `built` holds what each node became: an alias is the same object, built once, so that anchors
+    referring to anchors (a "billion laughs") stay as small as the text."""
+    import yaml
+
+    if id(node) in built:
+        return built[id(node)]
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            return scalars.construct_object(node)
+        except Exception:  # whatever PyYAML's builder for that tag raises: ValueError, KeyError, AttributeError
+            value = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+            raise _err(path, key, f"{value!r} is not a valid {tag}") from None
+    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) or tag not in ("!!map", "!!seq"):
+        raise _err(path, key, f"{tag} is not supported (a mapping, a list or a plain value)")
+    if tag == "!!seq":
+        built[id(node)] = items = []
+        items.extend(_build(path, item, key, scalars, built) for item in node.value)
+        return items
+    try:
+        scalars.flatten_mapping(node)  # merge keys (`<<: *defaults`)
+    except yaml.YAMLError as exc:
+        raise _err(path, key, " ".join(str(exc).split())) from None
+    built[id(node)] = table = {}
+    for key_node, value_node in node.value:
+        name = _build(path, key_node, key, scalars, built)
+        if isinstance(name, (list, dict)):
+            raise _err(path, key, "a key must be a plain value, not a mapping or a list")
+        table[name] = _build(path, value_node, name if key == "(top)" else f"{key}.{name}", scalars, built)
+    return table
 
 
 def _users(path: str, table: dict) -> dict[str, bytes]:
@@ -247,50 +275,29 @@ def _regular(path: str, key: str, filename: str) -> None:
         raise _err(path, key, f"{filename} is not a regular file")
 
 
-def middleware(config: WebConfig):
-    """Basic auth (when users are configured) and the configured response headers."""
-    verified: set[tuple[str, bytes]] = set()
-    slots = asyncio.Semaphore(BCRYPT_SLOTS)
-
-    def check(user: str, password: bytes) -> bool:
-        hashed = config.users.get(user)
-        matches = bcrypt.checkpw(password, hashed if hashed is not None else config.dummy)
-        return matches and hashed is not None
-
-    async def authenticate(user: str, password: bytes) -> bool:
-        key = (user, hashlib.sha256(password).digest())
-        if key in verified:
-            return True
-        async with slots:
-            ok = await asyncio.to_thread(check, user, password)
-        if ok:
-            verified.add(key)
-        return ok
+def secure(app: web.Application, config: WebConfig) -> None:
+    """Basic auth (when users are configured) and the configured response headers on every answer of
+    `app`. When the app shuts down, logins still waiting for bcrypt are turned away at once: before,
+    SIGTERM during a flood of failing logins waited 26 s for each queued check to run."""
+    logins = Logins(config.users, config.dummy) if config.users else None
 
     @web.middleware
     async def guard(request: web.Request, handler):
-        if config.users:
-            credentials = _credentials(request.headers.get("Authorization", ""))
-            if credentials is None or not await authenticate(*credentials):
-                return web.Response(status=401, text="Unauthorized\n",
+        if logins is not None:
+            status = await logins.check(request.remote, request.headers.get("Authorization", ""))
+            if status == TOO_MANY:
+                return web.Response(status=status, text="Too many logins; try again later\n",
+                                    headers={"Retry-After": "1", **config.headers})
+            if status != OK:
+                return web.Response(status=status, text="Unauthorized\n",
                                     headers={"WWW-Authenticate": 'Basic realm="stoker"', **config.headers})
         response = await handler(request)
         response.headers.update(config.headers)
         return response
 
-    return guard
+    async def stop(app: web.Application) -> None:
+        logins.close()
 
-
-def _credentials(header: str) -> tuple[str, bytes] | None:
-    """User and password of a Basic Authorization header (the password cut to what bcrypt reads),
-    or None when there is none: no user name, so nothing to hide by spending bcrypt on it."""
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
-        if not sep:
-            return None
-        return user.decode(), password[:BCRYPT_MAX_BYTES]
-    except (binascii.Error, UnicodeDecodeError):
-        return None
+    app.middlewares.append(guard)
+    if logins is not None:
+        app.on_shutdown.append(stop)

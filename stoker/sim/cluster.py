@@ -227,7 +227,7 @@ class Cluster:
         for a, b in zip(bounds, [*bounds[1:], None]):
             steps.append(self._step(node, a, (b - a) if b is not None else 1e9))
         return Scenario(NODE_NAME.format(node), tuple(steps), spec.description, loop=False,
-                        expect=tuple(spec.expect.get(node, [])))
+                        expect=tuple(spec.expect.get(node, [])), shared_jobs=True)
 
     def _step(self, node: int, t: float, duration: float) -> Step:
         job = self.spec.job_of(node, t)
@@ -311,7 +311,7 @@ def simulations(cluster: Cluster, root: str) -> list:
 
     out = []
     for i, sc in enumerate(cluster.scenarios):
-        sim = Simulation(sc, os.path.join(root, NODE_NAME.format(i)))
+        sim = Simulation(sc, os.path.join(root, NODE_NAME.format(i)), name="")  # the job's ids on all its nodes
         sim.node.couple(cluster.coupling, i)
         out.append(sim)
     for sim in out:

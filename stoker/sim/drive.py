@@ -64,7 +64,7 @@ class SimDrive:
         self._last: dict[str, object] = {}
         self.clock = ManualClock(0.0)
         self.interval = interval
-        self.sim = Simulation(scenario, root, clock=self.clock, skip=skip)
+        self.sim = Simulation(scenario, root, clock=self.clock, skip=skip, name="")  # one node: the scenario's ids
         self.config = self.sim.configure(cfg or config_mod.load())
         self.platform = self.sim.platform()
         self.samples: list[Sample] = []

@@ -36,7 +36,10 @@ SIM_UUID_NAMESPACE = uuid.UUID("8f6d7c2e-5a0c-4e12-9d1b-4c399e8fb0a4")
 
 
 def slurm_job_id(job: str) -> str:
-    """The Slurm job id of a scenario's job name (Slurm's ids are numbers)."""
+    """The Slurm job id of a scenario's job name (Slurm's ids are numbers): a name that is a number
+    is that id (`job = "4242"`), any other gives one of its own."""
+    if job.isascii() and job.isdigit():
+        return job
     return str(1_000_000 + zlib.crc32(job.encode()) % 9_000_000)
 
 
@@ -45,8 +48,9 @@ def pod_uid(job: str) -> str:
 
 
 def job_id(job: str, scheduler: str) -> str:
-    """The id the agent should attribute a scenario's job to: the scheduler's; with no scheduler, the
-    name the job gives itself in its step hints (without hints the agent cannot know it)."""
+    """The id the agent should attribute a job to (its key on the node: `SimNode.job_key`): the
+    scheduler's; with no scheduler, the name the job gives itself in its step hints (without hints the
+    agent cannot know it)."""
     return {"slurm": slurm_job_id, "kubernetes": pod_uid}.get(scheduler, lambda j: j)(job)
 
 
@@ -89,14 +93,15 @@ class SimJobs:
             if not step.has_job or (step.job, step.launch, step.scheduler) in seen:
                 continue
             seen.add((step.job, step.launch, step.scheduler))
+            key = self.node.job_key(step.job)
             for gpu in range(self.node.gpu_count):
                 directory = os.path.join(self.procfs_root, str(job_pid(step.job, gpu, step.launch)))
                 os.makedirs(directory, exist_ok=True)
                 with open(os.path.join(directory, "cgroup"), "w") as fh:
-                    fh.write(cgroup_line(step.job, step.scheduler, gpu))
+                    fh.write(cgroup_line(key, step.scheduler, gpu))
                 env = {"HOME": "/home/trainer", "LOCAL_RANK": str(gpu)}
                 if step.scheduler == "slurm":
-                    env.update(SLURM_JOB_ID=slurm_job_id(step.job), SLURM_LOCALID=str(gpu))
+                    env.update(SLURM_JOB_ID=slurm_job_id(key), SLURM_LOCALID=str(gpu))
                 with open(os.path.join(directory, "environ"), "wb") as fh:
                     fh.write(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
 
@@ -148,8 +153,9 @@ class SimJobs:
     def _hint(self, step, job: _Training) -> dict:
         """What `stoker.hints.Steps` would send from local rank 0: Slurm's job id where the job runs
         under Slurm, else its own name where it has no scheduler, else nothing (the agent finds it)."""
+        key = self.node.job_key(step.job)
         nodes = self.node.coupling.nodes(self.node.index, self.node.elapsed()) if self.node.coupling else None
-        return {"steps": list(job.batch), "job": {"slurm": slurm_job_id(step.job), "none": step.job}.get(
+        return {"steps": list(job.batch), "job": {"slurm": slurm_job_id(key), "none": key}.get(
                     step.scheduler), "run": f"{step.job}#{step.launch}", "pid": job_pid(step.job, 0, step.launch),
                 "scheduler": "slurm" if step.scheduler == "slurm" else None, "nodes": nodes}
 

@@ -73,21 +73,33 @@ def data_wait(step: scenarios.Step) -> float:
 
 class SimNode:
     def __init__(self, scenario: str | scenarios.Scenario = scenarios.DEFAULT, gpu_count: int = GPU_COUNT,
-                 clock: Callable[[], float] = time.monotonic, skip: float = 0.0):
-        """`skip` seconds of the scenario are taken as already past (`stoker check` starts in the fault)."""
+                 clock: Callable[[], float] = time.monotonic, skip: float = 0.0, name: str = "",
+                 held: bool = False):
+        """`skip` seconds of the scenario are taken as already past (`stoker check` starts in the fault).
+        `name`: what makes this node's jobs its own (`job_key`); "": the scenario's jobs as they are.
+        `held`: the scenario stands still at `skip` until `begin()`, so that the seconds an agent takes
+        to start (imports, on a loaded machine several) are not scenario time: a GPU lost at second 10
+        is lost while the agent watches, as the scenario means, however slowly it started."""
         self.scenario = scenarios.get(scenario) if isinstance(scenario, str) else scenario
         self.gpu_count = gpu_count
+        self.name = name
         self.clock = clock
-        self.started = clock() - skip
+        self._skip = skip
+        self.started: float | None = None if held else clock() - skip
         self.coupling = None  # a cluster's (sim/cluster.py): this node's job spans others
         self.index = 0  # its node in the cluster
+
+    def begin(self) -> None:
+        """Start the scenario's clock, if held and not yet started."""
+        if self.started is None:
+            self.started = self.clock() - self._skip
 
     def couple(self, coupling, index: int) -> None:
         """Make this node one of a simulated cluster's: its GPUs wait for the slowest node of its job."""
         self.coupling, self.index = coupling, index
 
     def elapsed(self) -> float:
-        return self.clock() - self.started
+        return self._skip if self.started is None else self.clock() - self.started
 
     def gpu_phase(self, t: float | None = None) -> str:
         step, _ = self.scenario.at(self.elapsed() if t is None else t)
@@ -104,6 +116,15 @@ class SimNode:
         """The job holding the GPUs now; "" when none does."""
         step = self.step()
         return step.job if step.has_job else ""
+
+    def job_key(self, job: str) -> str:
+        """What a job's ids on this node (Slurm job id, pod UID, the name it hints) are made from:
+        its name and the node's, so that nodes started side by side run jobs of their own (a
+        fleet of them is not one job across every node), unless the scenario shares its jobs
+        (`shared_jobs`: one multi-node job, the same ids on every node that plays it)."""
+        if not job or not self.name or self.scenario.shared_jobs:
+            return job
+        return f"{job}@{self.name}"
 
     def launch(self) -> int:
         """The launch of the job holding the GPUs now: another one is a restart (new processes)."""

@@ -7,23 +7,32 @@ new PIDs, its own framebuffer; a new `launch` of the same job is a restart:
 new PIDs, the same job id), the scheduler whose cgroups hold it, the level that
 job reaches (a smaller model replays the recording scaled down), step-to-step
 noise, whether the job hints its checkpoints, and the training steps it
-reports (a step rate). The built-in scenarios are such files
+reports (a step rate). Nodes that play a scenario side by side each run jobs of their
+own (other ids) unless it shares them (`shared_jobs`). At the top level, the NVIDIA driver the fake NVML
+answers as (`driver`), GPUs in MIG mode (`mig`), MPS (`mps`) and an in-place
+driver upgrade (`driver_upgrade_at`). The built-in scenarios are such files
 (`stoker/sim/data/scenarios/*.toml`); operators write their own to reproduce an
 incident, and `stoker replay FILE` judges the verdicts against the file's
 expectations. docs/SCENARIOS.md describes the format.
+
+A scenario file is input from outside: it is read only if it is a regular file
+(a FIFO blocked for ever, /dev/zero read until MemoryError), at most
+`MAX_FILE_BYTES`, and everything in it is bounded (`MAX_*` below): nesting,
+times, steps, expectations, restarts, and the job launches the simulated tree
+holds a /proc/<pid> directory per GPU for. Whatever is wrong is one
+ScenarioError naming the key, never a traceback.
 """
 
 from __future__ import annotations
 
-import sys
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+from stoker.config import parse_toml
+from stoker.sim import drivers
+from stoker.sources.files import Refused, read_operator_file, shown
 
 WARMUP = 10.0
 """Seconds of healthy training the built-in fault scenarios start with, so the job's level is known."""
@@ -35,6 +44,14 @@ HOST = ("normal", "cpu-bound", "memory-pressure")
 VERDICTS = ("none", "storage", "network", "checkpoint", "host", "peer")
 CHECKPOINT_STATES = ("none", "in_progress", "stalled")
 DEFAULT_JOB = "train"
+MAX_FILE_BYTES = 256 << 10  # the largest built-in scenario takes 2.4 KB; TOML of this size parses within 3 s
+MAX_SECONDS = 86400.0  # any time in a scenario (a step, an expectation's window, a restart): a day at most
+MAX_STEPS = 1000
+MAX_EXPECTATIONS = 1000
+MAX_RESTARTS = 100
+MAX_LAUNCHES = 64  # distinct (job, launch, scheduler): 8 /proc/<pid> directories each in the simulated tree
+MAX_COUNT = 1_000_000  # an expected number of checkpoint outcomes
+JOB_NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")  # it names PIDs, cgroups and the job's labels
 
 
 class ScenarioError(ValueError):
@@ -88,6 +105,12 @@ class Scenario:
     outcomes: dict[str, int] = field(default_factory=dict)  # checkpoint outcomes expected by the end
     restarts: tuple[float, ...] = ()  # `stoker replay` restarts the agent at these scenario seconds
     state: str = "kept"  # what a restart finds of the agent's state file: kept (the package's), or lost
+    shared_jobs: bool = False  # every node playing it runs the same jobs (one multi-node job), not its own
+    driver: str = drivers.DEFAULT  # the NVIDIA driver branch the fake NVML answers as (sim/drivers.py)
+    mig: tuple[int, ...] = ()  # GPUs in MIG mode, each with two 3g.40gb instances; the job's rank in the first
+    mps: bool = False  # the job's ranks are MPS clients: the compute-process list shows the MPS server
+    driver_upgrade_at: float | None = None  # the driver is replaced in place: NVML's session ends, and every
+    # nvmlInit after answers LIB_RM_VERSION_MISMATCH
 
     @property
     def period(self) -> float:
@@ -113,7 +136,7 @@ def _check(value, allowed: tuple[str, ...], key: str) -> str:
 
 
 def _number(table: dict, key: str, where: str, default: float | None = None, low: float = 0.0,
-            high: float = float("inf")) -> float:
+            high: float = MAX_SECONDS) -> float:
     value = table.get(key, default)
     if value is None:
         raise ScenarioError(f"{where}.{key}: required")
@@ -130,7 +153,7 @@ def _known(table: dict, allowed: set[str], where: str) -> None:
 
 STEP_KEYS = {"gpu", "seconds", "network", "storage", "host", "lost_gpus", "job", "level", "noise", "hint",
              "profiling", "launch", "scheduler", "step_rate", "tokens_per_step"}
-STEP_DEFAULTS = ("scheduler", "step_rate", "tokens_per_step")
+STEP_DEFAULTS = ("job", "scheduler", "step_rate", "tokens_per_step")
 """Step keys a scenario may also set at its top level, for every step that does not say otherwise."""
 PROFILING = ("allowed", "admin-only")
 STATES = ("kept", "lost")
@@ -151,8 +174,8 @@ def _step(table: dict, where: str, defaults: dict | None = None) -> Step:
     if not isinstance(lost, list) or not all(isinstance(i, int) and 0 <= i < 8 for i in lost):
         raise ScenarioError(f"{where}.lost_gpus: expected a list of GPU indexes 0-7")
     job = table.get("job", DEFAULT_JOB)
-    if not isinstance(job, str):
-        raise ScenarioError(f"{where}.job: expected a string")
+    if not isinstance(job, str) or not JOB_NAME.fullmatch(job):
+        raise ScenarioError(f"{where}.job: expected up to 64 letters, digits, '.', '_' or '-'")
     if not isinstance(table.get("hint", False), bool):
         raise ScenarioError(f"{where}.hint: expected true or false")
     return Step(gpu_phase=_check(table.get("gpu"), GPU_PHASES, f"{where}.gpu"),
@@ -194,33 +217,54 @@ def _expectation(table: dict, where: str) -> Expectation:
 def parse(text: str, name: str) -> Scenario:
     """A scenario from TOML text; ScenarioError names the key that is wrong."""
     try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        table = parse_toml(text)
+    except ValueError as exc:
         raise ScenarioError(f"{name}: not valid TOML: {exc}") from None
     _known(table, {"description", "loop", "fault_at", "restarts", "state", "steps", "expect", "outcomes",
-                   *STEP_DEFAULTS}, name)
+                   "shared_jobs", "driver", "mig", "mps", "driver_upgrade_at", *STEP_DEFAULTS}, name)
     defaults = {key: table[key] for key in STEP_DEFAULTS if key in table}
     steps = table.get("steps")
     if not isinstance(steps, list) or not steps:
         raise ScenarioError(f"{name}: needs at least one [[steps]] table")
+    expect = table.get("expect", [])
+    for key, items, most in (("steps", steps, MAX_STEPS), ("expect", expect, MAX_EXPECTATIONS)):
+        if not isinstance(items, list) or len(items) > most:
+            raise ScenarioError(f"{name}.{key}: expected a list of at most {most} tables")
     outcomes = table.get("outcomes", {})
-    if not isinstance(outcomes, dict) or not all(isinstance(v, int) for v in outcomes.values()):
-        raise ScenarioError(f"{name}.outcomes: expected a table of outcome = count")
+    if not isinstance(outcomes, dict) or not all(type(v) is int and 0 <= v <= MAX_COUNT for v in outcomes.values()):
+        raise ScenarioError(f"{name}.outcomes: expected a table of outcome = count (0 to {MAX_COUNT})")
     loop = table.get("loop", False)
     if not isinstance(loop, bool):
         raise ScenarioError(f"{name}.loop: expected true or false")
+    shared = table.get("shared_jobs", False)
+    if not isinstance(shared, bool):
+        raise ScenarioError(f"{name}.shared_jobs: expected true or false")
+    mig = table.get("mig", [])
+    if not isinstance(mig, list) or not all(isinstance(i, int) and 0 <= i < 8 for i in mig):
+        raise ScenarioError(f"{name}.mig: expected a list of GPU indexes 0-7")
+    if not isinstance(table.get("mps", False), bool):
+        raise ScenarioError(f"{name}.mps: expected true or false")
+    upgrade = table.get("driver_upgrade_at")
     restarts = table.get("restarts", [])
-    if not isinstance(restarts, list) or not all(isinstance(r, (int, float)) and r > 0 for r in restarts):
-        raise ScenarioError(f"{name}.restarts: expected a list of positive scenario seconds")
+    if not isinstance(restarts, list) or len(restarts) > MAX_RESTARTS or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= MAX_SECONDS for r in restarts):
+        raise ScenarioError(f"{name}.restarts: expected a list of at most {MAX_RESTARTS} scenario seconds "
+                            f"(above 0, at most {MAX_SECONDS:g})")
+    parsed = tuple(_step(s, f"{name}.steps[{i}]", defaults) for i, s in enumerate(steps))
+    if len({(s.job, s.launch, s.scheduler) for s in parsed if s.has_job}) > MAX_LAUNCHES:
+        raise ScenarioError(f"{name}.steps: more than {MAX_LAUNCHES} distinct job launches (job, launch, scheduler)")
     return Scenario(
         name=name,
-        steps=tuple(_step(s, f"{name}.steps[{i}]", defaults) for i, s in enumerate(steps)),
+        steps=parsed,
         description=str(table.get("description", "")),
         loop=loop,
         fault_at=_number(table, "fault_at", name, 0.0),
-        expect=tuple(_expectation(e, f"{name}.expect[{i}]") for i, e in enumerate(table.get("expect", []))),
+        expect=tuple(_expectation(e, f"{name}.expect[{i}]") for i, e in enumerate(expect)),
         outcomes=dict(outcomes), restarts=tuple(sorted(float(r) for r in restarts)),
-        state=_check(table.get("state", "kept"), STATES, f"{name}.state"))
+        state=_check(table.get("state", "kept"), STATES, f"{name}.state"), shared_jobs=shared,
+        driver=_check(table.get("driver", drivers.DEFAULT), tuple(drivers.PROFILES), f"{name}.driver"),
+        mig=tuple(sorted(set(mig))), mps=table.get("mps", False),
+        driver_upgrade_at=None if upgrade is None else _number(table, "driver_upgrade_at", name))
 
 
 def builtin_names() -> list[str]:
@@ -234,14 +278,18 @@ DEFAULT = "cycle"
 def get(name: str) -> Scenario:
     """A built-in scenario by name, or a scenario file by path."""
     if name.endswith(".toml") or "/" in name:
-        try:
-            text = Path(name).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ScenarioError(f"{name}: cannot read: {exc}") from None
-        return parse(text, Path(name).stem)
+        return parse(read(name), Path(name).stem)
     if name not in builtin_names():
         raise ScenarioError(f"unknown scenario {name!r} (built in: {', '.join(builtin_names())}; or a .toml file)")
     return parse((resources.files("stoker.sim") / "data" / "scenarios" / f"{name}.toml").read_text(), name)
+
+
+def read(path: str) -> str:
+    """The text of a scenario file: a regular file (opened without blocking), at most `MAX_FILE_BYTES`, UTF-8."""
+    try:
+        return read_operator_file(path, MAX_FILE_BYTES)
+    except Refused as exc:
+        raise ScenarioError(f"{shown(path)}: {exc}") from None
 
 
 def fault_start(name: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -40,14 +41,19 @@ DEFAULTS = {"probes": ProbesConfig(), "detect": DetectConfig(), "checkpoint": Ch
 class Simulation:
     """Lays out the simulated kernel under `root` (sys/, proc/, nas/) and keeps it moving."""
 
-    def __init__(self, scenario, root: str, rdma_ports: int = 8, clock=time.monotonic, skip: float = 0.0):
+    def __init__(self, scenario, root: str, rdma_ports: int = 8, clock=time.monotonic, skip: float = 0.0,
+                 name: str | None = None, held: bool = False):
+        """`name`: the node's, which makes its jobs its own (`SimNode.job_key`); by default one drawn at
+        random, so that nodes started side by side never report one job; "": the scenario's ids.
+        `held`: the scenario's clock starts when the agent starts driving it (`SimNode.begin`)."""
         self.root = root
+        self.name = secrets.token_hex(4) if name is None else name
         self.sysfs_root = os.path.join(root, "sys")
         self.procfs_root = os.path.join(root, "proc")
         self.token_file = os.path.join(root, "hint-token")
         self.hint_url_file = os.path.join(root, "hint-url")
         self.state_file = os.path.join(root, "state.json")  # /var/lib/stoker/state.json of the package
-        self.node = SimNode(scenario, clock=clock, skip=skip)
+        self.node = SimNode(scenario, clock=clock, skip=skip, name=self.name, held=held)
         self.nvml = FakeNVML(self.node)
         self.network = SimNetwork(self.node, self.sysfs_root, rdma_ports)
         self.storage = SimStorage(self.node, self.procfs_root, os.path.join(root, "nas"), socket.gethostname())
@@ -60,10 +66,12 @@ class Simulation:
         self._hinting = False
         self._hints: list[str] = []  # start | end, for the job's hinted checkpoints, not yet delivered
 
-    def configure(self, cfg: Config) -> Config:
+    def configure(self, cfg: Config, keep_listen: bool = False) -> Config:
         """The configuration pointed at the simulated kernel, its mounts and their roles; the hint
-        API on a free loopback port unless one was chosen (several simulated nodes fit on a machine);
-        the state file in the simulated tree unless one was chosen, as the package keeps one."""
+        API on a free loopback port unless one was chosen (several simulated nodes fit on a machine):
+        an address other than the default, or any with `keep_listen` (`--hint-listen`: a user who
+        names the default address wants that one); the state file in the simulated tree unless one
+        was chosen, as the package keeps one."""
         targets = tuple(ProbeTarget(m.mountpoint, m.probe_dir) for m in self.storage.mounts)
         token_file = cfg.checkpoint.token_file
         if not token_file:
@@ -71,7 +79,7 @@ class Simulation:
             with open(token_file, "w") as fh:
                 fh.write(SIM_TOKEN + "\n")
         listen = cfg.checkpoint.listen
-        if listen == CheckpointConfig().listen:
+        if listen == CheckpointConfig().listen and not keep_listen:
             listen = "127.0.0.1:0"
         shortened = {section: dataclasses.replace(getattr(cfg, section), **{
             key: short for key, short in keys.items()
@@ -109,10 +117,11 @@ class Simulation:
                 tracker.hint_end(CHECKPOINT_MOUNT, "completed")
 
     async def _drive(self, agent: Agent) -> None:
+        self.node.begin()
         if agent.hint_url:
             with open(self.hint_url_file, "w") as fh:
                 fh.write(agent.hint_url + "\n")
-        log.info("simulated node", scenario=self.node.scenario.name, root=self.root,
+        log.info("simulated node", scenario=self.node.scenario.name, name=self.name or None, root=self.root,
                  token_file=agent.config.checkpoint.token_file, hint_url=agent.hint_url)
         loop = asyncio.get_running_loop()
         while True:

@@ -38,6 +38,7 @@ import os
 import re
 import resource
 import stat
+import threading
 import time
 
 
@@ -55,21 +56,28 @@ class NotRegularFile(OSError):
     reason = "not_regular_file"
 
 
-def read_regular(path: str, limit: int | None = None) -> bytes:
-    """The bytes of a regular file (at most `limit`), never blocking on what is not one."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+def read_regular(path: str, limit: int, follow: bool = True) -> bytes:
+    """The bytes of a regular file, at most `limit`, never blocking on what is not one. Read to its
+    end: procfs hands a seq_file out one buffer (about a page) per read. `follow` False: a symbolic
+    link at `path` is refused (ELOOP), as for a file the agent also writes."""
+    fd = open_regular(path, follow)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(f"not a regular file: {path}")
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
-            return fh.read(limit) if limit is not None else fh.read()
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-def open_regular(path: str) -> int:
+def open_regular(path: str, follow: bool = True) -> int:
     """A descriptor of the regular file at `path`; never blocks on what is not one."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile(f"not a regular file: {path}")
@@ -79,6 +87,90 @@ def open_regular(path: str) -> int:
     return fd
 
 
+class Unanswered(OSError):
+    """A read given up at its deadline: the file sits on a mount whose server does not answer."""
+
+    reason = "unanswered"
+
+
+_stuck: dict[str, threading.Thread] = {}  # path -> the thread still in a read given up on
+_stuck_lock = threading.Lock()
+
+
+def read_regular_within(path: str, limit: int, deadline: float) -> bytes:
+    """`read_regular` of a file the operator points at (configuration, web configuration, hint token),
+    given up past `deadline` seconds with `Unanswered`.
+
+    The non-blocking open keeps a FIFO from blocking, but a regular file on a hard NFS mount whose
+    server is away blocks open() and read() in the kernel until it answers, and only a fatal signal
+    ends that wait: SIGTERM with a handler does not. So the read runs in a daemon thread of its own and
+    the caller waits at most `deadline`; the thread is left to its read and ends when it returns, or
+    with the process (a daemon thread does not hold up the interpreter's exit, and the exit's SIGKILL
+    ends the kernel's wait). While a read of `path` is stuck, the next one fails at once: a stream of
+    reloads against a hung file leaves one thread, not one per reload."""
+    with _stuck_lock:
+        if path in _stuck:
+            raise Unanswered(errno.ETIMEDOUT, "still waiting for an earlier read of it to return", path)
+    outcome: list = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            outcome.append((True, read_regular(path, limit)))
+        except BaseException as exc:  # handed to the caller
+            outcome.append((False, exc))
+        with _stuck_lock:  # done, and out of `_stuck`, at once for the caller
+            done.set()
+            if _stuck.get(path) is threading.current_thread():
+                del _stuck[path]
+
+    thread = threading.Thread(target=read, name="stoker-read", daemon=True)
+    thread.start()
+    if not done.wait(deadline):
+        with _stuck_lock:
+            if not done.is_set():
+                _stuck[path] = thread
+                raise Unanswered(errno.ETIMEDOUT, f"no answer within {deadline:g} s (a hung network mount?)",
+                                 path)
+    ok, value = outcome[0]
+    if ok:
+        return value
+    raise value
+
+
+class Refused(ValueError):
+    """A file the operator points at cannot be used; the message says why, without the path."""
+
+
+def shown(path: str) -> str:
+    """A path as an error message shows it: quoted when it holds what a terminal would not show (a NUL)."""
+    return path if path.isprintable() else repr(path)
+
+
+def read_operator_file(path: str, limit: int, deadline: float | None = None) -> str:
+    """The UTF-8 text of a file the operator points at (configuration, scenario, rules, hint token):
+    `read_regular` at most `limit` bytes, within `deadline` seconds when given (`read_regular_within`:
+    Unanswered past it). Every other failure is `Refused`, one reason, for the caller to prefix with
+    what the file is and where."""
+    try:
+        data = read_regular(path, limit + 1) if deadline is None else read_regular_within(path, limit + 1, deadline)
+    except Unanswered:
+        raise
+    except NotRegularFile:
+        raise Refused("not a regular file") from None
+    except OSError as exc:
+        raise Refused(f"cannot read: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise Refused("cannot read: the path holds a NUL byte") from None
+    if len(data) > limit:
+        raise Refused(f"larger than {limit >> 20} MiB" if limit >= 1 << 20 else f"larger than {limit >> 10} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refused(f"not UTF-8 text (byte {exc.start})") from None
+
+
+CHUNK = 1 << 16
 PAGE = 4096  # a sysfs attribute's show() fills at most one page
 KEPT_MAX = 4096
 LIST_TTL = 60.0  # seconds: a listing of an unchanged directory is taken again this often all the same

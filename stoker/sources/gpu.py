@@ -29,6 +29,29 @@ Why it is shaped this way (costs measured on an H200, ../shared/fixtures/h200):
   as an error, until `REPROBE_AFTER` seconds have passed (a driver reloaded
   with the restriction lifted grants it then). Without GPM the GPU's activity
   comes from `utilization.gpu`; `activity_source` says which.
+- Drivers and pynvml releases differ (docs/OPERATIONS.md, supported drivers):
+  a name an older pynvml lacks is taken at its value in the NVML header that
+  added it (the ABI does not change); a field id the driver does not know is
+  answered INVALID_ARGUMENT in that field and never asked again; a function
+  the driver's library lacks (FUNCTION_NOT_FOUND: a newer pynvml over an older
+  driver) drops that call, not the library.
+- After an in-place driver upgrade NVML answers LIB_RM_VERSION_MISMATCH at
+  every nvmlInit: the process keeps the old libnvidia-ml loaded (pynvml never
+  unloads it). Seen after NVML once worked in this process, that needs a new
+  process (`DriverReplaced`); seen at the first nvmlInit, the library on disk
+  is newer than the loaded kernel module, and retrying (after a reboot or a
+  module reload) is the cure.
+- MIG: a MIG-enabled GPU answers no utilisation, and its processes and memory
+  only per instance to an unprivileged user (nvml.h). Its mode is read on the
+  slow tier, so MIG turned on or off is seen without a restart; its GPU
+  instances are read through their MIG device handles: GPM per instance
+  (`nvmlGpmMigSampleGet`), processes and memory. The GPU's activity is that of
+  the instances holding processes (its own GPM sample still gives its PCIe and
+  NVLink bytes); without GPM (profiling refused, or a GPU without it) NVML
+  gives none: `activity_source` is `none`.
+- MPS: the compute-process list shows the MPS server, not its clients; where a
+  listed process is an MPS server, its clients (`nvmlDeviceGetMPSComputeRunning
+  Processes`) stand for it, so the job's processes are its ranks, each once.
 """
 
 from __future__ import annotations
@@ -52,6 +75,13 @@ REPROBE_AFTER = 600.0
 GPM_REMEDY = ("GPU profiling is restricted to administrators: set NVreg_RestrictProfilingToAdminUsers=0 or give "
               "the service CAP_SYS_ADMIN (docs/OPERATIONS.md); until then SM activity comes from utilization.gpu")
 
+# Names a supported pynvml may lack, at their value in the NVML header that added them: the values are the
+# driver's ABI, the same whatever the pynvml. Field ids 197/198: NVML change log, "Changes between v550 and
+# v555"; error 28: "Changes between v535 and v545" (nvidia-ml-py 12.535.x has neither, 12.550.x not the fields).
+FI_PCIE_COUNT_TX_BYTES = getattr(N, "NVML_FI_DEV_PCIE_COUNT_TX_BYTES", 197)
+FI_PCIE_COUNT_RX_BYTES = getattr(N, "NVML_FI_DEV_PCIE_COUNT_RX_BYTES", 198)
+ERROR_GPU_NOT_FOUND = getattr(N, "NVML_ERROR_GPU_NOT_FOUND", 28)
+
 GPM_METRICS = {
     "sm_active": N.NVML_GPM_METRIC_SM_UTIL,
     "sm_occupancy": N.NVML_GPM_METRIC_SM_OCCUPANCY,
@@ -74,7 +104,7 @@ THROTTLE_REASONS = {
     "sync_boost": N.nvmlClocksEventReasonSyncBoost,
 }
 
-NO_GPM_FIELDS = {"pcie_tx": N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, "pcie_rx": N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES}
+NO_GPM_FIELDS = {"pcie_tx": FI_PCIE_COUNT_TX_BYTES, "pcie_rx": FI_PCIE_COUNT_RX_BYTES}
 SLOW_FIELDS = {
     "energy_mj": N.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
     "ecc_corrected": N.NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
@@ -90,38 +120,87 @@ SLOW_FIELDS = {
 # Errors that mean this GPU (or the whole library) no longer answers.
 GPU_LOST = {
     N.NVML_ERROR_GPU_IS_LOST, N.NVML_ERROR_UNKNOWN, N.NVML_ERROR_RESET_REQUIRED,
-    N.NVML_ERROR_GPU_NOT_FOUND, N.NVML_ERROR_IRQ_ISSUE, N.NVML_ERROR_CORRUPTED_INFOROM,
+    ERROR_GPU_NOT_FOUND, N.NVML_ERROR_IRQ_ISSUE, N.NVML_ERROR_CORRUPTED_INFOROM,
 }
 LIBRARY_DOWN = {
     N.NVML_ERROR_UNINITIALIZED, N.NVML_ERROR_DRIVER_NOT_LOADED, N.NVML_ERROR_LIB_RM_VERSION_MISMATCH,
-    N.NVML_ERROR_LIBRARY_NOT_FOUND, N.NVML_ERROR_FUNCTION_NOT_FOUND,
+    N.NVML_ERROR_LIBRARY_NOT_FOUND,
 }
+UNSUPPORTED = {N.NVML_ERROR_NOT_SUPPORTED, N.NVML_ERROR_FUNCTION_NOT_FOUND}
+"""A call this GPU or this driver's library does not offer: its series is dropped for good."""
 
 ERROR_NAMES = {
     N.NVML_ERROR_LIBRARY_NOT_FOUND: "library_not_found",
     N.NVML_ERROR_DRIVER_NOT_LOADED: "driver_not_loaded",
+    N.NVML_ERROR_LIB_RM_VERSION_MISMATCH: "driver_version_mismatch",
     N.NVML_ERROR_UNINITIALIZED: "uninitialized",
     N.NVML_ERROR_GPU_IS_LOST: "gpu_lost",
     N.NVML_ERROR_UNKNOWN: "unknown",
     N.NVML_ERROR_NO_PERMISSION: "no_permission",
     N.NVML_ERROR_TIMEOUT: "timeout",
+    N.NVML_ERROR_FUNCTION_NOT_FOUND: "function_not_found",
+    N.NVML_ERROR_INVALID_ARGUMENT: "invalid_argument",
+    ERROR_GPU_NOT_FOUND: "no_gpu",
 }
+
+WHY = {
+    N.NVML_ERROR_LIBRARY_NOT_FOUND: "libnvidia-ml.so.1 was not found: no NVIDIA driver is installed, or its "
+                                    "library is not on the loader's path",
+    N.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA kernel module is not loaded (modprobe nvidia; dmesg says why not)",
+    N.NVML_ERROR_LIB_RM_VERSION_MISMATCH: "the loaded NVIDIA kernel module and libnvidia-ml are different versions "
+                                          "(a driver upgraded without a reboot): reboot, or reload the nvidia "
+                                          "modules; a running agent restarts itself once it sees the new driver",
+    N.NVML_ERROR_NO_PERMISSION: "no permission to talk to the driver: the agent's user cannot open /dev/nvidiactl "
+                                "or /dev/nvidia* (docs/OPERATIONS.md: GPU device permissions)",
+    ERROR_GPU_NOT_FOUND: "the NVIDIA driver is loaded but found no GPU",
+    N.NVML_ERROR_UNINITIALIZED: "NVML is not initialised (the driver was unloaded or reset)",
+}
+RESTART_WHY = ("the NVIDIA driver was replaced under the running agent (LIB_RM_VERSION_MISMATCH after NVML had "
+               "worked): this process still holds the old libnvidia-ml, which no retry can unload; exiting so "
+               "that the service restarts on the new driver")
 
 
 def error_name(exc: N.NVMLError) -> str:
     return ERROR_NAMES.get(exc.value, f"nvml_{exc.value}")
 
 
+def explain(exc: N.NVMLError) -> str:
+    """Why NVML cannot be used, for an operator (`stoker check`, the logs)."""
+    return WHY.get(exc.value, f"NVML answered {error_name(exc)} ({exc})")
+
+
 class LibraryDown(Exception):
     def __init__(self, exc: N.NVMLError):
         super().__init__(str(exc))
         self.reason = error_name(exc)
+        self.explanation = explain(exc)
+
+
+class DriverReplaced(LibraryDown):
+    """The driver changed under this process: only a new process can load its library."""
+
+    def __init__(self, exc: N.NVMLError):
+        super().__init__(exc)
+        self.reason = "driver_replaced"
+        self.explanation = RESTART_WHY
 
 
 class _GpuLost(Exception):
     def __init__(self, exc: N.NVMLError):
         super().__init__(str(exc))
         self.reason = error_name(exc)
+
+
+@dataclass
+class InstanceSample:
+    """One MIG GPU instance at one instant (its compute instances together)."""
+
+    gpu_instance: int  # the GPU instance id NVML gives (nvmlDeviceGetGpuInstanceId)
+    uuid: str  # MIG-... of its first compute instance: what CUDA_VISIBLE_DEVICES names
+    pids: tuple[int, ...] = ()
+    gpm: dict[str, float] = field(default_factory=dict)  # GPM_RATIOS keys, as ratios 0..1
+    memory_used_bytes: float | None = None
+    memory_total_bytes: float | None = None
 
 
 @dataclass
@@ -135,8 +214,8 @@ class GpuSample:
     up: bool = True
     utilization: float | None = None
     processes: int | None = None
-    pids: tuple[int, ...] = ()  # of the compute processes: a new set is a new job
-    activity_source: str = ""  # gpm | utilization: where the SM activity the verdicts judge comes from
+    pids: tuple[int, ...] = ()  # of the compute processes (MPS clients for their server): a new set is a new job
+    activity_source: str = ""  # gpm | utilization | none (MIG without GPM): where the verdicts' SM activity comes from
     refused: tuple[str, ...] = ()  # calls NVML refuses to this user (no_permission), e.g. "gpm"
     gpm: dict[str, float] = field(default_factory=dict)  # GPM_RATIOS keys, as ratios 0..1
     pcie_tx_bytes: float | None = None
@@ -157,6 +236,8 @@ class GpuSample:
     xid_counts: dict[int, int] = field(default_factory=dict)
     xid_last_seen: dict[int, float] = field(default_factory=dict)
     slow_at: float | None = None  # when the slow tier's values were read (the source's clock)
+    mig: bool | None = None  # MIG mode, where the GPU has one
+    instances: tuple[InstanceSample, ...] = ()  # its MIG GPU instances
 
 
 @dataclass
@@ -184,6 +265,39 @@ class _Backoff:
         self.delay, self.next_at = self.first, 0.0
 
 
+class _GpmPair:
+    """The two latest GPM samples of a GPU or a GPU instance (driver memory), and when the latest was taken."""
+
+    __slots__ = ("samples", "taken_at")
+
+    def __init__(self) -> None:
+        self.samples: list[Any] = []
+        self.taken_at: float | None = None
+
+
+class _Procs:
+    """What is known of the processes on one GPU or MIG device between cycles: the last set listed, and
+    which of them are MPS servers (their clients are listed apart, and stand for them)."""
+
+    __slots__ = ("last", "servers")
+
+    def __init__(self) -> None:
+        self.last: frozenset[int] | None = None
+        self.servers: frozenset[int] = frozenset()
+
+
+class _Instance:
+    """A MIG GPU instance: its compute instances' MIG device handles, GPM samples and processes."""
+
+    def __init__(self, gi: int, uuid: str, handle: Any, weight: float):
+        self.gi = gi
+        self.uuid = uuid
+        self.handles = [handle]
+        self.weight = weight  # its SMs: the GPU's activity weighs its instances by them
+        self.gpm = _GpmPair()
+        self.procs = [_Procs()]
+
+
 class _Gpu:
     """What we keep about one GPU between cycles."""
 
@@ -197,8 +311,10 @@ class _Gpu:
         self.backoff = _Backoff()
         self.unsupported: set[str] = set()
         self.gpm = False
-        self.gpm_samples: list[Any] = []
-        self.gpm_prev_at: float | None = None
+        self.gpm_pair = _GpmPair()
+        self.procs = _Procs()
+        self.mig: bool | None = None  # None: not read yet, or the GPU has no MIG mode
+        self.instances: list[_Instance] = []
         self.last_fast_at: float | None = None
         self.totals: dict[str, float] = {}  # integrated counters: bytes, throttle seconds
         self.raw = CounterSet()  # hardware cumulative counters: reset-safe
@@ -280,6 +396,12 @@ class XidRecorder:
     and how long a stopped thread lingers: nothing waits for it (a daemon
     thread), and it records nothing once stopped, so a thread replaced by
     `watch` never counts an event twice with its successor.
+
+    An event names its device by a handle NVML fills in (`nvmlEventData_t.device`):
+    on a MIG-enabled GPU an event of one instance may name that instance's MIG
+    device, not the GPU. The GPU is found by UUID (a MIG device's through its
+    parent), the one stable key; by the handle's address only when NVML cannot
+    say the UUID (a GPU fallen off the bus: XID 79).
     """
 
     def __init__(self, nvml: Any, wait_ms: int = 5000, clock: Callable[[], float] = time.time):
@@ -290,6 +412,7 @@ class XidRecorder:
         self._counts: dict[str, dict[int, int]] = {}
         self._last: dict[str, dict[int, float]] = {}
         self._handles: dict[int, str] = {}
+        self._uuids: frozenset[str] = frozenset()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
@@ -299,6 +422,7 @@ class XidRecorder:
         self.stop()
         self._stop = threading.Event()
         self._handles = {_handle_key(g.handle): g.uuid for g in gpus if g.up}
+        self._uuids = frozenset(self._handles.values())
         handles = [g.handle for g in gpus if g.up]
         self._thread = threading.Thread(target=self._run, args=(handles, self._stop),
                                         name="stoker-xid", daemon=True)
@@ -332,12 +456,23 @@ class XidRecorder:
                     stop.wait(self._wait_ms / 1000)
                     continue
                 if data.eventType & N.nvmlEventTypeXidCriticalError and not stop.is_set():
-                    self._record(self._handles.get(_handle_key(data.device)), int(data.eventData))
+                    self._record(self._gpu_of(data.device), int(data.eventData))
         finally:
             try:
                 nvml.nvmlEventSetFree(event_set)
             except N.NVMLError:
                 pass
+
+    def _gpu_of(self, device: Any) -> str | None:
+        """The UUID of the watched GPU an event's device handle names (an event is rare: two calls at most)."""
+        nvml = self._nvml
+        try:
+            uuid = _text(nvml.nvmlDeviceGetUUID(device))
+            if uuid.startswith("MIG-"):
+                uuid = _text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(device)))
+        except N.NVMLError:
+            return self._handles.get(_handle_key(device))
+        return uuid if uuid in self._uuids else None
 
     def _record(self, uuid: str | None, xid: int) -> None:
         if uuid is None:
@@ -362,13 +497,17 @@ class GpuSource:
         self._clock = clock
         self._wall = wall
         self._initialised = False
+        self._worked = False  # NVML initialised once in this process: the library loaded matched a driver
         self._library_backoff = _Backoff()
         self._library_error = N.NVMLError(N.NVML_ERROR_UNINITIALIZED)
+        self.down: str | None = None
+        """Why NVML cannot be used, while it cannot (`explain`); None once it answers."""
         self._gpus: list[_Gpu] = []
         self.driver_version = ""
         self.nvml_version = ""
         self.xid = XidRecorder(nvml, clock=wall)
-        self._announced: set[str] = set()  # refused calls already logged
+        self._announced: set[str] = set()  # refused or missing calls already logged
+        self._unknown_fields: set[str] = set()  # field ids this driver does not know (INVALID_ARGUMENT)
         self._gpm_request: _GpmRequest | None = None
 
     # -- library lifecycle -------------------------------------------------
@@ -385,9 +524,15 @@ class GpuSource:
         except N.NVMLError as exc:
             self._library_error = exc
             self._library_backoff.failed(now)
-            raise LibraryDown(exc) from exc
+            replaced = self._worked and exc.value == N.NVML_ERROR_LIB_RM_VERSION_MISMATCH
+            down = DriverReplaced(exc) if replaced else LibraryDown(exc)
+            if self.down != down.explanation:  # once per cause, not once per retry
+                log.error("NVML cannot be used", reason=down.reason, why=down.explanation)
+            self.down = down.explanation
+            raise down from exc
         self._library_backoff.reset()
-        self._initialised = True
+        self._initialised = self._worked = True
+        self.down = None
         known = {g.index: g for g in self._gpus}
         self._gpus = [known.get(i) or _Gpu(i) for i in range(count)]
         for gpu in self._gpus:
@@ -396,19 +541,25 @@ class GpuSource:
 
     def _free_gpm(self, gpu: _Gpu) -> None:
         """GPM samples are driver memory: give them back before dropping a handle."""
-        for sample in gpu.gpm_samples:
+        for pair in [gpu.gpm_pair] + [i.gpm for i in gpu.instances]:
+            self._free_pair(pair)
+
+    def _free_pair(self, pair: _GpmPair) -> None:
+        for sample in pair.samples:
             try:
                 self.nvml.nvmlGpmSampleFree(sample)
             except N.NVMLError:
                 pass  # the GPU or the library is gone, and the memory with it
-        gpu.gpm_samples = []
-        gpu.gpm_prev_at = None
+        pair.samples = []
+        pair.taken_at = None
 
     def _drop_library(self) -> None:
         self.xid.stop()
         for gpu in self._gpus:
             gpu.up = False
             self._free_gpm(gpu)
+            gpu.instances = []
+            gpu.mig = None
         if self._initialised:
             try:
                 self.nvml.nvmlShutdown()
@@ -428,7 +579,7 @@ class GpuSource:
             model = _text(nvml.nvmlDeviceGetName(handle))
             bus_id = _text(nvml.nvmlDeviceGetPciInfo(handle).busId)
         except N.NVMLError as exc:
-            if exc.value in LIBRARY_DOWN:
+            if exc.value in LIBRARY_DOWN or exc.value == N.NVML_ERROR_FUNCTION_NOT_FOUND:
                 raise LibraryDown(exc) from exc
             gpu.up = False
             gpu.backoff.failed(self._clock())
@@ -440,6 +591,8 @@ class GpuSource:
             gpu.__dict__.update(fresh.__dict__)
         gpu.handle, gpu.uuid, gpu.model, gpu.pci_bus_id = handle, uuid, model, bus_id
         gpu.gpm = self._gpm_supported(handle)
+        gpu.instances = []  # MIG device handles are the GPU's: read again with its mode
+        gpu.mig = None
         gpu.last_fast_at = None
         gpu.last_slow_at = None
         gpu.up = True
@@ -497,17 +650,24 @@ class GpuSource:
         return refused is None or self._clock() - refused >= REPROBE_AFTER
 
     def _call(self, gpu: _Gpu, key: str, problems: list[str], fn: Callable, *args: Any) -> Any:
-        """One NVML getter, classified: None when unsupported, refused or failed this cycle."""
+        """One NVML getter on the GPU, classified: None when unsupported, refused or failed this cycle."""
+        return self._call_on(gpu, gpu.handle, key, problems, fn, *args)
+
+    def _call_on(self, gpu: _Gpu, handle: Any, key: str, problems: list[str], fn: Callable, *args: Any) -> Any:
+        """`_call` on a handle of the GPU's (its own, or a MIG device's), the outcome kept with the GPU."""
         if key in gpu.unsupported or not self._allowed(gpu, key):
             return None
         try:
-            return fn(gpu.handle, *args)
+            return fn(handle, *args)
         except N.NVMLError as exc:
             return self._classify(gpu, key, exc, problems)
 
     def _classify(self, gpu: _Gpu, key: str, exc: N.NVMLError, problems: list[str]) -> None:
-        if exc.value == N.NVML_ERROR_NOT_SUPPORTED:
+        if exc.value in UNSUPPORTED:
             gpu.unsupported.add(key)
+            if exc.value == N.NVML_ERROR_FUNCTION_NOT_FOUND:
+                self._announce(f"missing:{key}", "this driver's NVML library lacks the function pynvml calls; "
+                               "that reading is left out", call=key, driver=self.driver_version)
             return None
         if exc.value == N.NVML_ERROR_NO_PERMISSION:
             self._refused(gpu, key)
@@ -519,8 +679,15 @@ class GpuSource:
         problems.append(error_name(exc))
         return None
 
+    def _announce(self, key: str, event: str, **kw: Any) -> None:
+        """Log once for the node, not once per GPU and cycle."""
+        if key not in self._announced:
+            self._announced.add(key)
+            log.warning(event, **kw)
+
     def _fields(self, gpu: _Gpu, wanted: dict[str, int], problems: list[str]) -> dict[str, float]:
-        names = [k for k in wanted if f"field:{k}" not in gpu.unsupported]
+        unknown = self._unknown_fields
+        names = [k for k in wanted if k not in unknown and f"field:{k}" not in gpu.unsupported]
         if not names:
             return {}
         values = self._call(gpu, "fields", problems, self.nvml.nvmlDeviceGetFieldValues,
@@ -534,6 +701,11 @@ class GpuSource:
                 gpu.unsupported.add(f"field:{name}")
             elif ret == N.NVML_ERROR_NO_PERMISSION:
                 gpu.unsupported.add(f"field:{name}")  # a field refused to this user stays refused
+            elif ret == N.NVML_ERROR_INVALID_ARGUMENT:
+                # a field id the driver does not know (older than the id): never asked again, on any GPU
+                unknown.add(name)
+                self._announce(f"field:{name}", "this driver does not know an NVML field; it is not asked again",
+                               field=name, field_id=wanted[name], driver=self.driver_version)
             elif ret in GPU_LOST:
                 raise _GpuLost(N.NVMLError(ret))
             else:
@@ -545,19 +717,31 @@ class GpuSource:
         now = self._clock()
         dt = 0.0 if gpu.last_fast_at is None else max(0.0, now - gpu.last_fast_at)
         gpu.last_fast_at = now
-        s = GpuSample(gpu.index, gpu.uuid, gpu.model, gpu.pci_bus_id)
+        slow = gpu.last_slow_at is None or now - gpu.last_slow_at >= self.slow_interval
+        if slow:
+            self._read_mig(gpu, problems)
+        s = GpuSample(gpu.index, gpu.uuid, gpu.model, gpu.pci_bus_id, mig=gpu.mig)
 
-        util = self._call(gpu, "utilization", problems, nvml.nvmlDeviceGetUtilizationRates)
-        if util is not None:
-            s.utilization = util.gpu / 100.0
-        procs = self._call(gpu, "processes", problems, nvml.nvmlDeviceGetComputeRunningProcesses)
-        if procs is not None:
-            s.processes = len(procs)
-            s.pids = tuple(sorted(int(p.pid) for p in procs))
-        mem = self._call(gpu, "memory", problems, nvml.nvmlDeviceGetMemoryInfo)
-        if mem is not None:
-            s.memory_used_bytes = float(mem.used)
-            s.memory_total_bytes = float(mem.total)
+        if gpu.mig:  # no utilisation on a MIG GPU (nvml.h); processes and memory per instance
+            s.instances = tuple(self._sample_instance(gpu, inst, problems) for inst in gpu.instances)
+            pids = {p for i in s.instances for p in i.pids}
+            s.processes, s.pids = len(pids), tuple(sorted(pids))
+            used = [i.memory_used_bytes for i in s.instances if i.memory_used_bytes is not None]
+            total = [i.memory_total_bytes for i in s.instances if i.memory_total_bytes is not None]
+            s.memory_used_bytes = sum(used) if used else None
+            s.memory_total_bytes = sum(total) if total else None
+        else:
+            util = self._call(gpu, "utilization", problems, nvml.nvmlDeviceGetUtilizationRates)
+            if util is not None:
+                s.utilization = util.gpu / 100.0
+            procs = self._processes(gpu, gpu.handle, gpu.procs, problems)
+            if procs is not None:
+                s.processes = len(procs)
+                s.pids = tuple(sorted(procs))
+            mem = self._call(gpu, "memory", problems, nvml.nvmlDeviceGetMemoryInfo)
+            if mem is not None:
+                s.memory_used_bytes = float(mem.used)
+                s.memory_total_bytes = float(mem.total)
         power = self._call(gpu, "power", problems, nvml.nvmlDeviceGetPowerUsage)
         if power is not None:
             s.power_watts = power / 1000.0
@@ -569,50 +753,89 @@ class GpuSource:
                     gpu.totals.get(f"throttle:{name}", 0.0) + active)
 
         if gpu.gpm and self._allowed(gpu, "gpm"):
-            self._sample_gpm(gpu, s, problems)
+            self._sample_gpm(gpu, s, problems)  # on a MIG GPU too: the whole GPU's, and its PCIe and NVLink bytes
+        if gpu.mig:
+            s.gpm = _mig_activity(gpu.instances, s.instances)  # the job's instances, not the whole GPU
         with_gpm = gpu.gpm and "gpm" not in gpu.refused
         if not with_gpm:
             self._pcie_from_counters(gpu, problems)
         self._carry_byte_totals(gpu, s)
-        s.activity_source = "gpm" if with_gpm else "utilization"
+        s.activity_source = "gpm" if with_gpm else ("none" if gpu.mig else "utilization")
         s.refused = tuple(sorted(gpu.refused))
 
-        self._sample_slow(gpu, s, now, problems)
+        self._sample_slow(gpu, s, now, slow, problems)
         s.xid_counts, s.xid_last_seen = self.xid.read(gpu.uuid)
         return s
 
+    def _processes(self, gpu: _Gpu, handle: Any, known: _Procs, problems: list[str]) -> list[int] | None:
+        """The PIDs of the compute processes on a GPU or MIG device, an MPS server's clients in its place.
+
+        One call a cycle while no MPS server is known; the clients' list also when new processes appear
+        (are they MPS servers?), and each cycle while a known server holds the device."""
+        listed = self._call_on(gpu, handle, "processes", problems, self.nvml.nvmlDeviceGetComputeRunningProcesses)
+        if listed is None:
+            return None
+        pids = frozenset(int(p.pid) for p in listed)
+        if pids != known.last:
+            known.last = pids
+            known.servers &= pids
+            if pids - known.servers:
+                clients = self._mps_clients(gpu, handle, problems)
+                if clients:  # what the list shows beside an MPS server's clients is the server
+                    known.servers |= pids - clients
+                return _without_servers(pids, known.servers, clients) if known.servers else list(pids)
+        if not known.servers:
+            return list(pids)
+        return _without_servers(pids, known.servers, self._mps_clients(gpu, handle, problems))
+
+    def _mps_clients(self, gpu: _Gpu, handle: Any, problems: list[str]) -> set[int]:
+        clients = self._call_on(gpu, handle, "mps_processes", problems,
+                                self.nvml.nvmlDeviceGetMPSComputeRunningProcesses)
+        return {int(p.pid) for p in clients or ()}
+
     def _refused(self, gpu: _Gpu, key: str) -> None:
         gpu.refused[key] = self._clock()
-        if key not in self._announced:  # once for the node, not once per GPU and cycle
-            self._announced.add(key)
-            log.warning("NVML refuses this call to the agent's user; not calling it again for a while",
-                        call=key, retry_after_seconds=REPROBE_AFTER, remedy=GPM_REMEDY if key == "gpm" else None)
+        self._announce(key, "NVML refuses this call to the agent's user; not calling it again for a while",
+                       call=key, retry_after_seconds=REPROBE_AFTER, remedy=GPM_REMEDY if key == "gpm" else None)
 
-    def _sample_gpm(self, gpu: _Gpu, s: GpuSample, problems: list[str]) -> None:
-        nvml = self.nvml
-        try:
-            if not gpu.gpm_samples:
-                gpu.gpm_samples = [nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()]
-            prev, cur = gpu.gpm_samples
-            nvml.nvmlGpmSampleGet(gpu.handle, cur)
-        except N.NVMLError as exc:
-            self._gpm_failed(gpu, exc, problems)
-            return
+    def _granted(self, gpu: _Gpu) -> None:
+        """A GPM sample was taken: profiling is (again) allowed to this user."""
         if gpu.refused.pop("gpm", None) is not None and "gpm" in self._announced:
             self._announced.discard("gpm")
             log.info("GPU profiling granted: SM activity from GPM again")
+
+    def _gpm_window(self, pair: _GpmPair, read: Callable, *args: Any) -> tuple[Any, Any, float | None]:
+        """A new GPM sample into `pair` (`read(*args, sample)`, raises NVMLError): the previous and the new
+        sample, and the seconds between them (None for the first)."""
+        nvml = self.nvml
+        if not pair.samples:
+            pair.samples = [nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()]
+        prev, cur = pair.samples
+        read(*args, cur)
         taken_at = self._clock()
-        window = None if gpu.gpm_prev_at is None else taken_at - gpu.gpm_prev_at
-        gpu.gpm_prev_at = taken_at
-        gpu.gpm_samples = [cur, prev]  # this sample becomes the baseline of the next tick
-        if window is None or window <= 0:
-            return
+        window = None if pair.taken_at is None else taken_at - pair.taken_at
+        pair.taken_at = taken_at
+        pair.samples = [cur, prev]  # this sample becomes the baseline of the next tick
+        return prev, cur, window
+
+    def _gpm_metrics(self, prev: Any, cur: Any) -> list:
         if self._gpm_request is None:
             self._gpm_request = _GpmRequest()
+        return self._gpm_request.get(self.nvml, prev, cur)
+
+    def _sample_gpm(self, gpu: _Gpu, s: GpuSample, problems: list[str]) -> None:
         try:
-            metrics = self._gpm_request.get(nvml, prev, cur)
+            prev, cur, window = self._gpm_window(gpu.gpm_pair, self.nvml.nvmlGpmSampleGet, gpu.handle)
         except N.NVMLError as exc:
-            self._gpm_failed(gpu, exc, problems)
+            self._gpm_failed(gpu, gpu.gpm_pair, exc, problems)
+            return
+        self._granted(gpu)
+        if window is None or window <= 0:
+            return
+        try:
+            metrics = self._gpm_metrics(prev, cur)
+        except N.NVMLError as exc:
+            self._gpm_failed(gpu, gpu.gpm_pair, exc, problems)
             return
         for name, metric in zip(GPM_METRICS, metrics):
             if metric.nvmlReturn != N.NVML_SUCCESS:
@@ -638,16 +861,93 @@ class GpuSource:
             if key in gpu.totals:
                 setattr(s, f"{name}_bytes", gpu.totals[key])
 
-    def _gpm_failed(self, gpu: _Gpu, exc: N.NVMLError, problems: list[str]) -> None:
-        if exc.value == N.NVML_ERROR_NOT_SUPPORTED:
+    def _gpm_failed(self, gpu: _Gpu, pair: _GpmPair, exc: N.NVMLError, problems: list[str]) -> None:
+        if exc.value in UNSUPPORTED:
             gpu.gpm = False  # fall back to cumulative PCIe fields from the next tick
             return
-        gpu.gpm_prev_at = None  # the next granted sample starts a new window
+        pair.taken_at = None  # the next granted sample starts a new window
         self._classify(gpu, "gpm", exc, problems)
 
-    def _sample_slow(self, gpu: _Gpu, s: GpuSample, now: float, problems: list[str]) -> None:
+    # -- MIG ---------------------------------------------------------------------
+
+    def _read_mig(self, gpu: _Gpu, problems: list[str]) -> None:
+        """The slow tier: MIG mode, and, while it is on, the GPU instances (they come and go without a change
+        of mode). A change of mode changes what the GPU answers: what it did not support is asked again."""
+        mode = self._call(gpu, "mig_mode", problems, self.nvml.nvmlDeviceGetMigMode)
+        on = None if mode is None else mode[0] == N.NVML_DEVICE_MIG_ENABLE
+        if on is not None and gpu.mig is not None and on != gpu.mig:
+            log.info("MIG mode changed", gpu=gpu.index, uuid=gpu.uuid, mig=on)
+            gpu.unsupported.clear()
+            gpu.gpm = self._gpm_supported(gpu.handle)
+            self._free_gpm(gpu)
+            gpu.procs = _Procs()
+        if on is not None:
+            gpu.mig = on
+        if gpu.mig:
+            self._read_instances(gpu, problems)
+        elif gpu.instances:
+            self._free_gpm(gpu)
+            gpu.instances = []
+        for known in [gpu.procs] + [p for i in gpu.instances for p in i.procs]:
+            known.last = None  # ask once whether the processes are MPS servers (one started idle, then served)
+
+    def _read_instances(self, gpu: _Gpu, problems: list[str]) -> None:
+        nvml = self.nvml
+        count = self._call(gpu, "mig_devices", problems, nvml.nvmlDeviceGetMaxMigDeviceCount) or 0
+        kept = {i.uuid: i for i in gpu.instances}
+        found: dict[int, _Instance] = {}
+        for index in range(count):
+            try:
+                handle = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu.handle, index)
+                uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+                inst = kept.pop(uuid, None)
+                if inst is None:
+                    gi = int(nvml.nvmlDeviceGetGpuInstanceId(handle))
+                    if gi in found:  # another compute instance of that GPU instance
+                        found[gi].handles.append(handle)
+                        found[gi].procs.append(_Procs())
+                        continue
+                    sms = float(nvml.nvmlDeviceGetAttributes(handle).multiprocessorCount)
+                    inst = _Instance(gi, uuid, handle, sms)
+                else:
+                    inst.handles = [handle]  # handles may be reused and change (nvml.h)
+                    inst.procs = inst.procs[:1]
+                found.setdefault(inst.gi, inst)
+            except N.NVMLError as exc:
+                if exc.value == N.NVML_ERROR_NOT_FOUND:
+                    continue  # no MIG device at that index
+                self._classify(gpu, "mig_devices", exc, problems)
+        for gone in kept.values():
+            self._free_pair(gone.gpm)
+        gpu.instances = sorted(found.values(), key=lambda i: i.gi)
+
+    def _sample_instance(self, gpu: _Gpu, inst: _Instance, problems: list[str]) -> InstanceSample:
+        nvml = self.nvml
+        out = InstanceSample(inst.gi, inst.uuid)
+        pids: set[int] = set()
+        for handle, known in zip(inst.handles, inst.procs):
+            pids.update(self._processes(gpu, handle, known, problems) or ())
+        out.pids = tuple(sorted(pids))
+        mem = self._call_on(gpu, inst.handles[0], "memory", problems, nvml.nvmlDeviceGetMemoryInfo)
+        if mem is not None:  # the GPU instance's memory, which its compute instances share
+            out.memory_used_bytes, out.memory_total_bytes = float(mem.used), float(mem.total)
+        if gpu.gpm and self._allowed(gpu, "gpm"):
+            try:
+                prev, cur, window = self._gpm_window(inst.gpm, nvml.nvmlGpmMigSampleGet, gpu.handle, inst.gi)
+                self._granted(gpu)
+                if window is not None and window > 0:
+                    for name, metric in zip(GPM_METRICS, self._gpm_metrics(prev, cur)):
+                        if name in GPM_RATIOS and metric.nvmlReturn == N.NVML_SUCCESS:
+                            out.gpm[name] = max(0.0, min(1.0, metric.value / 100.0))
+            except N.NVMLError as exc:
+                self._gpm_failed(gpu, inst.gpm, exc, problems)
+        return out
+
+    # -- slow tier ---------------------------------------------------------------
+
+    def _sample_slow(self, gpu: _Gpu, s: GpuSample, now: float, due: bool, problems: list[str]) -> None:
         """The slow tier: read every `slow_interval`, carried by every sample between."""
-        if gpu.last_slow_at is None or now - gpu.last_slow_at >= self.slow_interval:
+        if due:
             gpu.last_slow_at = now
             self._read_slow(gpu, problems)
         v = gpu.slow
@@ -681,3 +981,22 @@ class GpuSource:
             gpu.temperature["memory"] = values["memory_temp"]
         clock = self._call(gpu, "sm_clock", problems, self.nvml.nvmlDeviceGetClockInfo, N.NVML_CLOCK_SM)
         gpu.sm_clock_hertz = None if clock is None else clock * 1e6
+
+
+def _without_servers(pids: frozenset[int], servers: frozenset[int], clients: set[int]) -> list[int]:
+    """The processes listed less the MPS servers, and the servers' clients, each once."""
+    return [p for p in pids if p not in servers] + [c for c in clients if c not in pids]
+
+
+def _mig_activity(instances: list[_Instance], samples: tuple[InstanceSample, ...]) -> dict[str, float]:
+    """A MIG GPU's GPM ratios: those of its instances that hold processes (the job's), weighted by their
+    SMs; of all its instances while none does."""
+    measured = [(inst.weight, s) for inst, s in zip(instances, samples) if s.gpm]
+    held = [(w, s) for w, s in measured if s.pids] or measured
+    out: dict[str, float] = {}
+    for name in GPM_RATIOS:
+        parts = [(w, s.gpm[name]) for w, s in held if name in s.gpm]
+        total = sum(w for w, _ in parts)
+        if total > 0:
+            out[name] = sum(w * v for w, v in parts) / total
+    return out

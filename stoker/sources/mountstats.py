@@ -20,6 +20,15 @@ the others keep their values. Damage stays where it is: a header whose
 mountpoint escape is not one the kernel writes (`\\089`) skips its own block,
 and parsing is linear in the text whatever it holds (blank lines within a
 block included), so a damaged file costs no more than a clean one.
+
+Names are printed as they are but for four characters: show_vfsstat
+(fs/proc_namespace.c) escapes the device and the mountpoint with seq_escape and
+seq_path (fs/seq_file.c) for " \\t\\n\\\\" only. Every other byte comes raw:
+\\x0b, \\x0c, \\r, \\x1c-\\x1f, bytes that are not UTF-8. So lines end at "\\n" only
+and a header's fields are separated by " " only (str.splitlines and str.split
+break at all of those, and dropped such a mount without a word), and a name
+that is not UTF-8 (NfsSource decodes with surrogateescape) gets its stray bytes
+written as \\xNN: a label value must be UTF-8, or the whole exposition fails.
 """
 
 from __future__ import annotations
@@ -69,16 +78,24 @@ def _unescape(text: str) -> str | None:
     return ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
 
 
+def label_text(name: str) -> str:
+    """`name` as UTF-8 text: bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no byte decodes to (a caller's str)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _header(line: str) -> tuple[str, str, str, str] | None:
     """`device X mounted on Y with fstype Z [statvers=V]` -> (X, Y, Z, V); spaces in X and Y are escaped."""
-    parts = line.split()
+    parts = line.rstrip(" \t").split(" ")
     if len(parts) not in (8, 9) or parts[2:4] != ["mounted", "on"] or parts[5:7] != ["with", "fstype"]:
         return None
-    mountpoint = _unescape(parts[4])
-    if mountpoint is None:
+    export, mountpoint = _unescape(parts[1]), _unescape(parts[4])
+    if export is None or mountpoint is None or not export or not mountpoint:
         return None
     statvers = parts[8].partition("=")[2] if len(parts) == 9 else ""
-    return parts[1], mountpoint, parts[7], statvers
+    return label_text(export), label_text(mountpoint), parts[7], statvers
 
 
 def parse(text: str, operations: Collection[str] | None = None) -> tuple[list[NfsMount], list[str]]:
@@ -99,8 +116,11 @@ def parse(text: str, operations: Collection[str] | None = None) -> tuple[list[Nf
 
     orphans = False
     in_ops = False  # the block reached its per-op section (a flag: rescanning the block per line is quadratic)
-    for line in text.splitlines():
-        if line.startswith("device "):
+    for line in text.split("\n"):
+        if line.startswith("no device "):  # a mount without a device name: never NFS
+            flush()
+            head, block, in_ops, orphans = None, [], False, True
+        elif line.startswith("device "):
             flush()
             head, block, in_ops = _header(line), [], False
             orphans = head is None  # the body of a damaged header is counted with it, not again

@@ -10,6 +10,10 @@
   a trailing space). A vanished interface (`OSError` errno 19) drops that
   interface only, and its handle is reopened when it comes back.
 - mlx5 reports pause durations in microseconds.
+- Names: the interfaces watched are those the RDMA ports name (each one a
+  label can hold: sources/rdma.py) and `netdev.include`; the link dump's
+  names are only looked up. pyroute2 keeps an IFLA_IFNAME that is not UTF-8
+  as bytes (its nla `string.decode`), which matches no watched name.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ from stoker.sources.files import read_regular
 from stoker.sources.mountstats import NfsMount, parse
 
 MS = 1e-3
+MOUNTSTATS_LIMIT = 32 << 20
+"""Bytes of mountstats read: an NFSv4.1 mount takes about 8 KB (60 operations, a line per transport),
+so a few thousand mounts; past it, the mounts at the end are not seen (counted as `too_large`)."""
 
 
 @dataclass
@@ -83,7 +86,9 @@ class NfsSource:
         self._present = Presence()
 
     def read_text(self) -> str:
-        return read_regular(self.path).decode("ascii", "replace")  # can exceed one page with many mounts
+        """Many pages with many mounts, up to `MOUNTSTATS_LIMIT`; names as the kernel wrote them (UTF-8,
+        any other byte kept as a surrogate escape: mountstats.label_text)."""
+        return read_regular(self.path, MOUNTSTATS_LIMIT).decode("utf-8", "surrogateescape")
 
     def sample(self) -> NfsSnapshot:
         try:
@@ -91,6 +96,8 @@ class NfsSource:
         except FileNotFoundError:
             return NfsSnapshot([])  # no procfs mountstats: nothing mounted to report
         mounts, problems = parse(text, self.operations)
+        if len(text) >= MOUNTSTATS_LIMIT:
+            problems.append("too_large")  # the mounts past the cap are not seen
         now = self._clock()
         visible = topmost(mounts)
         samples = [self._sample(m, identity, now) for m, identity in visible]

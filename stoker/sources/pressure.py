@@ -6,7 +6,9 @@ counters; the verdicts take their rate over a window as the share of time the
 host's tasks waited for a CPU or for memory: a CPU-bound input pipeline shows
 here as positive evidence for the `host` cause, instead of a cause found only
 by elimination. A kernel without PSI has no such files: the snapshot is empty,
-which is not an error.
+which is not an error. Each file is read as every kernel file is (files.read_regular:
+a regular file, never blocking, one page at most), and a total is a u64 in
+decimal or nothing (a longer one overflowed the float of its counter).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from stoker.counters import CounterSet
+from stoker.sources.files import DIGITS, NotRegularFile, PAGE, read_regular
 
 RESOURCES = ("cpu", "memory", "io")
 US = 1e-6
@@ -34,7 +37,7 @@ def parse(text: str) -> dict[str, int]:
         kind, _, rest = line.partition(" ")
         for item in rest.split():
             key, _, value = item.partition("=")
-            if key == "total" and kind in ("some", "full") and value.isdigit():
+            if key == "total" and kind in ("some", "full") and DIGITS.fullmatch(value) and int(value) < 1 << 64:
                 out[kind] = int(value)
     return out
 
@@ -48,10 +51,12 @@ class PressureSource:
         snap = PressureSnapshot()
         for resource in RESOURCES:
             try:
-                with open(os.path.join(self.directory, resource), "rb") as fh:
-                    totals = parse(fh.read(4096).decode("ascii", "replace"))
+                totals = parse(read_regular(os.path.join(self.directory, resource), PAGE).decode("ascii", "replace"))
             except FileNotFoundError:
                 continue  # no PSI in this kernel, or not for this resource
+            except NotRegularFile:
+                snap.problems.append("not_regular_file")
+                continue
             except OSError:
                 snap.problems.append("read_error")  # EOPNOTSUPP when booted with psi=0
                 continue

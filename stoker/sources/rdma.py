@@ -15,6 +15,12 @@ Traps handled here (../shared/DESIGN.md):
   retried with backoff; the rest of the port and the other ports keep flowing.
 - Devices and ports come and go between cycles; names need not be `mlx5_N`.
   The counter state of a port gone for `counters.FORGET_AFTER` is dropped.
+- A name is bytes (only "/" and NUL are out): a device, port, hw_counters or
+  netdev directory whose name is not UTF-8 (os.listdir gives it surrogate
+  escapes) can be no label value, and one such label failed the rendering of
+  the whole exposition. It is skipped, a `bad_name` problem each cycle, and the
+  rest is reported as if it were not there. So is the netdev that a port's
+  `gid_attrs/ndevs/0` names with such bytes (`_netdev`).
 - `rate` is trusted only while `state` is ACTIVE: a down port reports a stale default.
 - `lifespan` in hw_counters is the counters' refresh period, not a counter.
 
@@ -151,6 +157,7 @@ class _PortFiles:
         self._hw: dict[str, _File] = {}
         self._hw_names: list[str] | None = None
         self._hw_files: tuple[list[_File], list[_File]] = ([], [])
+        self.bad_hw_names = 0  # names of that listing skipped: not UTF-8
         self.read_at: float | None = None  # when the slow tier was last read
         self.state_text: str | None = None  # `state` as last read: a change reads the identity at once
         self.link_layer_text = self.interface = ""
@@ -161,8 +168,12 @@ class _PortFiles:
         read on the slow tier; kept while the listing is the same and nothing was promoted."""
         if names is not self._hw_names:
             fast, slow = [], []
+            self.bad_hw_names = 0
             for name in names:
                 if name in NOT_COUNTERS:
+                    continue
+                if not _label_safe(name):
+                    self.bad_hw_names += 1
                     continue
                 f = self._hw.get(name)
                 if f is None:
@@ -189,6 +200,7 @@ class RdmaSource:
         self._files: dict[tuple[str, str], _PortFiles] = {}
         self._fw: dict[str, str] = {}  # device -> fw_ver as last read
         self._listing: list[tuple[str, str, list[str]]] | None = None  # (device, its directory, its ports)
+        self._bad_names = 0  # names of that listing skipped: not UTF-8
         self.slow_every = slow_every
         self._every_cycle = None if every_cycle is None else frozenset(every_cycle)
         self._slow_due = -math.inf
@@ -205,6 +217,7 @@ class RdmaSource:
             self._listing = self._list()
             listed = {device for device, _, _ in self._listing}
             self._fw = {d: v for d, v in self._fw.items() if d in listed}
+        problems += ["bad_name"] * self._bad_names
         for device, root, port_names in self._listing:
             ports.extend(self._device(device, root, port_names, now, slow, problems))
         for p in ports:
@@ -226,18 +239,25 @@ class RdmaSource:
 
     def _list(self) -> list[tuple[str, str, list[str]]]:
         """The devices and their ports."""
+        self._bad_names = 0
         try:
-            devices = self.reader.listdir(self.base)
+            devices = self._named(self.reader.listdir(self.base))
         except FileNotFoundError:
             return []  # no RDMA devices (or no driver): nothing to report, not a failure
         out = []
         for device in devices:
             root = os.path.join(self.base, device)
             try:
-                out.append((device, root, self.reader.listdir(os.path.join(root, "ports"))))
+                out.append((device, root, self._named(self.reader.listdir(os.path.join(root, "ports")))))
             except OSError:
                 continue  # vanished between listing and reading: it is simply gone this cycle
         return out
+
+    def _named(self, names: list[str]) -> list[str]:
+        """The names of a listing that can be label values; the others counted in `_bad_names`."""
+        good = [n for n in names if _label_safe(n)]
+        self._bad_names += len(names) - len(good)
+        return good
 
     def _device(self, device: str, root: str, port_names: list[str], now: float, slow: bool,
                 problems: list[str]) -> list[RdmaPort]:
@@ -280,6 +300,8 @@ class RdmaSource:
         except OSError:
             names = []
         fast_hw, slow_hw = files.hw(names, self._every_cycle)
+        if files.bad_hw_names:
+            problems += ["bad_name"] * files.bad_hw_names
         if slow:
             files.read_at = now
             self._read(files.counters, self._counters, now, link_bytes, problems)
@@ -330,7 +352,7 @@ class RdmaSource:
     def _identity(self, files: _PortFiles, up: bool | None, device_root: str, problems: list[str]) -> None:
         """What names and bounds the port: link layer, netdev, and its rate while it is up."""
         files.link_layer_text = self._text(files.link_layer)
-        files.interface = self._netdev(files.ndev, device_root)
+        files.interface = self._netdev(files.ndev, device_root, problems)
         files.speed = None
         if up:
             rate = self._text(files.rate)
@@ -344,13 +366,31 @@ class RdmaSource:
         except OSError:
             return ""
 
-    def _netdev(self, ndev_path: str, device_root: str) -> str:
-        """The Ethernet interface behind the port: its GID table's netdev, else the PCI function's."""
+    def _netdev(self, ndev_path: str, device_root: str, problems: list[str]) -> str:
+        """The Ethernet interface behind the port: its GID table's netdev, else the PCI function's.
+        The file's text comes decoded as ASCII, each other byte a U+FFFD: a name that is not ASCII is
+        taken from the function's listing instead, where os.listdir gives it exactly (and skips it as
+        a bad_name when it is not UTF-8). Taken as read, `ens\\xff0` was exported as `ens\\ufffd0`, a
+        name no interface has, so the netdev collector failed on it every cycle."""
         name = self._text(ndev_path)
-        if name:
+        if name and name.isascii():
             return name
         try:
             nets = self.reader.listdir(os.path.join(device_root, "device", "net"))
         except OSError:
-            return ""
-        return nets[0] if nets else ""
+            nets = []
+        good = [n for n in nets if _label_safe(n)]
+        skipped = len(nets) - len(good) or (1 if name and not good else 0)  # the file's name, counted once
+        problems += ["bad_name"] * skipped
+        return good[0] if good else ""
+
+
+def _label_safe(name: str) -> bool:
+    """A name from os.listdir that is UTF-8 (bytes that are not come back as lone surrogates)."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
