@@ -557,10 +557,16 @@ def node() -> dict:
               "pod), their environment, or the job's own step hints (source); unknown: processes NVML cannot see "
               "(another PID namespace) and no hint (docs/JOBS.md).",
               q(f"max by (gpu, job_id, scheduler, source) (stoker_gpu_job_info{{{n}}})"), columns={"A": None}, w=8),
+        table("Job span", "Whether each job spans other nodes as this agent knows it (1: it does; source: its step "
+              "hints, or its collectives on the node's RDMA ports at its level) and the nodes it says it spans: "
+              "what makes a starved node `peer`, waiting for another node (docs/VERDICTS.md).",
+              q(f"max by (job_id, source) (stoker_job_multinode{{{n}}})"),
+              q(f"max by (job_id) (stoker_job_nodes{{{n}}})"),
+              columns={"A": ("spans nodes", "short", None), "B": ("nodes", "short", None)}, w=6),
         ts("This node's time, by state", "percentunit", "Share of each interval this node spent productive, "
            "starved by each cause, in a checkpoint, idle with a job holding the GPUs, or with no job: the parts "
            "add up to 1.", q(rate("stoker_goodput_seconds_total"), "{{state}}"), stack=True, min=0, max=1,
-           calcs=("mean", "max"), w=16),
+           calcs=("mean", "max"), w=10),
         ts("Job goodput", "percentunit", "Share of the job's time, across all its nodes, spent productive: GPUs "
            "held, working, not starved. Below 80% over an hour StokerJobGoodputLow warns.",
            q(f"sum by (job_id) ({job_time(PRODUCTIVE)}) / sum by (job_id) ({job_time()})", "{{job_id}}"),

@@ -134,18 +134,21 @@ def _job(table, count: int, where: str) -> Job:
     tokens = t.get("tokens_per_step", 0)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise ScenarioError(f"{where}.tokens_per_step: expected a whole number from 0")
-    return Job(name, _nodes(t.get("nodes"), count, f"{where}.nodes"), start,
-               scenarios._number(t, "end", where, float("inf"), low=start),
+    return Job(name, _nodes(t.get("nodes"), count, f"{where}.nodes"), start, _until(t, "end", where, start),
                scenarios._check(t.get("scheduler", "slurm"), SCHEDULERS, f"{where}.scheduler"),
                scenarios._number(t, "level", where, 1.0, 0.0, 1.0),
                scenarios._number(t, "step_rate", where, 0.0, 0.0, 1000.0), tokens)
 
 
+def _until(table: dict, key: str, where: str, start: float) -> float:
+    """An end in scenario seconds, after `start`; none given: to the end of the scenario."""
+    return float("inf") if table.get(key) is None else scenarios._number(table, key, where, low=start)
+
+
 def _fault(table, count: int, where: str) -> Fault:
     t = _table(table, {"nodes", "from", "to", "gpu", "network", "storage", "host"}, where)
     start = scenarios._number(t, "from", where)
-    return Fault(_nodes(t.get("nodes"), count, f"{where}.nodes"), start,
-                 scenarios._number(t, "to", where, float("inf"), low=start),
+    return Fault(_nodes(t.get("nodes"), count, f"{where}.nodes"), start, _until(t, "to", where, start),
                  scenarios._check(t.get("gpu", "input_starved"), scenarios.GPU_PHASES, f"{where}.gpu"),
                  scenarios._check(t.get("network", "normal"), scenarios.NETWORK, f"{where}.network"),
                  scenarios._check(t.get("storage", "normal"), scenarios.STORAGE, f"{where}.storage"),
