@@ -321,6 +321,28 @@ def fleet() -> dict:
               q(f"topk(10, sum by (site, rack) ({with_rack(starved_by_node)}))"),
               columns={"A": ("starved nodes", "short", th((1, "orange"), (3, "red")))}, w=6, sort="starved nodes"),
 
+        row("Jobs across nodes"),
+        table("Jobs held back by a node", "Multi-node jobs whose other nodes wait for one of theirs "
+              "(StokerJobHeldBackByNode, pending then firing): the job, the node that holds it back and its cause "
+              "(storage, network, checkpoint, host; compute: its GPUs work while the others wait). Click the node "
+              "for its evidence; the nodes that wait (peer) are healthy.",
+              q(f'ALERTS{{alertname="StokerJobHeldBackByNode", {s}}}'), columns={"A": None}, w=10, h=8,
+              row_link=True),
+        table("Multi-node jobs: each node's verdict", "Every node of each job that spans nodes: the GPUs the job "
+              "holds there and the node's verdict now (empty: not starved). peer: its GPUs wait for another node of "
+              "the job, whose own cause is elsewhere in the table and in the table on the left.",
+              q(f"(node_job:stoker_gpus:count{{{s}}} * on (site, node) group_left (cause) "
+                f"node_cause:stoker_starved:max{{{s}}} or on (site, node, job_id) node_job:stoker_gpus:count{{{s}}}) "
+                f"and on (job_id) count by (job_id) (node_job:stoker_gpus:count{{{s}}}) > 1"),
+              columns={"A": ("GPUs", "short", None)}, w=14, h=8, sort="cause", row_link=True),
+        table("GPU-hours lost per job, by cause, over the range", f"The {TOP} job and cause pairs that cost the "
+              "most GPU-hours over the selected range: each of the job's nodes' GPUs times the time it spent "
+              "starved by that cause (peer: waiting for another node of the job), in a checkpoint, or idle.",
+              q(f"topk({TOP}, sum by (job_id, state) (avg_over_time(job_state:stoker_job_gpus:rate10m{{{s}}}"
+                f"[{RANGE}])) * $__range_s / 3600)"),
+              columns={"A": ("GPU-hours", "suffix: GPU-h", th((1, "orange"), (10, "red")))}, w=24, h=7,
+              sort="GPU-hours"),
+
         row("GPUs"),
         ts("Busy ratio across nodes with a job", "percentunit", "The distribution of the nodes' busy ratio (GPM SM "
            "activity from its counter, 5-minute rate) over the nodes running a job: a falling min or p10 is a few "
@@ -535,24 +557,36 @@ def node() -> dict:
               "pod), their environment, or the job's own step hints (source); unknown: processes NVML cannot see "
               "(another PID namespace) and no hint (docs/JOBS.md).",
               q(f"max by (gpu, job_id, scheduler, source) (stoker_gpu_job_info{{{n}}})"), columns={"A": None}, w=8),
+        table("Job span", "Whether each job spans other nodes as this agent knows it (1: it does; source: its step "
+              "hints, or its collectives on the node's RDMA ports at its level) and the nodes it says it spans: "
+              "what makes a starved node `peer`, waiting for another node (docs/VERDICTS.md).",
+              q(f"max by (job_id, source) (stoker_job_multinode{{{n}}})"),
+              q(f"max by (job_id) (stoker_job_nodes{{{n}}})"),
+              columns={"A": ("spans nodes", "short", None), "B": ("nodes", "short", None)}, w=6),
         ts("This node's time, by state", "percentunit", "Share of each interval this node spent productive, "
            "starved by each cause, in a checkpoint, idle with a job holding the GPUs, or with no job: the parts "
            "add up to 1.", q(rate("stoker_goodput_seconds_total"), "{{state}}"), stack=True, min=0, max=1,
-           calcs=("mean", "max"), w=16),
+           calcs=("mean", "max"), w=10),
         ts("Job goodput", "percentunit", "Share of the job's time, across all its nodes, spent productive: GPUs "
            "held, working, not starved. Below 80% over an hour StokerJobGoodputLow warns.",
            q(f"sum by (job_id) ({job_time(PRODUCTIVE)}) / sum by (job_id) ({job_time()})", "{{job_id}}"),
            min=0, max=1, thresholds=th((GOODPUT_LOW, "red"), base="red"), calcs=("mean", "min"), w=8),
         ts("Job time lost, by cause", "short", "How many of the job's nodes, on average, were not productive, and "
-           "why: starved by storage, network or host, waiting on a checkpoint, or idle with the GPUs held.",
+           "why: starved by storage, network or host, waiting for another node of the job (peer), waiting on a "
+           "checkpoint, or idle with the GPUs held.",
            q(f"sum by (state) ({job_time(NOT_PRODUCTIVE)})", "{{state}}"), stack=True, min=0,
            calcs=("mean", "max"), w=8),
         ts("Job step time", "s", "Time between two reported steps (evaluations and checkpoints count): mean and "
-           "median. 1.3 times its level of the 6 hours before, for 15 minutes: StokerJobStepTimeRegressed.",
+           "median. 1.3 times its level of the 6 hours before, for 15 minutes: StokerJobStepTimeRegressed. And of it, "
+           "the time this node's steps waited for their batch (its step hints): the node with the longest wait "
+           "holds a multi-node job back.",
            q(f"sum by (job_id) (rate(stoker_job_step_seconds_sum{{{JOB}}}[{RI}])) / "
              f"sum by (job_id) (rate(stoker_job_step_seconds_count{{{JOB}}}[{RI}]))", "{{job_id}} mean"),
            q(f"histogram_quantile(0.5, sum by (job_id, le) (rate(stoker_job_step_seconds_bucket{{{JOB}}}[{RI}])))",
-             "{{job_id}} median"), min=0, calcs=("mean", "max"), w=8),
+             "{{job_id}} median"),
+           q(f"sum by (job_id) (rate(stoker_job_data_wait_seconds_total{{{n}, {JOB}}}[{RI}])) / "
+             f"sum by (job_id) (rate(stoker_job_step_seconds_count{{{n}, {JOB}}}[{RI}]))",
+             "{{job_id}} waiting for data (this node)"), min=0, calcs=("mean", "max"), w=8),
         table("Job work", "Per job: tokens and samples a second (from its hints), steps so far, restarts and the "
               "work they lost over the range (productive time since the last checkpoint Stoker saw complete), and "
               "the work not yet in a checkpoint now.",

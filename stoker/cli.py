@@ -1,4 +1,4 @@
-"""`stoker run | check | checkpoint | replay | rules | --version`: flags over the TOML configuration, clear
+"""`stoker run | check | checkpoint | replay | rules | cluster | --version`: flags over the TOML configuration, clear
 errors, exit codes.
 
 Exit status 2 means the agent could not start as asked (a configuration
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--seconds", type=seconds, help="how long to play (default: to the last expectation)")
     replay.add_argument("--config", metavar="FILE",
                         help="TOML configuration file: its thresholds (default: none, the node is simulated)")
+
+    from stoker.sim import cluster
+    cluster.add_arguments(sub.add_parser("cluster", help="run a simulated cluster: an agent per node of a cluster "
+                                                         "scenario, on consecutive ports, in one process"))
 
     hint = sub.add_parser("checkpoint", help="tell the local agent a checkpoint starts or ends")
     hint.add_argument("action", choices=["start", "end"], help="the checkpoint starts, or it ended")
@@ -194,6 +198,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if judgement.right else 1
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from stoker.sim import cluster
+    return cluster.run(args)
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     from stoker import rules
     try:
@@ -257,7 +266,7 @@ def serve(cfg: config_mod.Config, platform, reload, path: str | None = None) -> 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"run": cmd_run, "check": cmd_check, "checkpoint": cmd_checkpoint, "replay": cmd_replay,
-                "rules": cmd_rules}
+                "rules": cmd_rules, "cluster": cmd_cluster}
     return commands[args.command](args)
 
 

@@ -209,6 +209,7 @@ FLUSH_EVERY = 1.0  # seconds between batches
 MAX_PENDING = 10_000  # steps kept while the agent does not answer: 10 minutes at 16 steps a second
 BATCH = 128  # steps per request (the agent takes at most 16 KiB of body)
 RETRY_FIRST, RETRY_CAP = 5.0, 300.0
+MAX_NODES = 100_000  # the agent refuses more (stoker/exporters/hints.py)
 LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
 
 
@@ -243,6 +244,19 @@ def _gpus_from_environment() -> list[str]:
     return []
 
 
+def _nodes_from_environment() -> int | None:
+    """The nodes the job spans, as its launcher says: torchrun's WORLD_SIZE over LOCAL_WORLD_SIZE, Slurm's
+    SLURM_STEP_NUM_NODES (srun) or SLURM_JOB_NUM_NODES, Open MPI's world over its local size."""
+    def count(key: str) -> int:
+        value = os.environ.get(key, "")
+        return int(value) if value.isdigit() and len(value) <= 9 else 0
+
+    counts = [-(-count(world) // count(local)) for world, local in (
+        ("WORLD_SIZE", "LOCAL_WORLD_SIZE"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")) if count(local)]
+    counts += [count("SLURM_STEP_NUM_NODES"), count("SLURM_JOB_NUM_NODES")]
+    return next((n for n in counts if 0 < n <= MAX_NODES), None)
+
+
 def _local_rank() -> int:
     for key in LOCAL_RANK_VARIABLES:
         value = os.environ.get(key, "")
@@ -273,18 +287,25 @@ class Steps:
     other than the scheduler's for a process it sees, docs/JOBS.md); `run`: this launch of
     it (default from torchrun or Slurm, else this process); `gpus`: the GPU UUIDs it uses (default
     from NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES when they are UUIDs); `all_ranks`: report
-    from every local rank (only with a `run` the ranks share), not only local rank 0.
+    from every local rank (only with a `run` the ranks share), not only local rank 0; `nodes`: the
+    nodes the job spans (default from torchrun, Slurm or Open MPI), which tells the agent that its
+    GPUs may wait for other nodes (docs/VERDICTS.md, "Peer").
+
+    Data wait: the time a step waited for its next batch, given to `step()` or added up between two
+    steps by `waited()` (the adapters time the data loader with it).
     """
 
     def __init__(self, job: str | None = None, run: str | None = None, gpus: list[str] | None = None,
                  url: str | None = None, token: str | None = None, token_file: str | None = None,
                  flush_every: float = FLUSH_EVERY, max_pending: int = MAX_PENDING, all_ranks: bool = False,
-                 timeout: float = 2.0):
+                 timeout: float = 2.0, nodes: int | None = None):
         env_job, scheduler = _job_from_environment()
         self.job = job if job is not None else env_job
         self.scheduler = scheduler if job is None else None
         self.run = run or _run_from_environment()
         self.gpus = list(gpus) if gpus is not None else _gpus_from_environment()
+        self.nodes = nodes if nodes is not None else _nodes_from_environment()
+        self._waited = 0.0  # data wait since the last step (`waited`)
         self.enabled = all_ranks or _local_rank() == 0
         self.sent = self.dropped = 0
         self._url, self._token, self._token_file, self._timeout = url, token, token_file, timeout
@@ -301,22 +322,30 @@ class Steps:
         self._warned: set[str] = set()
         _reporters.add(self)
 
+    def waited(self, seconds: float) -> None:
+        """The step under way waited this long for a batch (added up until the next `step()`)."""
+        self._waited += seconds
+
     def step(self, step: int, tokens: int | None = None, samples: int | None = None,
-             seconds: float | None = None) -> None:
+             seconds: float | None = None, data_wait: float | None = None) -> None:
         """Step `step` is done. `tokens`, `samples`: of the whole step (the global batch); `seconds`: its
-        duration, by default the time since the previous call (the first call has none)."""
+        duration, by default the time since the previous call (the first call has none); `data_wait`: of
+        that, the time it waited for its batches, by default what `waited()` added up since."""
+        waited, self._waited = self._waited, 0.0
         if not self.enabled:
             return
         now = time.monotonic()
         last, self._last = self._last, now
         if seconds is None and last is not None:
             seconds = now - last
+        if data_wait is None and waited:
+            data_wait = waited
         if len(self._pending) >= self._max:
             self.dropped += 1
             self._warn_once("full", "stoker: the step queue is full (the agent does not answer); "
                                     "dropping steps until it does")
             return
-        self._pending.append((step, seconds, tokens, samples))
+        self._pending.append((step, seconds, tokens, samples, data_wait))
         if self._thread is None:
             self._start()
 
@@ -360,7 +389,8 @@ class Steps:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
             body = {"steps": [s for s in map(_step_body, batch) if s is not None], "run": self.run,
                     "pid": os.getpid()}
-            for key, value in (("job", self.job), ("scheduler", self.scheduler), ("gpus", self.gpus)):
+            for key, value in (("job", self.job), ("scheduler", self.scheduler), ("gpus", self.gpus),
+                               ("nodes", self.nodes)):
                 if value:
                     body[key] = value
             try:
@@ -404,11 +434,12 @@ class Steps:
 
 def _step_body(item: tuple) -> dict | None:
     """One queued step as JSON; numbers that are not (a tensor, a NaN) drop the step, not the batch."""
-    n, seconds, tokens, samples = item
+    n, seconds, tokens, samples, data_wait = item
     try:
         out = {"step": int(n)}
-        if seconds is not None and 0 <= float(seconds) < float("inf"):
-            out["seconds"] = round(float(seconds), 6)
+        for key, value in (("seconds", seconds), ("data_wait", data_wait)):
+            if value is not None and 0 <= float(value) < float("inf"):
+                out[key] = round(float(value), 6)
         for key, value in (("tokens", tokens), ("samples", samples)):
             if value is not None and int(value) >= 0:
                 out[key] = int(value)
@@ -431,6 +462,7 @@ def default_steps() -> Steps:
     return _default
 
 
-def step(step: int, tokens: int | None = None, samples: int | None = None, seconds: float | None = None) -> None:
+def step(step: int, tokens: int | None = None, samples: int | None = None, seconds: float | None = None,
+         data_wait: float | None = None) -> None:
     """Report a training step through the process's default `Steps`."""
-    (_default or default_steps()).step(step, tokens, samples, seconds)
+    (_default or default_steps()).step(step, tokens, samples, seconds, data_wait)

@@ -121,13 +121,15 @@ def remove_agent_logs():
             os.unlink(path)
 
 
-def start_agent_process(*args: str, env: dict | None = None, module: str = "stoker") -> subprocess.Popen:
+def start_agent_process(*args: str, env: dict | None = None, module: str = "stoker",
+                        command: str = "run") -> subprocess.Popen:
     """The agent as its own process; its log goes to a file (`proc.log()` reads it),
     never to an unread pipe that would fill up and block it. `module`: what `python -m` runs
-    (tests/hung_mount.py runs the agent with files on a hung mount)."""
+    (tests/hung_mount.py runs the agent with files on a hung mount); `command`: `stoker run`'s, or
+    `cluster` (a simulated cluster's agents)."""
     log = tempfile.NamedTemporaryFile(prefix="stoker-agent-", suffix=".log", delete=False)
     AGENT_LOGS.append(log.name)
-    proc = subprocess.Popen([sys.executable, "-m", module, "run", *args],
+    proc = subprocess.Popen([sys.executable, "-m", module, command, *args],
                             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
     log.close()
     proc.log = lambda: open(log.name).read()  # type: ignore[attr-defined]

@@ -47,6 +47,11 @@ class Prometheus:
         with urllib.request.urlopen(f"{self.url}/api/v1/rules", timeout=10) as resp:
             return json.load(resp)["data"]["groups"]
 
+    def alerts(self) -> list[dict]:
+        """The alerts the server holds (pending and firing), as its /api/v1/alerts lists them."""
+        with urllib.request.urlopen(f"{self.url}/api/v1/alerts", timeout=10) as resp:
+            return json.load(resp)["data"]["alerts"]
+
     def targets(self) -> list[dict]:
         with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as resp:
             return json.load(resp)["data"]["activeTargets"]
@@ -81,19 +86,25 @@ def prometheus(targets: list[str], scrape_interval: str = "1s", rule_files: list
 
 
 class Webhook:
-    """An HTTP receiver for Alertmanager's webhook: keeps every alert it is sent."""
+    """An HTTP receiver for Alertmanager's webhook: keeps every alert it is sent, and when each alert first came
+    firing and resolved (`arrived`, `resolved`: (alertname, node, job_id, cause) -> (time.time(), the alert))."""
 
     def __init__(self) -> None:
         import http.server
         import threading
 
         self.alerts: list[dict] = []
-        received = self.alerts
+        self.arrived: dict[tuple, tuple[float, dict]] = {}
+        self.resolved: dict[tuple, tuple[float, dict]] = {}
+        received, firsts = self.alerts, {"firing": self.arrived, "resolved": self.resolved}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 received.extend(body["alerts"])
+                for a in body["alerts"]:
+                    key = tuple(a["labels"].get(k) for k in ("alertname", "node", "job_id", "cause"))
+                    firsts.get(a.get("status"), {}).setdefault(key, (time.time(), a))
                 self.send_response(200)
                 self.end_headers()
 
@@ -109,15 +120,16 @@ class Webhook:
 
 
 @contextmanager
-def alertmanager(webhook_url: str):
+def alertmanager(webhook_url: str, config_text: str | None = None):
+    """Alertmanager on loopback sending every alert to `webhook_url`; `config_text`: this configuration instead."""
     binary = need_binary("prometheus-alertmanager")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "alertmanager.yml"
-        cfg.write_text(
+        cfg.write_text(config_text or (
             "route:\n  receiver: hook\n  group_by: [alertname, node]\n  group_wait: 1s\n  group_interval: 1s\n"
             "  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n"
-            f"      - url: {webhook_url}\n        send_resolved: false\n")
+            f"      - url: {webhook_url}\n        send_resolved: false\n"))
         proc = subprocess.Popen(
             [binary, f"--config.file={cfg}", f"--storage.path={tmp}/data", f"--web.listen-address=127.0.0.1:{port}",
              "--cluster.listen-address=", "--log.level=warn"],

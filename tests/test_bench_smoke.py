@@ -152,3 +152,25 @@ def test_mutation_harness_makes_one_change_at_a_time_and_patches_in_place():
     over = module.over
     mutation.apply(module, dict((d, m) for _, d, m in found)["Gt -> GtE"])
     assert module.over is over and over(2), "the same function, the mutant's code"
+
+
+def test_multinode_vm_harness_evaluates_the_shipped_rules_on_its_synthetic_fleet(tmp_path):
+    """bench/multinode_vm.py: the groups it gives vmalert are the shipped rules (vmalert -dryRun takes them), and
+    its synthetic fleet holds what they read: 8 GPUs, 5 causes and 7 states per node, step hints for half the jobs."""
+    import json
+    import subprocess
+
+    from bench import multinode_vm
+    from tests.conftest import need_binary
+
+    rules = tmp_path / "rules.yml"
+    rules.write_text(multinode_vm.rule_file())
+    run = subprocess.run([need_binary("vmalert"), "-dryRun", f"-rule={rules}", "-loggerLevel=ERROR"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    series = multinode_vm.synthetic(nodes=40, jobs=4, sites=2)
+    names = [json.loads(labels)["__name__"] for labels, _, _ in series]
+    assert names.count("stoker_gpu_job_info") == 320 and names.count("stoker_starved") == 200
+    assert names.count("stoker_job_data_wait_seconds_total") == 20  # jobs 0 and 2 hint their steps
+    peers = [json.loads(labels)["node"] for labels, value, _ in series if '"cause": "peer"' in labels and value]
+    assert len(peers) == 9 + 9  # job 0: held back by its node 0's NAS; job 1: by its node 0's compute

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RULE_FILES = sorted((ROOT / "alerts").glob("*.rules.yml"))
 PROMETHEUS = ROOT / "packaging" / "prometheus"
 SITE = "dc1-pod-a"  # the shipped flags' site
+CLUSTER = ROOT / "tests" / "scenarios" / "cluster" / "dashboards.toml"
 
 # Each agent's scenario. The paging nodes; two healthy ones that must never page; and, as in
 # tests/test_dashboards.py, the states the rarer dashboard panels need (an XID and a lost GPU, a finished
@@ -187,7 +188,7 @@ def dashboard_queries() -> dict[tuple[str, str, str], tuple[str, tuple[str, ...]
     known = ("$__range_s", "$__range", "$site", "$node", "$gpu")
     out = {}
     for name, dash, p in panels():
-        nodes = (".*",) if dash["uid"] == "stoker-fleet" else tuple(AGENTS)
+        nodes = (".*",) if dash["uid"] == "stoker-fleet" else (*AGENTS, "node-00", "node-01")
         for t in p["targets"]:
             out[(name, p["title"], t["refId"])] = (t["expr"], nodes)
     for name, dash in committed().items():
@@ -230,6 +231,10 @@ def fleet(tmp_path_factory):
     scenarios = {**AGENTS, "n-net": congested_with_mig(tmp_path_factory)}
     agents = [start_agent_process("--simulate", scenario, "--listen", f"127.0.0.1:{ports[node]}")
               for node, scenario in scenarios.items()]
+    job = {"node-00": free_port(), "node-01": free_port()}  # a 2-node job held back by node-01: the jobs view
+    agents.append(start_agent_process(str(CLUSTER), "--ports", *map(str, job.values()), "--probe-interval", "600",
+                                      command="cluster"))
+    ports.update(job)
     hook = Webhook()
     try:
         for port in ports.values():
@@ -305,7 +310,8 @@ def test_prometheus_remote_write_example_carries_the_fleet_into_victoria_metrics
     central = fleet["central"]
     central.wait_for('node:stoker_gpus:count{node="n-gpu"}', lambda r: r, timeout=120)
     assert {r["metric"]["site"] for r in central.query('count by (site) ({job="stoker"})')} == {SITE}
-    assert len(central.query('count by (node) (stoker_build_info{job="stoker"})')) == len(AGENTS)
+    nodes = len(AGENTS) + 2  # and the 2-node job's
+    assert len(central.query('count by (node) (stoker_build_info{job="stoker"})')) == nodes
     assert not central.query("stoker_collector_duration_seconds_bucket"), "write_relabel_configs dropped nothing"
     central.wait_for('ALERTS{alertname="StokerGpuXidError", node="n-gpu"}', lambda r: r, timeout=120)
     fleet_only = {k: v for k, v in dashboard_queries().items() if k[0] == "fleet.json"}

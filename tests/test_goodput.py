@@ -209,9 +209,10 @@ def test_states_by_verdict_and_activity():
     run(ledger, clock, 2, snapshot({}), {})
     run(ledger, clock, 1, None, {})  # NVML did not answer
     job = ledger.jobs["42"]
-    assert job.seconds == {"productive": 10, "idle": 3, "storage": 4, "network": 0, "host": 0, "checkpoint": 0}
+    assert job.seconds == {"productive": 10, "idle": 3, "storage": 4, "network": 0, "host": 0, "checkpoint": 0,
+                           "peer": 0}
     assert ledger.node == {"productive": 10, "idle": 3, "storage": 4, "network": 0, "host": 0, "checkpoint": 0,
-                           "no_job": 2, "unknown": 1}
+                           "peer": 0, "no_job": 2, "unknown": 1}
     assert not job.present and ledger.gpus == {}
 
 

@@ -186,6 +186,43 @@ async def test_steps_reach_the_agent_in_batches(agent):
     await asyncio.to_thread(reporter.close, 1.0)
 
 
+def test_the_launcher_says_how_many_nodes_the_job_spans(monkeypatch):
+    """torchrun sets WORLD_SIZE and LOCAL_WORLD_SIZE (torch/distributed/elastic/agent/server/api.py); srun
+    SLURM_STEP_NUM_NODES, sbatch SLURM_JOB_NUM_NODES (Slurm's srun(1), sbatch(1)); Open MPI
+    OMPI_COMM_WORLD_SIZE and OMPI_COMM_WORLD_LOCAL_SIZE (mpirun(1))."""
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES"):
+        monkeypatch.delenv(key, raising=False)
+    assert hints.Steps(url=dead_url(), token=TOKEN).nodes is None
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "32")
+    monkeypatch.setenv("SLURM_STEP_NUM_NODES", "16")  # the job step srun runs: 16 of the allocation's 32
+    assert hints.Steps(url=dead_url(), token=TOKEN).nodes == 16
+    monkeypatch.setenv("WORLD_SIZE", "128")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert hints.Steps(url=dead_url(), token=TOKEN).nodes == 16
+    monkeypatch.setenv("WORLD_SIZE", "9" * 5000)  # garbage: the next source
+    assert hints.Steps(url=dead_url(), token=TOKEN).nodes == 16
+    monkeypatch.delenv("SLURM_STEP_NUM_NODES")
+    assert hints.Steps(url=dead_url(), token=TOKEN, nodes=4).nodes == 4
+    assert hints.Steps(url=dead_url(), token=TOKEN).nodes == 32
+
+
+async def test_data_wait_and_the_node_count_reach_the_agent(agent):
+    url, ledger = agent
+    reporter = hints.Steps(job="ddp-16", run="launch-1", url=url, token=TOKEN, flush_every=0.05, all_ranks=True,
+                           nodes=16)
+    for n in range(1, 11):
+        reporter.waited(0.25)
+        reporter.waited(0.25)  # two micro-batches
+        reporter.step(n, seconds=2.0)
+    reporter.step(11, seconds=2.0, data_wait=1.5)
+    reporter.step(12, seconds=2.0)  # no wait this step
+    await wait_until(lambda: "ddp-16" in ledger.jobs and ledger.jobs["ddp-16"].steps == 12)
+    job = ledger.jobs["ddp-16"]
+    assert job.nodes == 16 and job.data_wait_seconds == pytest.approx(10 * 0.5 + 1.5)
+    await asyncio.to_thread(reporter.close, 1.0)
+
+
 async def post(url: str, body, token: str | None = TOKEN, raw: bytes | None = None):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as session:
@@ -211,6 +248,11 @@ async def post(url: str, body, token: str | None = TOKEN, raw: bytes | None = No
     ({"steps": [{"step": 1}], "job": "j", "gpus": "GPU-1"}, "`gpus`"),
     ({"steps": [{"step": 1}], "job": "j", "scheduler": "pbs"}, "`scheduler`"),
     ({"steps": [{"step": 1}]}, "give `job`"),
+    ({"steps": [{"step": 1, "seconds": 2, "data_wait": -1}], "job": "j"}, "steps[0].data_wait"),
+    ({"steps": [{"step": 1, "data_wait": "0.5"}], "job": "j"}, "steps[0].data_wait"),
+    ({"steps": [{"step": 1}], "job": "j", "nodes": 0}, "`nodes`"),
+    ({"steps": [{"step": 1}], "job": "j", "nodes": 16.0}, "`nodes`"),
+    ({"steps": [{"step": 1}], "job": "j", "nodes": 10**6}, "`nodes`"),
 ])
 async def test_bad_step_hints_are_400_with_a_message(agent, body, fragment):
     status, answer = await post(agent[0], body)
@@ -394,11 +436,21 @@ def test_the_simulated_node_example_of_the_docs_works_as_written(tmp_path):
 # -- adapters, against stand-ins of the frameworks' callback protocols --------------------------------
 
 class Recording:
+    """A reporter that keeps what it is told; `waited` adds up as `hints.Steps.waited` does."""
+
     def __init__(self):
         self.steps: list[tuple] = []
+        self.waits: list[float | None] = []  # each step's data wait
+        self.nodes = None
+        self._waited = 0.0
 
-    def step(self, step, tokens=None, samples=None, seconds=None):
+    def waited(self, seconds):
+        self._waited += seconds
+
+    def step(self, step, tokens=None, samples=None, seconds=None, data_wait=None):
         self.steps.append((step, tokens, samples))
+        self.waits.append(data_wait if data_wait is not None else (self._waited or None))
+        self._waited = 0.0
 
 
 class Broken:
@@ -451,6 +503,36 @@ def test_pytorch_optimizer_hook_and_loop_wrapper(caplog):
     assert len(warnings_of(caplog, "hook failed")) == 1
 
 
+class SlowLoader:
+    """A data loader whose batch `i` takes `waits[i]` seconds to come."""
+
+    def __init__(self, waits):
+        self.waits = waits
+
+    def __iter__(self):
+        for i, wait in enumerate(self.waits):
+            time.sleep(wait)
+            yield i
+
+
+def test_pytorch_adapters_time_the_data_loader():
+    """A step's data wait is the time the loop waited for its batches: `steps` times the loader it wraps;
+    with `track_optimizer`, `timed(loader)` adds up the waits of the micro-batches of each optimizer step."""
+    rec = Recording()
+    for n, _ in pytorch.steps(SlowLoader([0.05, 0.0, 0.2]), rec):
+        time.sleep(0.01)  # the step's compute
+    assert [s[0] for s in rec.steps] == [1, 2, 3]
+    assert rec.waits[0] == pytest.approx(0.05, abs=0.04) and rec.waits[2] == pytest.approx(0.2, abs=0.08)
+    assert rec.waits[1] is None or rec.waits[1] < 0.04
+    rec, opt = Recording(), FakeOptimizer()
+    pytorch.track_optimizer(opt, rec)
+    for i, _ in enumerate(pytorch.timed(SlowLoader([0.05, 0.05, 0.0, 0.0]), rec)):
+        if i % 2 == 1:  # gradient accumulation over 2 batches
+            opt.step()
+    assert [s[0] for s in rec.steps] == [1, 2]
+    assert rec.waits[0] == pytest.approx(0.1, abs=0.06) and (rec.waits[1] or 0.0) < 0.04
+
+
 @pytest.fixture
 def transformers_standin(monkeypatch):
     module = types.ModuleType("transformers")
@@ -491,6 +573,14 @@ def test_huggingface_callback(transformers_standin):
         call_event([cb], "on_log", args, state, control)
     call_event([cb], "on_step_end", args, state, control)  # the same step again: not another one
     assert rec.steps == [(1201, 2048 * 4096, 2048), (1202, 2048 * 4096, 2048)]
+    # the data wait: from the last step's end to the next step's begin, when the Trainer has fetched the
+    # step's batches (transformers' Trainer._inner_training_loop: get_batch_samples, then on_step_begin)
+    time.sleep(0.1)  # the Trainer fetches the next step's batches
+    call_event([cb], "on_step_begin", args, state, control)
+    time.sleep(0.02)  # forward, backward, optimizer
+    state.global_step += 1
+    call_event([cb], "on_step_end", args, state, control)
+    assert rec.steps[-1][0] == 1203 and rec.waits[-1] == pytest.approx(0.1, abs=0.05)
     broken = huggingface.StokerCallback(reporter=Broken())
     call_event([broken], "on_train_begin", args, state, control)
     state.global_step += 1
@@ -502,6 +592,9 @@ def test_lightning_callback_reports_optimizer_steps(monkeypatch):
 
     class Callback:  # lightning.pytorch.Callback: hooks are no-op methods
         def on_train_start(self, trainer, pl_module):
+            pass
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             pass
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -521,6 +614,19 @@ def test_lightning_callback_reports_optimizer_steps(monkeypatch):
             trainer.global_step += 1
         cb.on_train_batch_end(trainer, None, None, None, batch_idx)
     assert rec.steps == [(1, 1 << 22, None), (2, 1 << 22, None)]
+    # the data wait: from each batch's end to the next batch's start, which Lightning calls once the batch
+    # is fetched (lightning/pytorch/loops/training_epoch_loop.py: next(data_fetcher), then
+    # on_train_batch_start), over the batches of the optimizer step; the node count from the Trainer
+    rec, trainer = Recording(), types.SimpleNamespace(global_step=0, num_nodes=4)
+    cb = lightning.StokerCallback(reporter=rec)
+    cb.on_train_start(trainer, None)
+    for batch_idx in range(2):
+        time.sleep(0.05)  # fetching the batch
+        cb.on_train_batch_start(trainer, None, None, batch_idx)
+        if batch_idx == 1:
+            trainer.global_step += 1
+        cb.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert rec.steps == [(1, None, None)] and rec.waits == [pytest.approx(0.1, abs=0.05)] and rec.nodes == 4
 
 
 def test_an_adapter_without_its_framework_says_so():

@@ -51,6 +51,8 @@ def test_alertmanager_example_is_valid_and_routes_by_severity():
 
     assert route("alertname=StokerGpusStarvedByStorage", "severity=critical", "node=n1") == "gpu-oncall-pager"
     assert route("alertname=StokerGpusStarvedByHost", "severity=warning", "node=n1") == "tickets"
+    assert route("alertname=StokerJobHeldBackByNode", "severity=critical", "job_id=4242", "node=n7") == \
+        "gpu-oncall-pager"
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboards():

@@ -25,10 +25,12 @@ from stoker.detect.goodput import GoodputLedger
 from stoker.detect.job import JobTracker
 from stoker.detect.causes import PENDING
 from stoker.detect.engine import Engine, Verdict
+from stoker.detect.peer import PeerJudge
 from stoker.detect.snapshot import MountSnapshot, Snapshot, frozen
 from stoker.detect.state import Saved, StateStore
 from stoker.detect.view import NodeView, gpu_busy
 from stoker.exporters import jobs as job_families
+from stoker.exporters import peer as peer_families
 from stoker.exporters import verdicts as verdict_families
 from stoker.sources.jobs import JobSnapshot
 
@@ -58,6 +60,7 @@ class VerdictCollector(Collector):
         self.engine = Engine(detect)
         self.checkpoints = CheckpointTracker(checkpoint)
         self.goodput = GoodputLedger(detect, clock)  # where each job's time goes (detect/goodput.py)
+        self.peer = PeerJudge()  # `host` that is a wait for the job's other nodes (detect/peer.py)
         self.jobs = jobs
         self.store = StateStore(state_file, detect.baseline_window, read_only=not keep_state) if state_file else None
         self._files = Worker("state")  # the state file's reads and writes, with a deadline (daemon threads)
@@ -167,7 +170,8 @@ class VerdictCollector(Collector):
         signals = [s for s in self.evidence.signals(view)  # a gone job's checkpoint draining explains no wait
                    if not (s.cause == "checkpoint" and self.checkpoints.inherited(s.source))]
         signals += self.checkpoints.signals()
-        self.attribution.observe(t, signals, job and self.engine.starvation.at_level(busy, baseline))
+        at_level = job and self.engine.starvation.at_level(busy, baseline)
+        self.attribution.observe(t, signals, at_level)
         self.scores = self.attribution.scores()
         before = self.engine.cause
         cause = self.engine.update(t, busy, job, baseline, self.scores,
@@ -176,12 +180,17 @@ class VerdictCollector(Collector):
             self.job.remember(t, busy)
         self._carried = self._carried and cause == before and not self.attribution.current()
         reasons = (self.attribution.reasons(cause) or [CARRIED if self._carried else NO_EVIDENCE]) if cause else []
+        # -- the one place the engine's verdict is finalised (detect/peer.py): a `host` verdict without host
+        #    evidence becomes `peer` when the job spans other nodes and nothing says the wait is local --
+        was = self.peer.shown(before)
+        cause, reasons = self.peer.judge(t, cause, reasons, view, self.scores, self.goodput, self.job.pids,
+                                         at_level, busy)
         self.verdict = Verdict(cause, busy, baseline, reasons)
-        if cause != before and cause:
-            log.warning("GPUs starved", cause=cause, was=before, busy=_round(busy), baseline=_round(baseline),
+        if cause != was and cause:
+            log.warning("GPUs starved", cause=cause, was=was, busy=_round(busy), baseline=_round(baseline),
                         evidence=reasons, scores={k: round(v, 2) for k, v in self.scores.items() if v})
-        elif cause != before:
-            log.info("GPUs no longer starved", was=before, busy=_round(busy))
+        elif cause != was:
+            log.info("GPUs no longer starved", was=was, busy=_round(busy))
         self.goodput.tick(t, view.gpu, jobs, cause, self.busy, self.checkpoints)
         self.snapshot = self._snapshot(t)
         return self.verdict
@@ -198,9 +207,10 @@ class VerdictCollector(Collector):
                        for mp, m in sorted(self.checkpoints.mounts.items()))
         # `states`, `scores` and `busy` are new each tick: read-only views suffice; the counters are copied
         return Snapshot(t, v.cause, v.busy, v.baseline, tuple(v.evidence), e.starvation.state,
-                        MappingProxyType(states), MappingProxyType(self.scores), frozen(e.seconds),
-                        tuple(self.attribution.current()), MappingProxyType(self.busy), frozen(self.busy_seconds),
-                        self.job_present_seconds, mounts)
+                        MappingProxyType(states), MappingProxyType(self.scores),
+                        frozen(self.peer.starved_seconds(e.seconds)), tuple(self.attribution.current()),
+                        MappingProxyType(self.busy), frozen(self.busy_seconds), self.job_present_seconds, mounts,
+                        self.peer.waiting)
 
     def _note_checkpoints(self) -> None:
         """Keep each checkpoint that ended since the last tick (by the tracker or a hint) for the table
@@ -251,7 +261,8 @@ class VerdictCollector(Collector):
         return self.engine.starvation.waiting(busy, baseline)
 
     def families(self):
-        return [*verdict_families.families(self.snapshot), *job_families.families(self.goodput)]
+        return [*verdict_families.families(self.snapshot), *job_families.families(self.goodput),
+                *peer_families.families(self.peer, self.goodput)]
 
     async def close(self) -> None:
         if self.jobs is not None:

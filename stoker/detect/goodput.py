@@ -5,8 +5,8 @@ of it in exactly one state, for the node and for every job on its GPUs:
 
 - `productive`: a job holds the GPUs, they are not starved, and they work
   (busy ratio at or above `idle_floor`);
-- `storage`, `network`, `host`, `checkpoint`: starved, by the verdict's cause
-  (docs/VERDICTS.md);
+- `storage`, `network`, `host`, `checkpoint`, `peer`: starved, by the verdict's cause
+  (docs/VERDICTS.md; `peer`: waiting for the job's other nodes);
 - `idle`: the job holds the GPUs and does not run kernels, and no verdict
   explains it (before the job's level is known, or a job whose level is idle);
 - for the node only: `no_job` (no job holds a GPU) and `unknown` (NVML did not
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 
 log = logs.get("goodput")
 
-STATES = ("productive", "idle", *CAUSE_NAMES)  # a starved second goes to the verdict's cause
+STATES = ("productive", "idle", *CAUSE_NAMES, "peer")  # a starved second goes to the verdict's cause
 NODE_STATES = STATES + ("no_job", "unknown")
 UNKNOWN = "unknown"
 SCHEDULERS = ("slurm", "kubernetes", "none")
@@ -109,6 +109,7 @@ class StepRecord:
     seconds: float | None = None  # since the previous step of the same process
     tokens: int | None = None  # of the whole step (the global batch), as the job counts them
     samples: int | None = None
+    data_wait: float | None = None  # of `seconds`, waiting for the next batch (the input pipeline)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ class JobAccount:
     runs: dict[str, Run] = field(default_factory=dict)  # it and the runs before it, RUNS_REMEMBERED at most
     new_run_at: float | None = None
     declared: Declaration | None = None
+    data_wait_seconds: float | None = None  # waiting for the next batch, over the steps that said (hints)
+    nodes: int | None = None  # the nodes the job says it spans (hints)
 
     @property
     def unsaved(self) -> float:
@@ -347,9 +350,10 @@ class GoodputLedger:
     # -- step hints (the hint API, on the event loop) -------------------------------------------
 
     def record_steps(self, steps: Iterable[StepRecord], job: str | None = None, run: str | None = None,
-                     pid: int | None = None, gpus: Iterable[str] = (), scheduler: str | None = None
-                     ) -> tuple[str, int, int]:
-        """Steps a job reported: (the job they were counted for, accepted, duplicates or stale).
+                     pid: int | None = None, gpus: Iterable[str] = (), scheduler: str | None = None,
+                     nodes: int | None = None) -> tuple[str, int, int]:
+        """Steps a job reported: (the job they were counted for, accepted, duplicates or stale); `nodes`:
+        how many nodes the job says it spans.
         Raises HintError, and counts nothing, when they cannot be the job's: 400 (no job to count them
         for, a step implausibly far ahead), 409 (the process is another job's, a new run from the
         processes of the current one), 429 (too many jobs, too many new runs)."""
@@ -363,6 +367,8 @@ class GoodputLedger:
         acct = self._account(job_id, scheduler or "none", t, hinted=acct is None)
         acct.declared = Declaration(t, pid, frozenset(gpus))
         acct.last_seen = max(acct.last_seen, t)
+        if nodes is not None:
+            acct.nodes = nodes
         if not steps:
             return job_id, 0, 0
         if run not in acct.runs:
@@ -381,6 +387,8 @@ class GoodputLedger:
             acct.samples += s.samples or 0
             if s.seconds is not None:
                 acct.step_seconds.observe(s.seconds)
+                if s.data_wait is not None:
+                    acct.data_wait_seconds = (acct.data_wait_seconds or 0.0) + min(s.data_wait, s.seconds)
         if accepted:  # a replaced run that still runs (or whose processes nobody sees) is the current one again
             mine.t, acct.run = t, run
         return job_id, accepted, len(steps) - accepted

@@ -62,3 +62,4 @@ class Snapshot:
     busy_seconds: Mapping[tuple[str, str], float] = field(default_factory=lambda: EMPTY)
     job_present_seconds: float = 0.0
     checkpoints: tuple[MountSnapshot, ...] = ()
+    collective_wait: float | None = None  # the GPUs wait in a collective: utilization - busy ratio (detect/peer.py)

@@ -9,8 +9,8 @@ send, never a 500 and a traceback.
 Steps (`POST /api/v1/steps`, docs/JOBS.md) come in batches from the
 `stoker.hints` helper's background thread:
 
-    {"job": "4242", "run": "4242.0.0", "pid": 81231, "gpus": ["GPU-..."], "scheduler": "slurm",
-     "steps": [{"step": 1200, "seconds": 1.92, "tokens": 4194304, "samples": 1024}, ...]}
+    {"job": "4242", "run": "4242.0.0", "pid": 81231, "gpus": ["GPU-..."], "scheduler": "slurm", "nodes": 16,
+     "steps": [{"step": 1200, "seconds": 1.92, "tokens": 4194304, "samples": 1024, "data_wait": 0.04}, ...]}
 
 Only `steps` is required (each with its `step`); the answer names the job
 they were counted for and how many were new. Which job that is, and what is
@@ -18,7 +18,9 @@ refused (409: the `pid` is a GPU process of another job, or a new run from the
 processes of the job's current one; 429: new runs too often; 400: a step too
 far ahead of its run), is the ledger's rule (detect/goodput.py, docs/JOBS.md).
 The listener is TCP, which carries no peer credentials: `pid` is the sender's
-word, checked against what the node shows, not proven.
+word, checked against what the node shows, not proven. `nodes` (the nodes the
+job spans) and each step's `data_wait` (of its `seconds`, the time it waited
+for its next batch) are optional (detect/peer.py uses them).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ MAX_COUNT = 2**53
 """Tokens or samples of one step: exact in a float, beyond any global batch."""
 MAX_STEP_SECONDS = 7 * 86400.0
 MAX_GPUS = 64
+MAX_NODES = 100_000
 
 
 def make_hint_app(tracker: CheckpointTracker, token: str, ledger: GoodputLedger | None = None) -> web.Application:
@@ -121,12 +124,15 @@ def make_hint_app(tracker: CheckpointTracker, token: str, ledger: GoodputLedger 
         pid = body.get("pid")
         if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31):
             raise _bad("`pid` must be a process id")
+        nodes = body.get("nodes")
+        if nodes is not None and not (_integer(nodes, MAX_NODES) and nodes > 0):
+            raise _bad(f"`nodes` must be an integer from 1 to {MAX_NODES}")
         gpus = body.get("gpus", [])
         if not isinstance(gpus, list) or len(gpus) > MAX_GPUS or not all(
                 isinstance(g, str) and 0 < len(g) <= 128 and g.isprintable() for g in gpus):
             raise _bad(f"`gpus` must be a list of at most {MAX_GPUS} GPU UUIDs or indexes")
         try:
-            job_id, accepted, duplicates = ledger.record_steps(records, job, run, pid, gpus, scheduler)
+            job_id, accepted, duplicates = ledger.record_steps(records, job, run, pid, gpus, scheduler, nodes)
         except HintError as exc:
             raise _http(exc.status, str(exc)) from None
         return web.json_response({"job": job_id, "accepted": accepted, "duplicates": duplicates})
@@ -167,7 +173,12 @@ def _steps(steps) -> list[StepRecord]:
         for key in ("tokens", "samples"):
             if s.get(key) is not None and not _integer(s[key], MAX_COUNT):
                 raise _bad(f"`steps[{i}].{key}` must be an integer from 0 to {MAX_COUNT}")
-        out.append(StepRecord(number, None if seconds is None else float(seconds), s.get("tokens"), s.get("samples")))
+        wait = s.get("data_wait")  # of `seconds`: waiting for the next batch (optional)
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))
+                                 or not math.isfinite(wait) or not 0 <= wait <= MAX_STEP_SECONDS):
+            raise _bad(f"`steps[{i}].data_wait` must be a number of seconds from 0 to {MAX_STEP_SECONDS:g}")
+        out.append(StepRecord(number, None if seconds is None else float(seconds), s.get("tokens"), s.get("samples"),
+                              None if wait is None else float(wait)))
     return out
 
 

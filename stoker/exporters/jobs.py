@@ -21,13 +21,13 @@ def families(ledger: GoodputLedger):
         for b in bindings:
             info.add_metric([gpu, uuid, b.job_id, b.scheduler, b.source], 1)
     node = CounterMetricFamily("stoker_goodput_seconds", "The node's wall time by state: productive, idle, "
-                               "starved by a cause (storage, network, host, checkpoint), no_job, unknown.",
+                               "starved by a cause (storage, network, host, checkpoint, peer), no_job, unknown.",
                                labels=["state"])
     for state in NODE_STATES:
         node.add_metric([state], ledger.node[state])
     L = ["job_id"]
     seconds = CounterMetricFamily("stoker_job_seconds", "The job's wall time on this node by state: productive, "
-                                  "idle, or starved by a cause (storage, network, host, checkpoint).",
+                                  "idle, or starved by a cause (storage, network, host, checkpoint, peer).",
                                   labels=L + ["state"])
     steps = CounterMetricFamily("stoker_job_steps", "Training steps the job reported.", labels=L)
     tokens = CounterMetricFamily("stoker_job_tokens", "Tokens of the steps the job reported.", labels=L)
@@ -42,6 +42,9 @@ def families(ledger: GoodputLedger):
     unsaved = GaugeMetricFamily("stoker_job_unsaved_seconds", "Productive seconds since the job's last completed "
                                 "checkpoint: what a restart now would lose.", labels=L)
     last_step = GaugeMetricFamily("stoker_job_last_step", "The last training step the job reported.", labels=L)
+    data_wait = CounterMetricFamily("stoker_job_data_wait_seconds", "Of the job's step time, the time its steps "
+                                    "waited for their next batch (the input pipeline), as the job reported it.",
+                                    labels=L)
     for job_id, a in sorted(ledger.jobs.items()):
         for state in STATES:
             seconds.add_metric([job_id, state], a.seconds[state])
@@ -55,4 +58,7 @@ def families(ledger: GoodputLedger):
         unsaved.add_metric([job_id], a.unsaved)
         if a.last_step is not None:
             last_step.add_metric([job_id], a.last_step)
-    return [info, node, seconds, steps, tokens, samples, duration, restarts, lost, lost_steps, unsaved, last_step]
+        if a.data_wait_seconds is not None:
+            data_wait.add_metric([job_id], a.data_wait_seconds)
+    return [info, node, seconds, steps, tokens, samples, duration, restarts, lost, lost_steps, unsaved, last_step,
+            data_wait]

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from stoker.detect import causes, starvation
 from stoker.detect.checkpoint import OUTCOMES
+from stoker.detect.peer import GAP, PEER, VERDICT_CAUSES
 from stoker.detect.policy import CAUSE_NAMES
 from stoker.detect.snapshot import Snapshot
 
@@ -39,9 +40,10 @@ def families(v: Snapshot):
     state = GaugeMetricFamily("stoker_cause_state", "1 for the state each cause's machine is in: inactive, "
                               "pending (challenging the verdict's cause), active, resolving (only remembered), "
                               "resolved.", labels=["cause", "state"])
-    for cause in CAUSE_NAMES:
+    for cause in VERDICT_CAUSES:  # `peer`: waiting for another node of the job (detect/peer.py)
         starved.add_metric([cause], 1 if v.cause == cause else 0)
         seconds.add_metric([cause], v.starved_seconds.get(cause, 0.0))
+    for cause in CAUSE_NAMES:
         score.add_metric([cause], round(v.scores.get(cause, 0.0), 3))
         current = v.cause_states.get(cause, causes.INACTIVE)
         for name in causes.STATES:
@@ -55,6 +57,8 @@ def families(v: Snapshot):
     for s in sorted(v.signals, key=lambda s: s.key):
         if s.kind != "checkpoint":
             strength.add_metric([s.cause, s.kind, s.source], round(s.strength, 3))
+    if v.collective_wait is not None:  # the GPUs wait in a collective: utilization above the busy ratio, over GAP
+        strength.add_metric([PEER, "collective_wait", "node"], round(v.collective_wait / GAP, 3))
     return [busy, busy_seconds, baseline, job, starved, seconds, score, state, gpus, strength,
             *checkpoint_families(v), *recent_checkpoint_families(v)]
 

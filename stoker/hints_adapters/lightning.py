@@ -6,11 +6,15 @@
 
 A step is reported when `trainer.global_step` (optimizer steps) moves on, at the
 end of a training batch: with gradient accumulation, once per optimizer step.
-Works with `lightning.pytorch` and the older `pytorch_lightning` package.
+Works with `lightning.pytorch` and the older `pytorch_lightning` package. Its data wait is the time
+from the end of each training batch (or the start of training) to the start of the next
+(`on_train_batch_start` comes once the batch is fetched), over the batches of the optimizer step;
+the node count, when the environment does not give it, is the Trainer's `num_nodes`.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from stoker import hints
@@ -28,13 +32,23 @@ class _LightningSteps:
         self._reporter = reporter_or_default(reporter)
         self._tokens, self._samples = tokens_per_step, samples_per_step
         self._last_step: int | None = None
+        self._ended: float | None = None  # the last batch's end (monotonic), or the start of training
 
     @never_raises
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_step = int(trainer.global_step)  # a resumed run goes on from here
+        self._ended = time.monotonic()
+        if getattr(self._reporter, "nodes", 0) is None and getattr(trainer, "num_nodes", None):
+            self._reporter.nodes = int(trainer.num_nodes)
+
+    @never_raises
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._ended is not None:
+            self._reporter.waited(time.monotonic() - self._ended)
 
     @never_raises
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._ended = time.monotonic()
         step = int(trainer.global_step)
         if self._last_step is not None and step <= self._last_step:
             return  # accumulating gradients: no optimizer step yet

@@ -10,7 +10,8 @@ A job with a `step_rate` trains: it completes steps at that rate while its
 GPUs work at the job's level, slower when they are starved (at the speed the
 recording's SM activity gives, relative to its saturated phase), none while
 they wait for a checkpoint or idle. It reports them as `stoker.hints.step`
-would (batches of step, duration, tokens). A checkpoint phase saves the step
+would (batches of step, duration, tokens, and the time each waited for its
+batch: the input-bound slowness of an input-starved phase). A checkpoint phase saves the step
 it starts at once the phase ends; a new `launch` of the job resumes from the
 last saved step, so a restart redoes the steps since that checkpoint.
 """
@@ -18,18 +19,15 @@ last saved step, so a restart redoes the steps since that checkpoint.
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from stoker.detect.checkpoint import HintError
 from stoker.detect.goodput import StepRecord
-from stoker.sim import trace
-from stoker.sim.node import SimNode, Ticker, job_pid
+from stoker.sim.node import SimNode, Ticker, data_wait, job_pid, saturated_sm
 
 if TYPE_CHECKING:
     from stoker.detect.goodput import GoodputLedger
@@ -64,12 +62,6 @@ def cgroup_line(job: str, scheduler: str, gpu: int) -> str:
         return (f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
                 f"{pod_uid(job).replace('-', '_')}.slice/cri-containerd-{container}.scope\n")
     return "0::/user.slice/user-1000.slice/session-3.scope\n"
-
-
-@lru_cache(maxsize=1)
-def saturated_sm() -> float:
-    """SM activity of the recording's saturated phase: a job's full speed."""
-    return statistics.median(r["gpm_sm_util"] for r in trace.phases()["saturated"].rows)
 
 
 @dataclass
@@ -132,11 +124,13 @@ class SimJobs:
                 job.saved, job.checkpoint_step = job.checkpoint_step, None
             rate = step.step_rate * self._speed(step, t)
             start = t - dt
+            wait = data_wait(step)
             while rate > 0 and job.progress + rate * (t - start) >= 1.0:
                 done = start + (1.0 - job.progress) / rate
                 job.step += 1
-                job.batch.append(StepRecord(job.step, None if job.last_done is None else done - job.last_done,
-                                            step.tokens_per_step or None))
+                seconds = None if job.last_done is None else done - job.last_done
+                job.batch.append(StepRecord(job.step, seconds, step.tokens_per_step or None,
+                                            data_wait=None if seconds is None else wait * seconds))
                 job.last_done, job.progress, start = done, 0.0, done
             job.progress += rate * (t - start)
             if job.batch:
@@ -144,9 +138,13 @@ class SimJobs:
                 job.batch = []
 
     def _speed(self, step, t: float) -> float:
-        """How fast the job trains against its full speed: the SM activity of a GPU still on the bus."""
+        """How fast the job trains against its full speed: the SM activity of a GPU still on the bus; in a
+        cluster, the job's speed where it spans nodes (the slowest node's: every step ends in a barrier)."""
         if step.gpu_phase in ("checkpoint", "idle") or step.level <= 0:
             return 0.0
+        coupled = self.node.coupling.speed(self.node.index, t) if self.node.coupling is not None else None
+        if coupled is not None:
+            return coupled
         gpu = next((i for i in range(self.node.gpu_count) if i not in step.lost_gpus), None)
         if gpu is None:
             return 0.0
@@ -156,9 +154,10 @@ class SimJobs:
         """What `stoker.hints.Steps` would send from local rank 0: Slurm's job id where the job runs
         under Slurm, else its own name where it has no scheduler, else nothing (the agent finds it)."""
         key = self.node.job_key(step.job)
+        nodes = self.node.coupling.nodes(self.node.index, self.node.elapsed()) if self.node.coupling else None
         return {"steps": list(job.batch), "job": {"slurm": slurm_job_id(key), "none": key}.get(
                     step.scheduler), "run": f"{step.job}#{step.launch}", "pid": job_pid(step.job, 0, step.launch),
-                "scheduler": "slurm" if step.scheduler == "slurm" else None}
+                "scheduler": "slurm" if step.scheduler == "slurm" else None, "nodes": nodes}
 
     def deliver(self, ledger: GoodputLedger) -> None:
         with self._lock:

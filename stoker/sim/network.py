@@ -190,7 +190,7 @@ class SimNetwork:
                     continue
                 tensor = sum(self.node.gpu_row(g, t)["gpm_any_tensor_util"]
                              for g in range(p.index * gpus_per_port, (p.index + 1) * gpus_per_port)) / gpus_per_port
-                load = tensor / 100.0
+                load = tensor / 100.0 if self.node.fabric(t) else 0.0
                 moved = LINK_BYTES_PER_S * share * load * dt
                 for direction, key in (("xmit", "tx"), ("rcv", "rx")):
                     p.port[f"port_{direction}_data"] += moved
