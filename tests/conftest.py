@@ -28,9 +28,20 @@ FUZZ_SEED = "hypothesis_seed"  # the dest of hypothesis' own --hypothesis-seed o
 def pytest_configure(config):
     """Fuzzing (hypothesis: tests/test_fuzz.py and every @given) draws a new seed each run, unless
     --hypothesis-seed gives one; the seed is printed in the header and with every failure, so
-    `--hypothesis-seed=N` replays it. Set before hypothesis' own plugin reads the option."""
-    if config.getoption(FUZZ_SEED, None) is None:
+    `--hypothesis-seed=N` replays it. Set before hypothesis' own plugin reads the option. Under
+    pytest-xdist a worker takes the seed its controller drew and printed (pytest_configure_node),
+    not one of its own."""
+    worker_seed = getattr(config, "workerinput", {}).get(FUZZ_SEED)
+    if worker_seed is not None:
+        config.option.hypothesis_seed = worker_seed
+    elif config.getoption(FUZZ_SEED, None) is None:
         config.option.hypothesis_seed = str(random.SystemRandom().randrange(1 << 32))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist: hand the controller's seed to each worker it starts."""
+    node.workerinput[FUZZ_SEED] = node.config.getoption(FUZZ_SEED, None)
 
 
 def pytest_report_header(config):
