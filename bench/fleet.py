@@ -38,7 +38,7 @@ NODE_INTERVAL = 5.0  # seconds between samples on a fleet node: Prometheus scrap
 
 async def serve_nodes(ports: list[int], interval: float, hw_counters: str = "default") -> None:
     from stoker import config, logs
-    from stoker.agent.runtime import Agent
+    from stoker.agent.runtime import Agent, run_side_by_side
     from stoker.sim.simulation import Simulation
 
     logs.configure("json", level=40)
@@ -52,12 +52,7 @@ async def serve_nodes(ports: list[int], interval: float, hw_counters: str = "def
                 "agent": {"listen": f"127.0.0.1:{port}", "interval": interval},
                 "rdma": {"hw_counters": hw_counters}, "checkpoint": {"listen": "127.0.0.1:0"}}))
             agents.append(Agent(sim_cfg, sim.platform()))
-        try:
-            for agent in agents:
-                await agent.start()
-            await stop.wait()
-        finally:
-            await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)
+        await run_side_by_side(agents, stop)
 
 
 def worker_main(ports: list[int], interval: float, hw_counters: str = "default") -> None:

@@ -144,7 +144,6 @@ def test_a_probe_writes_through_no_link_planted_at_its_file_name(tmp_path):
     agent's user may write: its own state file, or anything when the agent runs as root) was truncated
     and overwritten with random bytes, and the link then unlinked, which hid it. A hard link to a file of
     the agent's user did the same. The probe now fails (an error, counted) and writes nothing."""
-    import os
     import socket
 
     from stoker.probe_child import probe

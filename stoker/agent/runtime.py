@@ -290,3 +290,14 @@ class Agent:
                         keys=[f"{sec}.{key}" for sec, key in needs_restart])
         else:
             log.info("configuration reloaded", interval=new.agent.interval)
+
+
+async def run_side_by_side(agents: list[Agent], stop: asyncio.Event) -> None:
+    """Agents side by side in one event loop (a simulated fleet or cluster) until `stop`; every one is
+    stopped however it ends."""
+    try:
+        for agent in agents:
+            await agent.start()
+        await stop.wait()
+    finally:
+        await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)

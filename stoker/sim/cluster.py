@@ -327,7 +327,7 @@ async def serve(cluster: Cluster, ports: list[int], root: str, overrides: dict |
     """Every node of the cluster a complete agent on its own port, in this event loop, until `stop`. The
     scenario's time starts when the nodes are laid out: `started_file` gets that instant (Unix time)."""
     from stoker import config
-    from stoker.agent.runtime import Agent
+    from stoker.agent.runtime import Agent, run_side_by_side
 
     agents = []
     stop = stop or asyncio.Event()
@@ -340,12 +340,7 @@ async def serve(cluster: Cluster, ports: list[int], root: str, overrides: dict |
             **(overrides or {}).get("agent", {}), "listen": f"{host}:{port}"},
             "checkpoint": {"listen": "127.0.0.1:0"}})
         agents.append(Agent(sim.configure(cfg), sim.platform()))
-    try:
-        for agent in agents:
-            await agent.start()
-        await stop.wait()
-    finally:
-        await asyncio.gather(*(agent.stop() for agent in agents), return_exceptions=True)
+    await run_side_by_side(agents, stop)
 
 
 def targets(cluster: Cluster, ports: list[int], host: str = "127.0.0.1") -> list[dict]:
