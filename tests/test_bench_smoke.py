@@ -174,3 +174,28 @@ def test_multinode_vm_harness_evaluates_the_shipped_rules_on_its_synthetic_fleet
     assert names.count("stoker_job_data_wait_seconds_total") == 20  # jobs 0 and 2 hint their steps
     peers = [json.loads(labels)["node"] for labels, value, _ in series if '"cause": "peer"' in labels and value]
     assert len(peers) == 9 + 9  # job 0: held back by its node 0's NAS; job 1: by its node 0's compute
+
+
+def test_mutmut_harness_prepares_a_tree_mutmut_can_copy_and_reads_its_results(tmp_path):
+    """bench/mutmut_detect.py: mutmut copies tests/ following links, and the sysfs fixtures' links loop;
+    the prepared tree has no tests/, links the fixtures into mutants/, configures mutmut for the chosen
+    files and tests; the results' lines count by file and status (the format of mutmut 3.8's
+    `mutmut results --all true`)."""
+    import tomllib
+
+    from bench import mutmut_detect
+
+    tree = tmp_path / "tree"
+    mutmut_detect.prepare(tree, ["stoker/detect/arbiter.py"], ["tests/test_rdma.py"])
+    assert not (tree / "tests").exists() and (tree / "t" / "test_rdma.py").is_file()
+    assert "from tests." not in (tree / "t" / "test_rdma.py").read_text()
+    assert (tree / "mutants" / "t" / "fixtures").resolve() == (tree / "t" / "fixtures").resolve()
+    cfg = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["mutmut"]
+    assert cfg["only_mutate"] == ["stoker/detect/arbiter.py"]
+    assert cfg["pytest_add_cli_args_test_selection"] == ["t/test_rdma.py"]
+    assert "t/conftest.py" in cfg["also_copy"] and not any(p.startswith("tests") for p in cfg["also_copy"])
+    results = ("    stoker.detect.arbiter.xǁArbiterǁchallenge__mutmut_5: survived\n"
+               "    stoker.detect.arbiter.xǁArbiterǁend__mutmut_1: killed\n"
+               "    stoker.detect.state.x_load__mutmut_3: no tests\n")
+    counts = mutmut_detect.tally(results)
+    assert counts == {"arbiter.py": {"survived": 1, "killed": 1}, "state.py": {"no tests": 1}}
