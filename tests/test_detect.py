@@ -240,6 +240,106 @@ def test_a_hint_before_the_first_nfs_cycle_is_asked_again_not_told_the_mount_is_
     assert err.value.status == 404 and "not an NFS mount of this node" in str(err.value)
 
 
+def nested_mounts() -> NfsSnapshot:
+    """/mnt and /mnt/ckpt both NFS (a checkpoint share mounted inside the data share), /mnt/ckpt-old beside."""
+    return NfsSnapshot([NfsSample(mp, f"nas:{mp}", "4.1", "tcp", 1, "checkpoint", write_bytes=1e9,
+                                  client_write_bytes=2e9) for mp in ("/mnt", "/mnt/ckpt", "/mnt/ckpt-old")])
+
+
+@pytest.mark.parametrize("mountpoint, path, resolved, status, says", [
+    ("/mnt/ckpt", None, "/mnt/ckpt", None, None),
+    (None, "/mnt/ckpt", "/mnt/ckpt", None, None),  # the mountpoint itself as a path
+    (None, "/mnt/ckpt/step1/shard0", "/mnt/ckpt", None, None),  # the deepest mount holding the path
+    (None, "/mnt/ckpt-old/step1", "/mnt/ckpt-old", None, None),  # a name that starts like another is not in it
+    (None, "/mnt/data/x", "/mnt", None, None),
+    ("/mnt/ckpt/", None, None, 404, "/mnt/ckpt/ is not an NFS mount of this node"),  # mountpoints are exact
+    ("/scratch", None, None, 404, "/scratch is not an NFS mount of this node"),
+    (None, "/scratch/step1", None, 404, "/scratch/step1 is not on an NFS mount of this node"),
+    (None, "/mntx/step1", None, 404, "/mntx/step1 is not on an NFS mount of this node"),
+    (None, None, None, 400, "give `mountpoint` or `path`"),
+    ("", "", None, 400, "give `mountpoint` or `path`"),
+])
+def test_a_checkpoint_hint_names_its_mount_exactly_or_by_a_path_in_it(mountpoint, path, resolved, status, says):
+    """How the hint API (`stoker checkpoint start --mountpoint M | --path P`) finds the mount, and what it
+    answers the job when it cannot: HTTP status and message, each as docs/JOBS.md shows them."""
+    t, clock, _ = tracker()
+    tick(t, clock, nested_mounts(), False)
+    if status is None:
+        assert t.resolve(mountpoint, path) == resolved
+        return
+    with pytest.raises(HintError) as err:
+        t.resolve(mountpoint, path)
+    assert (err.value.status, str(err.value)) == (status, says)
+
+
+def test_hint_ends_count_their_outcome_and_an_end_without_a_start_is_a_conflict():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    with pytest.raises(HintError) as err:
+        t.hint_end("/mnt/ckpt", "completed")
+    assert (err.value.status, str(err.value)) == (409, "no checkpoint in progress on /mnt/ckpt")
+    m = t.mounts["/mnt/ckpt"]
+    assert (m.server, m.client) == (mount.server, mount.client), "a mount first named by a hint starts at its totals"
+    for outcome, counted in (("aborted", "aborted"), ("completed", "completed"), ("anything", "completed")):
+        t.hint_start("/mnt/ckpt", expected_bytes=8e9)
+        assert m.active.source == "hint" and m.active.expected_bytes == 8e9
+        assert (m.active.start_server, m.active.start_client) == (mount.server, mount.client)
+        clock.advance(4.0)
+        t.hint_end("/mnt/ckpt", outcome)
+        assert m.outcomes[counted] >= 1 and m.last_duration == 4.0 and m.state == "settling"
+    assert m.outcomes["aborted"] == 1 and m.outcomes["completed"] == 2
+
+
+def test_a_start_hint_confirms_a_detected_checkpoint_keeping_its_start_and_expected_bytes():
+    t, clock, mount = tracker()
+    tick(t, clock, mount.write(0), False)
+    tick(t, clock, mount.write(2e9), True)
+    m = t.mounts["/mnt/ckpt"]
+    started = m.active.started
+    t.hint_start("/mnt/ckpt", expected_bytes=5e9)
+    assert (m.active.source, m.active.started, m.active.expected_bytes) == ("hint", started, 5e9)
+    t.hint_start("/mnt/ckpt")  # a second start without a size keeps the one given
+    assert m.active.expected_bytes == 5e9
+
+
+def test_a_hint_on_a_mount_not_kept_for_checkpoints_counts_from_its_totals_at_the_hint():
+    """A job may save to any NFS mount (`--path` on the data share): the tracker takes it on at the
+    hint, from the mount's totals then, so its checkpoint counts only what is written after."""
+    t, clock, _ = tracker()
+    data = {"server": 7e9, "client": 9e9}
+
+    def snap():
+        return NfsSnapshot([NfsSample("/mnt/data", "nas:/data", "4.1", "tcp", 1, "data",
+                                      write_bytes=data["server"], client_write_bytes=data["client"])])
+    tick(t, clock, snap(), False)
+    assert "/mnt/data" not in t.mounts
+    t.hint_start(t.resolve(None, "/mnt/data/ckpt/step9"))
+    m = t.mounts["/mnt/data"]
+    assert (m.active.start_server, m.active.start_client) == (7e9, 9e9)
+    data["server"] += 3e9
+    data["client"] += 3e9
+    tick(t, clock, snap(), True)
+    assert m.written_bytes == 3e9 and m.active.unflushed == 0.0
+
+
+def test_a_write_rate_at_the_floor_is_writing_and_under_it_is_quiet():
+    """`write_floor_bytes_per_second` (1 MB/s): a checkpoint writing at it is still writing; a detected one
+    ends `quiet_after` seconds after its writes fall under it."""
+    t, clock, mount = tracker(quiet_after=3.0)
+    floor = t.config.write_floor_bytes_per_second
+    tick(t, clock, mount.write(0), False)
+    tick(t, clock, mount.write(2e9), True)
+    m = t.mounts["/mnt/ckpt"]
+    for _ in range(6):
+        tick(t, clock, mount.write(floor), True)
+        assert m.active is not None and m.active.writing and m.active.quiet_since is None
+    tick(t, clock, mount.write(floor - 1), True)
+    assert not m.active.writing and m.active.quiet_since == clock() - 1.0, "quiet since the window began"
+    for _ in range(2):
+        tick(t, clock, mount.write(0), True)
+    assert m.active is None and m.last_duration == pytest.approx(7.0) and m.outcomes["completed"] == 1
+
+
 def test_a_slow_checkpoint_is_seen_while_the_gpus_wait_and_ends_with_its_writes():
     t, clock, mount = tracker()
     for _ in range(5):
@@ -271,7 +371,7 @@ def test_a_detected_checkpoint_stalls_only_while_written_data_waits_for_the_serv
     assert m.active.stalled and m.active.unflushed > 0
     for _ in range(3):
         tick(t, clock, mount.write(5e6), True)
-    assert not m.active.stalled, "bytes reach the server again"
+    assert not m.active.stalled and m.state == "open", "bytes reach the server again"
 
 
 def test_a_hinted_checkpoint_stalls_without_progress_and_its_trailing_flush_is_not_another():

@@ -477,8 +477,13 @@ def test_an_agent_whose_state_file_does_not_answer_serves_and_obeys_sigterm(tmp_
         deadline = time.monotonic() + 30
         while "kept inventory unreadable" not in agent.log() and time.monotonic() < deadline:
             time.sleep(0.2)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            assert "stoker_gpu_" in resp.read().decode()
+        # the GPU cycle queued behind the stuck read runs once the lane gives up on it: the node's series come
+        body = ""
+        while "stoker_gpu_" not in body and time.monotonic() < deadline + 10:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            time.sleep(0.2)
+        assert "stoker_gpu_" in body
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=15) == 0
         unreadable = [json.loads(line) for line in agent.log().splitlines() if "kept inventory unreadable" in line]
@@ -551,8 +556,13 @@ DEEP_JSON = '{"pids": ' + "[" * 30_000 + "]" * 30_000 + "}"  # 60 KB: within the
     ('{"pids": [1], "saved": 999, "level": ' + "9" * 5000 + "}", "not JSON"),
     ("\xff", "not JSON"),
     (" " * 70_000, "larger than 65536 bytes"),
+    (" " * 65_537, "larger than 65536 bytes"),
+    (json.dumps(fresh_state(pids=[0, 101])), "pids: not a list of PIDs"),
+    (json.dumps(fresh_state(pids=[101, (1 << 22) + 1])), "pids: not a list of PIDs"),
+    (json.dumps(fresh_state(saved=-1.0)), "saved: before 1970: -1.0"),
 ], ids=["verdict-list", "not-object", "deep", "saved-nan", "saved-inf", "saved-bool", "pid-bool", "pid-huge",
-        "checkpoints-object", "huge-int", "not-utf8", "huge"])
+        "checkpoints-object", "huge-int", "not-utf8", "huge", "one-byte-over", "pid-zero", "pid-over-pid-max",
+        "saved-before-1970"])
 def test_a_damaged_state_file_is_one_line_never_a_traceback(tmp_path, text, error):
     """A non-object `verdict` or deep nesting raised out of load() (a traceback at every start); a NaN
     `saved` was dropped without a word."""
@@ -560,10 +570,32 @@ def test_a_damaged_state_file_is_one_line_never_a_traceback(tmp_path, text, erro
     if error is None:  # only the verdict is bad: the rest is used, the verdict left out with its line
         assert saved is not None and saved.pids == frozenset({101, 102}) and saved.cause is None
         assert [(w["event"], w["part"]) for w in warnings] == [("part of the saved job state left out", "verdict")]
+        assert warnings[0]["error"] == "not an object but list"
         return
     assert saved is None
     assert len(warnings) == 1 and warnings[0]["event"] == "saved job state unreadable; learning it afresh"
     assert warnings[0]["error"].startswith(error), warnings[0]["error"]
+
+
+def test_the_state_files_bounds_are_inclusive(tmp_path):
+    """PIDs from 1 to the kernel's largest (PID_MAX_LIMIT, 2^22) and a file of exactly 64 KiB are read."""
+    text = json.dumps(fresh_state(pids=[1, 1 << 22]))
+    text = text[:-1] + " " * (65_536 - len(text)) + "}"
+    assert len(text.encode()) == 65_536
+    saved, warnings = load_state(tmp_path, text)
+    assert warnings == [] and saved is not None and saved.pids == frozenset({1, 1 << 22})
+
+
+@pytest.mark.parametrize("saved_at, reason", [(1001.0, "saved in the future"), (699.0, "older than 300 s")])
+def test_a_state_file_from_the_future_or_too_old_is_ignored_with_why(tmp_path, saved_at, reason):
+    from structlog.testing import capture_logs
+
+    from stoker.detect.state import StateStore
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(fresh_state(saved=saved_at)))
+    with capture_logs() as lines:
+        assert StateStore(str(path), max_age=300.0, wall=ManualClock(1000.0)).load() is None
+    assert [line.get("reason") for line in lines if "reason" in line] == [reason]
 
 
 GOOD_CHECKPOINT = {"mountpoint": "/mnt/ckpt", "started": 900.0, "source": "hint", "start_server": 0.0,
