@@ -1610,3 +1610,40 @@ def test_a_read_only_state_file_is_never_written(tmp_path):
     store = StateStore(str(tmp_path / "state.json"), max_age=300.0, wall=clock, read_only=True)
     store.save(frozenset({1}), 0.9, [])
     assert not (tmp_path / "state.json").exists() and not store.due()
+
+
+def full(signals) -> list[tuple]:
+    return sorted((s.kind, s.source, round(s.strength, 3), s.text) for s in signals)
+
+
+def test_each_signal_names_its_source_and_says_what_was_measured():
+    """The source labels stoker_evidence_strength and the reason is what `stoker replay`, `stoker check` and
+    the verdict's reasons print: both are the operator's, so each is specified here, per kind."""
+    ev = EvidenceTracker(DetectConfig())
+    ev.signals(NodeView(0.0, nfs=nfs(100, 0)))
+    assert full(ev.signals(NodeView(1.0, nfs=nfs(200, 4000, 1500)))) == [
+        ("read_latency", "/mnt/data", 2.0, "/mnt/data: READ takes 40 ms"),
+        ("read_queue", "/mnt/data", 1.5, "/mnt/data: READ queued 15 ms")]
+    for role, expected in (("checkpoint", ("checkpoint_write_latency", "/mnt/ckpt", 3.0,
+                                           "/mnt/ckpt: checkpoint WRITE takes 300 ms")),
+                           ("data", ("write_latency", "/mnt/ckpt", 3.0, "/mnt/ckpt: WRITE takes 300 ms"))):
+        ev = EvidenceTracker(DetectConfig())
+        ev.signals(NodeView(0.0, nfs=nfs(0, 0, role=role, write_ops=10, mountpoint="/mnt/ckpt")))
+        assert full(ev.signals(NodeView(1.0, nfs=nfs(0, 0, role=role, write_ops=20, write_exec_ms=3000,
+                                                     mountpoint="/mnt/ckpt")))) == [expected]
+    ev = EvidenceTracker(DetectConfig(reads_stalled_after=1.0))
+    for t, ops in ((0.0, 100), (1.0, 200), (2.0, 300), (3.0, 300), (5.0, 300)):
+        signals = ev.signals(NodeView(t, nfs=nfs(ops, ops * 5)))
+    assert full(signals) == [("reads_stalled", "/mnt/data", 3.0, "/mnt/data: no READ completed for 3 s")]
+    ev = EvidenceTracker(DetectConfig(probe_latency_seconds=1.0, probe_hung_seconds=5.0))
+    probe = ProbeState("/mnt/data", 10.0, {"write": 0.01, "read": 3.0})
+    assert [(k, s, v) for k, s, v, _ in full(ev.signals(NodeView(0.0, probes=[probe])))] == [
+        ("probe_hung", "/mnt/data", 2.0), ("probe_slow", "/mnt/data", 3.0)]
+    assert full(ev.signals(NodeView(0.0, probes=[probe])))[0][3] == "/mnt/data: probe unanswered for 10 s"
+    ev = EvidenceTracker(DetectConfig(pause_ratio=0.02))
+    ev.signals(NodeView(0.0, net=NetSnapshot([NetInterface("eth3", True, pause_seconds={("3", "rx"): 1.0})])))
+    paused = NetInterface("eth3", True, pause_seconds={("3", "rx"): 1.05, ("3", "tx"): 9.0})
+    assert full(ev.signals(NodeView(1.0, net=NetSnapshot([paused])))) == [
+        ("pfc_pause", "eth3", 2.5, "eth3: PFC-paused 5% of the time")]
+    down = NetInterface("eth3", False, pause_seconds={("3", "rx"): 1.05})
+    assert full(ev.signals(NodeView(2.0, net=NetSnapshot([down])))) == [("link_down", "eth3", 4.0, "eth3 down")]
