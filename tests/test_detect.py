@@ -290,18 +290,6 @@ def test_hint_ends_count_their_outcome_and_an_end_without_a_start_is_a_conflict(
     assert m.outcomes["aborted"] == 1 and m.outcomes["completed"] == 2
 
 
-def test_a_start_hint_confirms_a_detected_checkpoint_keeping_its_start_and_expected_bytes():
-    t, clock, mount = tracker()
-    tick(t, clock, mount.write(0), False)
-    tick(t, clock, mount.write(2e9), True)
-    m = t.mounts["/mnt/ckpt"]
-    started = m.active.started
-    t.hint_start("/mnt/ckpt", expected_bytes=5e9)
-    assert (m.active.source, m.active.started, m.active.expected_bytes) == ("hint", started, 5e9)
-    t.hint_start("/mnt/ckpt")  # a second start without a size keeps the one given
-    assert m.active.expected_bytes == 5e9
-
-
 def test_a_hint_on_a_mount_not_kept_for_checkpoints_counts_from_its_totals_at_the_hint():
     """A job may save to any NFS mount (`--path` on the data share): the tracker takes it on at the
     hint, from the mount's totals then, so its checkpoint counts only what is written after."""
@@ -1465,21 +1453,6 @@ def test_a_mount_gone_past_stall_after_loses_its_checkpoint():
     tick2(t, clock, NfsSnapshot([]), True)
     m = t.mounts["/mnt/ckpt"]
     assert (m.state, m.outcomes["lost"], m.last_duration) == ("settling", 1, 2.0), "ended when it went"
-
-
-def test_hints_name_their_mount_by_path_or_mountpoint():
-    t, clock, mount = tracker()
-    tick(t, clock, mount.write(0), False)
-    assert t.resolve(None, "/mnt/ckpt/run7/step1200") == "/mnt/ckpt"
-    assert t.resolve(None, "/mnt/ckpt") == "/mnt/ckpt"
-    assert t.resolve("/mnt/ckpt", None) == "/mnt/ckpt"
-    for args, status in (((None, "/mnt/ckptx/a"), 404), (("/mnt/other", None), 404), ((None, None), 400)):
-        with pytest.raises(HintError) as e:
-            t.resolve(*args)
-        assert e.value.status == status
-    with pytest.raises(HintError) as e:
-        t.hint_end("/mnt/ckpt", "completed")
-    assert e.value.status == 409
 
 
 def test_a_start_hint_confirms_a_detected_checkpoint_and_keeps_its_start():

@@ -578,7 +578,8 @@ def test_a_damaged_state_file_is_one_line_never_a_traceback(tmp_path, text, erro
 
 
 def test_the_state_files_bounds_are_inclusive(tmp_path):
-    """PIDs from 1 to the kernel's largest (PID_MAX_LIMIT, 2^22) and a file of exactly 64 KiB are read."""
+    """PIDs from 1 to the kernel's largest (PID_MAX_LIMIT, 4 * 1024 * 1024 on 64-bit: linux
+    include/linux/threads.h) and a file of exactly 64 KiB are read."""
     text = json.dumps(fresh_state(pids=[1, 1 << 22]))
     text = text[:-1] + " " * (65_536 - len(text)) + "}"
     assert len(text.encode()) == 65_536

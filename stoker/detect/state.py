@@ -46,6 +46,7 @@ from typing import Callable
 from stoker import logs
 from stoker.detect.policy import CAUSE_NAMES as CAUSES
 from stoker.sources.files import NotRegularFile, read_regular
+from stoker.sources.jobs import PID_MAX_LIMIT
 
 log = logs.get("state")
 
@@ -55,8 +56,6 @@ CARRY_FOR = 2 * SAVE_EVERY
 `SAVE_EVERY` while a verdict holds): an older one may have ended while no agent watched."""
 MAX_BYTES = 65536
 """A job's PIDs, level, verdict and open checkpoints take a few hundred bytes."""
-PID_MAX = 1 << 22
-"""PID_MAX_LIMIT on 64-bit Linux (include/linux/threads.h): no PID is larger."""
 CHECKPOINT_NUMBERS = ("started", "start_server", "start_client", "last_server", "progress", "expected_bytes")
 """The numbers of a checkpoint record (detect/checkpoint.py RECORD_FIELDS): wall-clock times and byte counts."""
 TEMPORARY = r"\.[0-9a-f]{16}\.tmp"
@@ -256,8 +255,8 @@ def _saved_at(value) -> float:
 
 
 def _pids(value) -> frozenset[int]:
-    if not isinstance(value, list) or not all(type(p) is int and 0 < p <= PID_MAX for p in value):
-        raise Unreadable(f"pids: not a list of PIDs (1 to {PID_MAX})")
+    if not isinstance(value, list) or not all(type(p) is int and 0 < p <= PID_MAX_LIMIT for p in value):
+        raise Unreadable(f"pids: not a list of PIDs (1 to {PID_MAX_LIMIT})")
     return frozenset(value)
 
 
