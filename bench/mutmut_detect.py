@@ -33,7 +33,8 @@ from bench.common import emit
 ROOT = Path(__file__).resolve().parent.parent
 NOT_MUTATED = ("__init__.py", "goodput.py", "peer.py")
 """goodput.py and peer.py are specified by scenario and cluster tests (seconds each), not unit tests."""
-TESTS = ("tests/test_detect.py", "tests/test_rdma.py", "tests/test_hardening_files.py")
+TESTS = ("tests/test_detect.py", "tests/test_rdma.py", "tests/test_hardening_files.py",
+         "tests/test_checkpoint_events.py", "tests/test_state_file.py", "tests/test_evidence_signals.py")
 """The unit tests bench/mutation.py runs, and the state file's. Those marked slow are left out: they start
 the agent in a child process, which imports the package without mutmut's trampolines."""
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}

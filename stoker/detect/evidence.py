@@ -168,11 +168,11 @@ class EvidenceTracker:
 
     def _reads(self, m, prev, t: float) -> list[Signal]:
         out = []
-        ops = m.ops.get("READ", {}).get("ops", 0.0)
+        ops = m.ops.get("READ", {}).get("ops")  # None: no READ line, or its count not plausible: not measured
         last = self._last_read.get(m.mountpoint)
-        if last is None or ops > last[0]:
+        if ops is not None and (last is None or ops > last[0]):
             self._last_read[m.mountpoint] = (ops, t if last is not None else float("-inf"))
-        elif m.role == "data" and last[1] > float("-inf"):
+        elif ops is not None and m.role == "data" and last[1] > float("-inf"):
             out += self._over("reads_stalled", m.mountpoint, t - last[1],
                               f"{m.mountpoint}: no READ completed for {t - last[1]:.0f} s")
         per_op = _per_op(prev, m, "READ")
@@ -211,18 +211,21 @@ class EvidenceTracker:
         return out
 
 
+PER_OP = ("ops", "execute_ms", "queue_ms")
+"""The counts of an operation's mountstats line that _per_op reads; the parser leaves out a count that is
+not plausible (stoker/sources/mountstats.py), and a window missing one in either sample is not measured."""
 
 
 def _per_op(prev, m, op: str) -> tuple[float, float] | None:
-    """Seconds of execute and queue time per `op` completed in the window; None when none completed."""
-    if prev is None or op not in m.ops or op not in prev.ops:
+    """Seconds of execute and queue time per `op` completed in the window; None when none completed or
+    the window is not measured (a count missing: taken as 0, one sample's huge total would read as latency)."""
+    a, b = prev.ops.get(op, {}) if prev is not None else {}, m.ops.get(op, {})
+    if any(k not in a or k not in b for k in PER_OP):
         return None
-    a, b = prev.ops[op], m.ops[op]
-    done = b.get("ops", 0) - a.get("ops", 0)
+    done = b["ops"] - a["ops"]
     if done <= 0:
         return None
-    return ((b.get("execute_ms", 0) - a.get("execute_ms", 0)) * MS / done,
-            (b.get("queue_ms", 0) - a.get("queue_ms", 0)) * MS / done)
+    return (b["execute_ms"] - a["execute_ms"]) * MS / done, (b["queue_ms"] - a["queue_ms"]) * MS / done
 
 
 def _rate(before: dict[str, Any], after: dict[str, Any], key: str, dt: float) -> float:
