@@ -1051,6 +1051,25 @@ def test_a_job_level_is_the_median_of_the_last_baseline_window():
     assert job.baseline() == 0.5 and len(job.history) == 21, "t=9 to 29"
 
 
+def test_a_job_level_is_the_median_as_samples_enter_and_leave_the_window():
+    """The level is kept in order as samples come and go (a lookup each tick, not a sort of 300): at every
+    tick it is what statistics.median of the window gives, ties and even counts included."""
+    import statistics
+    rng = random.Random(23)
+    job = JobTracker(DetectConfig(baseline_window=25.0))
+    for t in range(300):
+        job.remember(float(t), rng.choice([0.5, 0.9, round(rng.random(), 2)]))
+        window = [b for _, b in job.history]
+        assert job.baseline() == (statistics.median(window) if len(window) >= 10 else None), t
+    job.remember(300.0, float("nan"))
+    assert len(job.history) == 26, "a NaN is no level"
+    job.forget_level()
+    assert job.baseline() is None and not job.history
+    for t in range(10):
+        job.remember(400.0 + t, 0.7)
+    assert job.baseline() == 0.7, "learned afresh"
+
+
 def test_a_verdict_carried_over_a_restart_resolves_as_any_other():
     """Carried, its cause has not come back after resolving: 3 s absent, not 9."""
     e = engine()

@@ -299,22 +299,48 @@ def test_a_mig_gpu_is_read_per_instance_and_keeps_the_jobs_processes(clock):
     assert snap.gpus[2].mig is False and snap.gpus[2].utilization > 0.5 and snap.gpus[2].instances == ()
 
 
+def between_jobs(clock) -> SimNode:
+    """A job for 3 s, the GPUs free for 30 s (when an operator can change their MIG mode), a job again."""
+    return SimNode(scenarios.parse('[[steps]]\ngpu = "saturated"\nseconds = 3\njob = "a"\n'
+                                   '[[steps]]\ngpu = "idle"\nseconds = 30\njob = ""\n'
+                                   '[[steps]]\ngpu = "saturated"\nseconds = 600\njob = "b"\n', "between-jobs"),
+                   clock=clock)
+
+
 def test_mig_turned_on_and_off_is_seen_without_a_restart(clock):
     """MIG mode is read on the slow tier (nvmlDeviceGetMigMode): what the GPU did not answer under MIG
     (utilisation, volatile ECC) is asked again when MIG is turned off; it used to stay dropped until a new
-    UUID."""
-    fake = FakeNVML(node(clock))
+    UUID; the GPU's processes and memory, refused to an unprivileged user while MIG was on, stayed refused
+    for ten minutes after it was turned off (no job on that GPU). The mode changes only on a GPU without
+    processes (it takes effect at a GPU reset)."""
+    fake = FakeNVML(between_jobs(clock))
     source = source_on(fake, clock, slow_interval=10.0)
-    ticks(source, clock, 2)
+    ticks(source, clock, 4)  # the GPUs are free from t=3
     fake.mig.add(4)
     during = ticks(source, clock, 12)[-1].gpus[4]
     fake.mig.discard(4)
-    after = ticks(source, clock, 12)[-1].gpus[4]
+    ticks(source, clock, 12)
+    after = ticks(source, clock, 6)[-1].gpus[4]  # the next job runs
     assert after.utilization > 0.5 and after.ecc_errors == {"corrected": 0, "uncorrected": 0}
     assert during.mig and during.utilization is None and len(during.instances) == 2 and "sm_active" in during.gpm
-    assert after.mig is False and after.instances == ()
+    assert after.mig is False and after.instances == () and after.processes == 1
     assert "sm_active" in after.gpm and after.activity_source == "gpm"
     assert fake.calls["nvmlDeviceGetMigMode"] <= 8 * 4, "on the slow tier only"
+
+
+def test_the_mig_mode_of_a_gpu_in_use_is_not_asked(clock):
+    """A GPU without MIG running processes keeps its mode: `nvidia-smi -mig 1` leaves it pending ("In use
+    by another client") until a GPU reset, which needs the GPU free (NVIDIA's MIG user guide). The slow
+    tier does not ask it (0.15 ms a GPU on the recorded H200), and asks again once the GPU is free."""
+    fake = FakeNVML(between_jobs(clock))
+    source = source_on(fake, clock, slow_interval=10.0)
+    ticks(source, clock, 1)
+    asked = fake.calls["nvmlDeviceGetMigMode"]
+    assert asked == 8, "the first cycle reads every GPU's mode"
+    ticks(source, clock, 2)
+    assert fake.calls["nvmlDeviceGetMigMode"] == asked, "t=1 to 3: the job's processes hold every GPU"
+    ticks(source, clock, 12)
+    assert fake.calls["nvmlDeviceGetMigMode"] == 2 * asked, "free: asked on the slow tier"
 
 
 def test_mig_without_gpu_profiling_is_a_degraded_mode_the_metrics_say(clock):

@@ -251,7 +251,7 @@ class VerdictCollector(Collector):
         source = "+".join(sources)
         if source and source != self.source:
             if self.source:
-                self.job.history.clear()
+                self.job.forget_level()
                 log.warning("the busy ratio changes source; learning the job's level again", was=self.source,
                             now=source)
             self.source = source

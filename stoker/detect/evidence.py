@@ -120,9 +120,9 @@ class EvidenceTracker:
             prev = before.get(key)
             if prev is None:
                 continue
-            congestion = max(_rate(prev.hw_counters, p.hw_counters, k, dt) for k in CONGESTION)
+            congestion = max(_rates(prev.hw_counters, p.hw_counters, CONGESTION, dt), default=0.0)
             out += self._over("congestion", name, congestion, f"{name}: {congestion:.0f} ECN/CNP per s")
-            retrans = sum(_rate(prev.hw_counters, p.hw_counters, k, dt) for k in RETRANSMITS)
+            retrans = sum(_rates(prev.hw_counters, p.hw_counters, RETRANSMITS, dt))
             out += self._over("retransmits", name, retrans, f"{name}: {retrans:.0f} retransmits per s")
         return out
 
@@ -197,6 +197,8 @@ class EvidenceTracker:
     def _over(self, kind: str, source: str, value: float, text: str) -> list[Signal]:
         """The signal, when the value is past its threshold ([detect], named by its row of SIGNALS);
         its strength is how far."""
+        if value <= 0:
+            return []  # most windows of a healthy node: nothing to compare (every threshold is positive)
         threshold = getattr(self.config, SIGNALS[kind].threshold)
         return [Signal(kind, source, value / threshold, text)] if value > threshold else []
 
@@ -205,7 +207,7 @@ class EvidenceTracker:
     def _host(self, old, new, dt: float) -> list[Signal]:
         out = []
         for resource, kind in (("cpu", "cpu_pressure"), ("memory", "memory_pressure")):
-            share = _rate(old.some_seconds, new.some_seconds, resource, dt)
+            share = sum(_rates(old.some_seconds, new.some_seconds, (resource,), dt))
             out += self._over(kind, "node", share,
                          f"{resource} pressure: tasks waited {100 * share:.0f}% of the time")
         return out
@@ -228,7 +230,6 @@ def _per_op(prev, m, op: str) -> tuple[float, float] | None:
     return (b["execute_ms"] - a["execute_ms"]) * MS / done, (b["queue_ms"] - a["queue_ms"]) * MS / done
 
 
-def _rate(before: dict[str, Any], after: dict[str, Any], key: str, dt: float) -> float:
-    if key not in before or key not in after:
-        return 0.0
-    return max(0.0, after[key] - before[key]) / dt
+def _rates(before: dict[str, Any], after: dict[str, Any], keys: tuple[str, ...], dt: float) -> list[float]:
+    """Per second, of the counters in both samples (a counter that went back, reset, counts 0)."""
+    return [max(0.0, after[k] - before[k]) / dt for k in keys if k in before and k in after]

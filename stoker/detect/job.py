@@ -20,7 +20,8 @@ the same job only.
 
 from __future__ import annotations
 
-import statistics
+import math
+from bisect import bisect_left, insort
 from collections import deque
 
 from stoker.config import DetectConfig
@@ -36,6 +37,7 @@ class JobTracker:
         self.pids: frozenset[int] = frozenset()
         self.started: float | None = None
         self.history: deque[tuple[float, float]] = deque()  # (t, busy) while not starved
+        self._sorted: list[float] = []  # the busy ratios of `history`, in order: its median at each tick is a lookup
         self.worked = False  # the job has been seen above the idle floor
 
     def update(self, t: float, gpu: GpuSnapshot | None) -> bool:
@@ -43,7 +45,7 @@ class JobTracker:
         present, pids = self._holder(gpu)
         new = present and (not self.present or (bool(pids) and bool(self.pids) and not pids & self.pids))
         if new:
-            self.history.clear()
+            self.forget_level()
             self.started = t
             self.worked = False
         if present and pids:
@@ -62,9 +64,15 @@ class JobTracker:
         return present, frozenset(p for g in up for p in g.pids)
 
     def baseline(self) -> float | None:
-        if len(self.history) < MIN_BASELINE_SAMPLES:
+        """The median of the window (statistics.median's: the mean of the middle two of an even count)."""
+        levels, n = self._sorted, len(self._sorted)
+        if n < MIN_BASELINE_SAMPLES:
             return None
-        return statistics.median(b for _, b in self.history)
+        return levels[n // 2] if n % 2 else (levels[n // 2 - 1] + levels[n // 2]) / 2
+
+    def forget_level(self) -> None:
+        self.history.clear()
+        self._sorted.clear()
 
     def remember(self, t: float, busy: float) -> None:
         """A sample of the job not starved. The oldest leave the window, but never the last few:
@@ -72,11 +80,12 @@ class JobTracker:
         samples before the job first works are its loading (minutes of it, for a large model), not its
         level."""
         self.worked = self.worked or busy >= self.config.idle_floor
-        if not self.worked:
+        if not self.worked or not math.isfinite(busy):
             return
         self.history.append((t, busy))
+        insort(self._sorted, busy)
         while len(self.history) > MIN_BASELINE_SAMPLES and self.history[0][0] < t - self.config.baseline_window:
-            self.history.popleft()
+            del self._sorted[bisect_left(self._sorted, self.history.popleft()[1])]
 
     def seed(self, t: float, level: float) -> None:
         """The level a previous run of the agent learned for this very job."""

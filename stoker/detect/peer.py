@@ -71,7 +71,7 @@ DATA_WAIT_WINDOW = 120.0
 class Span:
     """What this agent knows of how many nodes a job spans."""
 
-    fabric_at: float | None = None  # the last tick its collectives crossed the fabric at its level
+    fabric_at: float | None = None  # the tick its collectives were first seen crossing the fabric: it spans nodes
     quiet_at: float | None = None  # the last tick it ran at its level with the fabric quiet
     waits: deque = field(default_factory=lambda: deque(maxlen=256))  # (t, steps, data wait, step seconds)
 
@@ -167,13 +167,15 @@ class PeerJudge:
         known = [j for j in jobs if j != UNKNOWN] or jobs
         if before is None or len(known) != 1 or not at_level or taken <= before[1]:
             return
+        span = self.spans[known[0]]
+        if span.fabric_at is not None:
+            return  # known to span nodes: nothing more to learn from its traffic
         old = {(p.device, p.port): p.traffic for p in before[0].ports}
         rates = [sum(max(0.0, p.traffic.get(k, 0.0) - old[(p.device, p.port)].get(k, 0.0))
                      for k in ("transmit_bytes", "receive_bytes")) / (taken - before[1])
                  for p in rdma.ports if (p.device, p.port) in old]
         if not rates:
             return
-        span = self.spans[known[0]]
         if 2 * sum(1 for r in rates if r >= FABRIC_BYTES_PER_SECOND) >= len(rates):
             span.fabric_at = t
         else:

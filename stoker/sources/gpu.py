@@ -43,7 +43,10 @@ Why it is shaped this way (costs measured on an H200, ../shared/fixtures/h200):
   module reload) is the cure.
 - MIG: a MIG-enabled GPU answers no utilisation, and its processes and memory
   only per instance to an unprivileged user (nvml.h). Its mode is read on the
-  slow tier, so MIG turned on or off is seen without a restart; its GPU
+  slow tier, so MIG turned on or off is seen without a restart (not while a
+  GPU without MIG runs processes: a new mode takes effect only at a GPU
+  reset, which a GPU in use does not get; `nvidia-smi -mig 1` leaves it
+  pending, "In use by another client"); its GPU
   instances are read through their MIG device handles: GPM per instance
   (`nvmlGpmMigSampleGet`), processes and memory. The GPU's activity is that of
   the instances holding processes (its own GPM sample still gives its PCIe and
@@ -872,12 +875,17 @@ class GpuSource:
 
     def _read_mig(self, gpu: _Gpu, problems: list[str]) -> None:
         """The slow tier: MIG mode, and, while it is on, the GPU instances (they come and go without a change
-        of mode). A change of mode changes what the GPU answers: what it did not support is asked again."""
-        mode = self._call(gpu, "mig_mode", problems, self.nvml.nvmlDeviceGetMigMode)
+        of mode). A change of mode changes what the GPU answers: what it did not support is asked again.
+        A GPU without MIG running processes keeps its mode (module doc): not asked."""
+        in_use = gpu.mig is False and bool(gpu.procs.last)
+        mode = None if in_use else self._call(gpu, "mig_mode", problems, self.nvml.nvmlDeviceGetMigMode)
         on = None if mode is None else mode[0] == N.NVML_DEVICE_MIG_ENABLE
         if on is not None and gpu.mig is not None and on != gpu.mig:
             log.info("MIG mode changed", gpu=gpu.index, uuid=gpu.uuid, mig=on)
             gpu.unsupported.clear()
+            # what a MIG GPU refuses an unprivileged user (its processes, its memory) is asked again; profiling
+            # is refused or not by the driver's setting (RmProfilingAdminOnly), whatever the mode
+            gpu.refused = {k: v for k, v in gpu.refused.items() if k == "gpm"}
             gpu.gpm = self._gpm_supported(gpu.handle)
             self._free_gpm(gpu)
             gpu.procs = _Procs()
