@@ -184,7 +184,7 @@ def _evidence(agent: Agent, r: Report) -> None:
     """Network and storage signals seen during the check, each a problem of the node's plumbing."""
     if agent.verdicts is None:
         return
-    seen = [(_plumbing(tr.signal), tr.signal.text) for tr in agent.verdicts.attribution.traces.values()]
+    seen = [(_plumbing(s), s.text) for s in agent.verdicts.snapshot.remembered]
     seen = sorted((where, text) for where, text in seen if where is not None)
     if not seen:
         return
@@ -204,7 +204,7 @@ def _plumbing(signal) -> str | None:
 def _verdict(agent: Agent, r: Report) -> None:
     if agent.verdicts is None:
         return
-    v = agent.verdicts.verdict
+    v = agent.verdicts.snapshot
     r.lines.append("Verdict")
     if v.cause:
         level = "unknown yet" if v.baseline is None else _pct(v.baseline).strip()
@@ -214,11 +214,11 @@ def _verdict(agent: Agent, r: Report) -> None:
             r.problems.append(f"GPUs starved by {v.cause}")
     else:
         r.lines.append(f"  not starved (busy {_pct(v.busy).strip()})")
-    for m in agent.verdicts.checkpoints.mounts.values():
-        if m.active is not None:
-            state = "STALLED" if m.active.stalled else "in progress"
+    for m in v.checkpoints:
+        if m.in_progress:
+            state = "STALLED" if m.stalled else "in progress"
             r.lines.append(f"  checkpoint on {m.mountpoint}: {state}, {_bytes(m.written_bytes or 0)} written")
-            if m.active.stalled:
+            if m.stalled:
                 r.problems.append(f"checkpoint on {m.mountpoint} stalled")
 
 

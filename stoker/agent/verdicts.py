@@ -210,7 +210,7 @@ class VerdictCollector(Collector):
                         MappingProxyType(states), MappingProxyType(self.scores),
                         frozen(self.peer.starved_seconds(e.seconds)), tuple(self.attribution.current()),
                         MappingProxyType(self.busy), frozen(self.busy_seconds), self.job_present_seconds, mounts,
-                        self.peer.waiting)
+                        self.peer.waiting, tuple(tr.signal for tr in self.attribution.traces.values()))
 
     def _note_checkpoints(self) -> None:
         """Keep each checkpoint that ended since the last tick (by the tracker or a hint) for the table

@@ -63,3 +63,4 @@ class Snapshot:
     job_present_seconds: float = 0.0
     checkpoints: tuple[MountSnapshot, ...] = ()
     collective_wait: float | None = None  # the GPUs wait in a collective: utilization - busy ratio (detect/peer.py)
+    remembered: tuple[Signal, ...] = ()  # every signal still weighed (seen within evidence_memory): `stoker check`'s
