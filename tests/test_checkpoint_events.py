@@ -1,9 +1,9 @@
 """What the checkpoint machine tells the operator: its log events, field for field, and the signal a
 checkpoint gives the verdicts (its weight and text), with the edges of the machine they depend on.
 
-docs/OPERATIONS.md ("Reading the logs") lists these events: an operator greps `checkpoint stalled` and
-reads how many bytes wait and for how long; a dashboard's "Why the verdict holds" panel shows the
-signal's text. Each test drives the tracker through its public calls on a hand-moved clock."""
+docs/OPERATIONS.md ("Reading the logs") lists these events: an operator searches for `checkpoint stalled`
+and reads how many bytes wait and for how long; `stoker replay` and `stoker check` print the signal's text
+among the verdict's reasons. Each test drives the tracker through its public calls on a hand-moved clock."""
 
 from __future__ import annotations
 
@@ -16,38 +16,10 @@ from stoker.config import CheckpointConfig
 from stoker.detect.checkpoint import Active, CheckpointTracker, MountCheckpoints
 from stoker.detect.evidence import Signal
 from stoker.sim.drive import ManualClock
-from stoker.sources.nfs import NfsSample, NfsSnapshot
+from stoker.sources.nfs import NfsSnapshot
+from tests.test_detect import Mount, tick, tracker
 
 CKPT = "/mnt/ckpt"
-
-
-class Mount:
-    """A checkpoint mount's mountstats totals, moved by hand (the client's count optional, as on kernels
-    whose `bytes:` line the parser cannot split)."""
-
-    def __init__(self, mountpoint: str = CKPT, role: str = "checkpoint", client: bool = True):
-        self.mountpoint, self.role, self.with_client = mountpoint, role, client
-        self.server = self.client = 1e9
-
-    def sample(self) -> NfsSample:
-        return NfsSample(self.mountpoint, f"nas:{self.mountpoint}", "4.1", "tcp", 1, self.role,
-                         write_bytes=self.server, client_write_bytes=self.client if self.with_client else None)
-
-    def write(self, server: float, client: float | None = None) -> NfsSnapshot:
-        self.server += server
-        self.client += server if client is None else client
-        return NfsSnapshot([self.sample()])
-
-
-def tracker(**kw) -> tuple[CheckpointTracker, ManualClock, Mount]:
-    clock = ManualClock(0.0)
-    config = CheckpointConfig(**{"stall_after": 20.0, "quiet_after": 5.0, **kw})
-    return CheckpointTracker(config, clock), clock, Mount()
-
-
-def tick(t: CheckpointTracker, clock: ManualClock, snap: NfsSnapshot | None, waiting: bool, dt: float = 1.0) -> None:
-    clock.advance(dt)
-    t.update(snap, waiting)
 
 
 def events(lines: list[dict]) -> list[dict]:

@@ -200,16 +200,21 @@ def test_a_job_loading_for_minutes_is_not_given_an_idle_level():
 # -- checkpoints ------------------------------------------------------------------------------------
 
 class Mount:
-    """A checkpoint mount's mountstats totals, moved by hand."""
+    """A checkpoint mount's mountstats totals, moved by hand (the client's count optional, as on kernels
+    whose `bytes:` line the parser cannot split)."""
 
-    def __init__(self):
+    def __init__(self, mountpoint: str = "/mnt/ckpt", role: str = "checkpoint", client: bool = True):
+        self.mountpoint, self.role, self.with_client = mountpoint, role, client
         self.server = self.client = 1e9
+
+    def sample(self) -> NfsSample:
+        return NfsSample(self.mountpoint, f"nas:{self.mountpoint}", "4.1", "tcp", 1, self.role,
+                         write_bytes=self.server, client_write_bytes=self.client if self.with_client else None)
 
     def write(self, server: float, client: float | None = None) -> NfsSnapshot:
         self.server += server
         self.client += server if client is None else client
-        return NfsSnapshot([NfsSample("/mnt/ckpt", "nas:/ckpt", "4.1", "tcp", 1, "checkpoint",
-                                      write_bytes=self.server, client_write_bytes=self.client)])
+        return NfsSnapshot([self.sample()])
 
 
 def tracker(**kw) -> tuple[CheckpointTracker, ManualClock, Mount]:
@@ -217,8 +222,8 @@ def tracker(**kw) -> tuple[CheckpointTracker, ManualClock, Mount]:
     return CheckpointTracker(CheckpointConfig(**{"stall_after": 20.0, "quiet_after": 5.0, **kw}), clock), clock, Mount()
 
 
-def tick(t: CheckpointTracker, clock: ManualClock, snap: NfsSnapshot | None, waiting: bool) -> None:
-    clock.advance(1.0)
+def tick(t: CheckpointTracker, clock: ManualClock, snap: NfsSnapshot | None, waiting: bool, dt: float = 1.0) -> None:
+    clock.advance(dt)
     t.update(snap, waiting)
 
 

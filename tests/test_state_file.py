@@ -17,15 +17,8 @@ from structlog.testing import capture_logs
 from stoker.detect import state as state_module
 from stoker.detect.state import StateStore, write_fields
 from stoker.sim.drive import ManualClock
-
-GOOD_CHECKPOINT = {"mountpoint": "/mnt/ckpt", "started": 900.0, "source": "hint", "start_server": 0.0,
-                   "start_client": 0.0, "last_server": 5e9, "progress": 990.0, "expected_bytes": None,
-                   "stalled": False}
-
-
-def record(**fields) -> dict:
-    """A state file's record as the agent writes it, saved a second before ManualClock(1000.0)."""
-    return {"pids": [101, 102], "level": 0.9, "saved": 999.0, "checkpoints": [], "verdict": None, **fields}
+from tests.test_hardening_files import GOOD_CHECKPOINT
+from tests.test_hardening_files import fresh_state as record
 
 
 def load(path, text: str | None = None, max_age: float = 300.0):
