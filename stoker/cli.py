@@ -73,9 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", metavar="FILE",
                         help="TOML configuration file: its thresholds (default: none, the node is simulated)")
 
-    from stoker.sim import cluster
-    cluster.add_arguments(sub.add_parser("cluster", help="run a simulated cluster: an agent per node of a cluster "
-                                                         "scenario, on consecutive ports, in one process"))
+    cluster = sub.add_parser("cluster", help="run a simulated cluster: an agent per node of a cluster scenario, "
+                                             "on consecutive ports, in one process")
+    cluster.add_argument("scenario", metavar="FILE", help="a cluster scenario (docs/SCENARIOS.md, \"Clusters\")")
+    cluster.add_argument("--listen", default="127.0.0.1:9500", metavar="HOST:PORT",
+                         help="the first node's address; the others take the next ports (default 127.0.0.1:9500)")
+    cluster.add_argument("--ports", type=int, nargs="+", metavar="PORT", help="one port per node instead")
+    cluster.add_argument("--targets", metavar="FILE",
+                         help="write a Prometheus file_sd file of the nodes (their `node` labels) here")
+    cluster.add_argument("--interval", type=float, default=1.0, help="each agent's sampling interval (default 1)")
+    cluster.add_argument("--probe-interval", type=float, metavar="SECONDS",
+                         help="NAS probe interval (each probe is a child process; default: the simulated node's)")
+    cluster.add_argument("--started", metavar="FILE", help="write the Unix time the scenario's time 0 was here")
 
     hint = sub.add_parser("checkpoint", help="tell the local agent a checkpoint starts or ends")
     hint.add_argument("action", choices=["start", "end"], help="the checkpoint starts, or it ended")

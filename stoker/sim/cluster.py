@@ -348,20 +348,6 @@ def targets(cluster: Cluster, ports: list[int], host: str = "127.0.0.1") -> list
     return [{"targets": [f"{host}:{p}"], "labels": {"node": name}} for name, p in zip(cluster.spec.names(), ports)]
 
 
-def add_arguments(parser) -> None:
-    """`stoker cluster`'s flags (stoker/cli.py)."""
-    parser.add_argument("scenario", metavar="FILE", help="a cluster scenario (docs/SCENARIOS.md, \"Clusters\")")
-    parser.add_argument("--listen", default="127.0.0.1:9500", metavar="HOST:PORT",
-                        help="the first node's address; the others take the next ports (default 127.0.0.1:9500)")
-    parser.add_argument("--ports", type=int, nargs="+", metavar="PORT", help="one port per node instead")
-    parser.add_argument("--targets", metavar="FILE",
-                        help="write a Prometheus file_sd file of the nodes (their `node` labels) here")
-    parser.add_argument("--interval", type=float, default=1.0, help="each agent's sampling interval (default 1)")
-    parser.add_argument("--probe-interval", type=float, metavar="SECONDS",
-                        help="NAS probe interval (each probe is a child process; default: the simulated node's)")
-    parser.add_argument("--started", metavar="FILE", help="write the Unix time the scenario's time 0 was here")
-
-
 def run(args) -> int:
     """Every node of the cluster an agent on its own port, in one process, until SIGTERM or SIGINT."""
     import json
