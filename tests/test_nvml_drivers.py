@@ -310,15 +310,15 @@ def between_jobs(clock) -> SimNode:
 def test_mig_turned_on_and_off_is_seen_without_a_restart(clock):
     """MIG mode is read on the slow tier (nvmlDeviceGetMigMode): what the GPU did not answer under MIG
     (utilisation, volatile ECC) is asked again when MIG is turned off; it used to stay dropped until a new
-    UUID; the GPU's processes and memory, refused to an unprivileged user while MIG was on, stayed refused
-    for ten minutes after it was turned off (no job on that GPU). The mode changes only on a GPU without
-    processes (it takes effect at a GPU reset)."""
+    UUID; the GPU's processes and memory, refused to an unprivileged user while MIG was on ("aggregate
+    information, only if the caller has appropriate privileges", nvml.h), stayed refused for ten minutes
+    after it was turned off (no job on that GPU). Changed between jobs, as the driver allows."""
     fake = FakeNVML(between_jobs(clock))
     source = source_on(fake, clock, slow_interval=10.0)
     ticks(source, clock, 4)  # the GPUs are free from t=3
-    fake.mig.add(4)
+    fake.set_mig(4, True)
     during = ticks(source, clock, 12)[-1].gpus[4]
-    fake.mig.discard(4)
+    fake.set_mig(4, False)
     ticks(source, clock, 12)
     after = ticks(source, clock, 6)[-1].gpus[4]  # the next job runs
     assert after.utilization > 0.5 and after.ecc_errors == {"corrected": 0, "uncorrected": 0}
@@ -331,16 +331,23 @@ def test_mig_turned_on_and_off_is_seen_without_a_restart(clock):
 def test_the_mig_mode_of_a_gpu_in_use_is_not_asked(clock):
     """A GPU without MIG running processes keeps its mode: `nvidia-smi -mig 1` leaves it pending ("In use
     by another client") until a GPU reset, which needs the GPU free (NVIDIA's MIG user guide). The slow
-    tier does not ask it (0.15 ms a GPU on the recorded H200), and asks again once the GPU is free."""
+    tier does not ask it (0.15 ms a GPU on the recorded H200), and asks again once the GPU is free: the
+    mode asked for during the job is then seen. (With the fake resetting the GPU as the job left, its
+    processes were refused from then on, MIG's rule for an unprivileged user, and the agent kept the job's
+    last list: the GPU looked in use for good and MIG was never seen.)"""
     fake = FakeNVML(between_jobs(clock))
     source = source_on(fake, clock, slow_interval=10.0)
     ticks(source, clock, 1)
     asked = fake.calls["nvmlDeviceGetMigMode"]
     assert asked == 8, "the first cycle reads every GPU's mode"
-    ticks(source, clock, 2)
+    fake.set_mig(4, True)  # during the job: pending
+    busy = ticks(source, clock, 1)[-1].gpus[4]
+    assert busy.mig is False and busy.processes == 1
+    ticks(source, clock, 1)
     assert fake.calls["nvmlDeviceGetMigMode"] == asked, "t=1 to 3: the job's processes hold every GPU"
-    ticks(source, clock, 12)
+    free = ticks(source, clock, 12)[-1].gpus[4]
     assert fake.calls["nvmlDeviceGetMigMode"] == 2 * asked, "free: asked on the slow tier"
+    assert free.mig is True and free.processes == 0
 
 
 def test_mig_without_gpu_profiling_is_a_degraded_mode_the_metrics_say(clock):

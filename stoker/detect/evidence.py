@@ -170,11 +170,12 @@ class EvidenceTracker:
         out = []
         ops = m.ops.get("READ", {}).get("ops")  # None: no READ line, or its count not plausible: not measured
         last = self._last_read.get(m.mountpoint)
-        if ops is not None and (last is None or ops > last[0]):
-            self._last_read[m.mountpoint] = (ops, t if last is not None else float("-inf"))
-        elif ops is not None and m.role == "data" and last[1] > float("-inf"):
-            out += self._over("reads_stalled", m.mountpoint, t - last[1],
-                              f"{m.mountpoint}: no READ completed for {t - last[1]:.0f} s")
+        if ops is not None:
+            if last is None or ops > last[0]:
+                self._last_read[m.mountpoint] = (ops, t if last is not None else float("-inf"))
+            elif m.role == "data" and last[1] > float("-inf"):
+                out += self._over("reads_stalled", m.mountpoint, t - last[1],
+                                  f"{m.mountpoint}: no READ completed for {t - last[1]:.0f} s")
         per_op = _per_op(prev, m, "READ")
         if per_op is None:
             return out

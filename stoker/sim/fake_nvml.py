@@ -140,7 +140,8 @@ class FakeNVML:
         self.gpm_permission = True  # False: GPM sampling answers NO_PERMISSION, as to an unprivileged user
         self.privileged = False  # the agent runs as root (or CAP_SYS_ADMIN): MIG aggregates, instances' XIDs
         self.reboot_pending = False  # a driver upgraded, not yet loaded: the library is newer than the module
-        self.mig: set[int] = set(scenario.mig)  # GPUs in MIG mode
+        self.mig: set[int] = set(scenario.mig)  # GPUs in MIG mode (the current mode; `set_mig` to change it)
+        self._mig_pending: dict[int, bool] = {}  # GPU -> the mode asked of it while in use
         self.mps = scenario.mps
         self.hang = threading.Event()  # set: every getter blocks until it is cleared
         self.hang_release = threading.Event()
@@ -150,6 +151,8 @@ class FakeNVML:
     def _device(self, handle: Any, fn: str) -> _FakeGpu | _FakeMig:
         """The GPU or MIG device a handle names, after what every call checks."""
         self.calls[fn] = self.calls.get(fn, 0) + 1
+        if self._mig_pending:
+            self._apply_mig()
         if self.hang.is_set():
             self.hang_release.wait()
         if self._stale():
@@ -282,10 +285,25 @@ class FakeNVML:
 
     # -- MIG ---------------------------------------------------------------------
 
+    def set_mig(self, index: int, on: bool) -> None:
+        """`nvidia-smi -i INDEX -mig 1|0`: the mode takes effect at a GPU reset, which a GPU running
+        processes does not get; there it stays pending ("In use by another client"), here until the GPU
+        is free (reset as soon as the job has left). NVIDIA's MIG user guide; nvml.h
+        nvmlDeviceGetMigMode: `currentMode`, `pendingMode`."""
+        self._mig_pending[index] = on
+        self._apply_mig()
+
+    def _apply_mig(self) -> None:
+        if self._mig_pending and not self.node.job():
+            for index, on in self._mig_pending.items():
+                (self.mig.add if on else self.mig.discard)(index)
+            self._mig_pending.clear()
+
     def nvmlDeviceGetMigMode(self, handle) -> list[int]:
         gpu = self._gpu(handle, "nvmlDeviceGetMigMode")
-        mode = N.NVML_DEVICE_MIG_ENABLE if gpu.index in self.mig else N.NVML_DEVICE_MIG_DISABLE
-        return [mode, mode]
+        current = gpu.index in self.mig
+        pending = self._mig_pending.get(gpu.index, current)
+        return [N.NVML_DEVICE_MIG_ENABLE if on else N.NVML_DEVICE_MIG_DISABLE for on in (current, pending)]
 
     def nvmlDeviceGetMaxMigDeviceCount(self, handle) -> int:
         """"Returns zero if MIG is not supported or enabled" (nvml.h)."""

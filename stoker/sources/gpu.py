@@ -777,6 +777,7 @@ class GpuSource:
         (are they MPS servers?), and each cycle while a known server holds the device."""
         listed = self._call_on(gpu, handle, "processes", problems, self.nvml.nvmlDeviceGetComputeRunningProcesses)
         if listed is None:
+            known.last = None  # not known now: a GPU turned to MIG refuses them, and must not look in use
             return None
         pids = frozenset(int(p.pid) for p in listed)
         if pids != known.last:
@@ -875,7 +876,8 @@ class GpuSource:
 
     def _read_mig(self, gpu: _Gpu, problems: list[str]) -> None:
         """The slow tier: MIG mode, and, while it is on, the GPU instances (they come and go without a change
-        of mode). A change of mode changes what the GPU answers: what it did not support is asked again.
+        of mode). A change of mode changes what the GPU answers: what it did not support or refused is asked
+        again.
         A GPU without MIG running processes keeps its mode (module doc): not asked."""
         in_use = gpu.mig is False and bool(gpu.procs.last)
         mode = None if in_use else self._call(gpu, "mig_mode", problems, self.nvml.nvmlDeviceGetMigMode)
@@ -883,9 +885,7 @@ class GpuSource:
         if on is not None and gpu.mig is not None and on != gpu.mig:
             log.info("MIG mode changed", gpu=gpu.index, uuid=gpu.uuid, mig=on)
             gpu.unsupported.clear()
-            # what a MIG GPU refuses an unprivileged user (its processes, its memory) is asked again; profiling
-            # is refused or not by the driver's setting (RmProfilingAdminOnly), whatever the mode
-            gpu.refused = {k: v for k, v in gpu.refused.items() if k == "gpm"}
+            gpu.refused.clear()  # a MIG GPU refuses its processes and memory to an unprivileged user (nvml.h)
             gpu.gpm = self._gpm_supported(gpu.handle)
             self._free_gpm(gpu)
             gpu.procs = _Procs()
