@@ -35,7 +35,7 @@ NOT_MUTATED = ("__init__.py", "goodput.py", "peer.py")
 """goodput.py and peer.py are specified by scenario and cluster tests (seconds each), not unit tests."""
 TESTS = ("tests/test_detect.py", "tests/test_rdma.py", "tests/test_hardening_files.py",
          "tests/test_checkpoint_events.py", "tests/test_state_file.py", "tests/test_evidence_signals.py")
-"""The unit tests bench/mutation.py runs, and the state file's. Those marked slow are left out: they start
+"""The engine's in-process tests (bench/mutation.py runs the same). Those marked slow are left out: they start
 the agent in a child process, which imports the package without mutmut's trampolines."""
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 RESULT = re.compile(r"^\s*stoker\.detect\.(\w+)\.\S+: (.+)$")
@@ -47,11 +47,11 @@ def prepare(tree: Path, files: list[str], tests: list[str]) -> None:
         ".git", ".venv*", "mutants", "__pycache__", "docs", "packaging", "dashboards"))
     (tree / "tests").rename(tree / "t")
     selected = [t.replace("tests/", "t/", 1) for t in tests]
-    helpers = sorted(f"t/{p.name}" for p in (tree / "t").glob("*.py") if not p.name.startswith("test_"))
-    for name in helpers + selected:
+    modules = sorted(f"t/{p.name}" for p in (tree / "t").glob("*.py"))  # a selected test may import another's helpers
+    for name in modules:
         path = tree / name
         path.write_text(path.read_text().replace("from tests.", "from t.").replace("import tests.", "import t."))
-    copied = [*helpers, *selected, "bench/"]
+    copied = [*modules, "bench/"]
     with open(tree / "pyproject.toml", "a") as f:
         f.write("\n[tool.mutmut]\n"
                 'source_paths = ["stoker/"]\n'

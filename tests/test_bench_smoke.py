@@ -186,14 +186,16 @@ def test_mutmut_harness_prepares_a_tree_mutmut_can_copy_and_reads_its_results(tm
     from bench import mutmut_detect
 
     tree = tmp_path / "tree"
-    mutmut_detect.prepare(tree, ["stoker/detect/arbiter.py"], ["tests/test_rdma.py"])
-    assert not (tree / "tests").exists() and (tree / "t" / "test_rdma.py").is_file()
-    assert "from tests." not in (tree / "t" / "test_rdma.py").read_text()
+    mutmut_detect.prepare(tree, ["stoker/detect/arbiter.py"], ["tests/test_checkpoint_events.py"])
+    assert not (tree / "tests").exists() and (tree / "t" / "test_checkpoint_events.py").is_file()
+    assert "from tests." not in (tree / "t" / "test_checkpoint_events.py").read_text()
+    assert "from tests." not in (tree / "t" / "test_detect.py").read_text(), "its helpers' module, not selected"
     assert (tree / "mutants" / "t" / "fixtures").resolve() == (tree / "t" / "fixtures").resolve()
     cfg = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["mutmut"]
     assert cfg["only_mutate"] == ["stoker/detect/arbiter.py"]
-    assert cfg["pytest_add_cli_args_test_selection"] == ["t/test_rdma.py"]
-    assert "t/conftest.py" in cfg["also_copy"] and not any(p.startswith("tests") for p in cfg["also_copy"])
+    assert cfg["pytest_add_cli_args_test_selection"] == ["t/test_checkpoint_events.py"]
+    assert {"t/conftest.py", "t/test_detect.py"} <= set(cfg["also_copy"])
+    assert not any(p.startswith("tests") for p in cfg["also_copy"])
     results = ("    stoker.detect.arbiter.xǁArbiterǁchallenge__mutmut_5: survived\n"
                "    stoker.detect.arbiter.xǁArbiterǁend__mutmut_1: killed\n"
                "    stoker.detect.state.x_load__mutmut_3: no tests\n")
